@@ -1,0 +1,14 @@
+//! # o2tr-proxy
+//!
+//! A local XMPP proxy that applies OTR version 3 (and 2) end-to-end
+//! encryption, extended with the O2TR offline mechanism, to chat message
+//! bodies of any unmodified client.
+//!
+//! The crate is a sans-IO core with thin I/O at the edge:
+//!
+//! * [`otr`] — OTR v2/v3 and O2TR as pure, deterministic state machines:
+//!   bytes, time and randomness in; actions out.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod otr;

@@ -1,0 +1,261 @@
+//! OTR wire types (spec §"Data types"): BYTE, SHORT, INT, MPI, DATA, CTR, MAC.
+//!
+//! [`Writer`] appends big-endian encodings to a buffer; [`Reader`] reads them
+//! from a borrowed slice and every read is bounds-checked, so truncated input
+//! becomes [`CodecError::Truncated`], never a panic. Decoders finish with
+//! [`Reader::finish`], which rejects trailing bytes.
+
+use thiserror::Error;
+
+/// Largest MPI or DATA field we accept from the wire. Nothing in OTR v3 is
+/// legitimately larger than a data message body, which the fragment and
+/// stanza bounds already cap far below this.
+pub const MAX_FIELD_BYTES: usize = 1 << 20;
+
+/// A malformed encoding.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CodecError {
+    /// The input ended inside a field.
+    #[error("truncated: needed {needed} more bytes for {what}")]
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// How many bytes were missing.
+        needed: usize,
+    },
+    /// Bytes were left over after the last field.
+    #[error("{0} trailing bytes after the message")]
+    TrailingBytes(usize),
+    /// A length prefix was larger than any legitimate field.
+    #[error("{what} length {len} exceeds the limit")]
+    TooLong {
+        /// What was being read.
+        what: &'static str,
+        /// The announced length.
+        len: usize,
+    },
+    /// An MPI had a leading zero byte (not minimal), which the spec forbids
+    /// and which would make two encodings of one number.
+    #[error("MPI is not minimally encoded")]
+    NonMinimalMpi,
+}
+
+/// Appends OTR wire encodings to a byte vector.
+#[derive(Debug, Default, Clone)]
+pub struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    /// An empty writer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A writer with `cap` bytes reserved.
+    pub fn with_capacity(cap: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(cap),
+        }
+    }
+
+    /// BYTE.
+    pub fn byte(&mut self, v: u8) -> &mut Self {
+        self.buf.push(v);
+        self
+    }
+
+    /// SHORT (2 bytes, big-endian).
+    pub fn short(&mut self, v: u16) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// INT (4 bytes, big-endian).
+    pub fn int(&mut self, v: u32) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// MPI: 4-byte length then the big-endian magnitude without leading
+    /// zeros. Leading zero bytes in `magnitude` are stripped.
+    pub fn mpi(&mut self, magnitude: &[u8]) -> &mut Self {
+        let start = magnitude
+            .iter()
+            .position(|&b| b != 0)
+            .unwrap_or(magnitude.len());
+        self.data(&magnitude[start..])
+    }
+
+    /// DATA: 4-byte length then the bytes.
+    pub fn data(&mut self, bytes: &[u8]) -> &mut Self {
+        // Lengths we write come from our own buffers, far below 4 GiB.
+        self.int(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+        self.buf.extend_from_slice(bytes);
+        self
+    }
+
+    /// Raw bytes with no length prefix (CTR, MAC, fixed-size fields).
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(bytes);
+        self
+    }
+
+    /// Bytes written so far.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The encoded bytes.
+    pub fn into_vec(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// Reads OTR wire encodings from a borrowed slice.
+#[derive(Debug, Clone)]
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// Bytes not yet read.
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Position from the start of the buffer.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The bytes consumed so far (used for MAC'd prefixes).
+    pub fn consumed(&self) -> &'a [u8] {
+        &self.buf[..self.pos]
+    }
+
+    /// Take `n` raw bytes.
+    pub fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], CodecError> {
+        if self.remaining() < n {
+            return Err(CodecError::Truncated {
+                what,
+                needed: n - self.remaining(),
+            });
+        }
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    /// Take exactly `N` raw bytes as an array.
+    pub fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], CodecError> {
+        let s = self.take(N, what)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(s);
+        Ok(out)
+    }
+
+    /// BYTE.
+    pub fn byte(&mut self, what: &'static str) -> Result<u8, CodecError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    /// SHORT.
+    pub fn short(&mut self, what: &'static str) -> Result<u16, CodecError> {
+        Ok(u16::from_be_bytes(self.array(what)?))
+    }
+
+    /// INT.
+    pub fn int(&mut self, what: &'static str) -> Result<u32, CodecError> {
+        Ok(u32::from_be_bytes(self.array(what)?))
+    }
+
+    /// DATA: a length-prefixed byte string.
+    pub fn data(&mut self, what: &'static str) -> Result<&'a [u8], CodecError> {
+        let len = self.int(what)? as usize;
+        if len > MAX_FIELD_BYTES {
+            return Err(CodecError::TooLong { what, len });
+        }
+        self.take(len, what)
+    }
+
+    /// MPI: a length-prefixed big-endian magnitude. Leading zero bytes are
+    /// tolerated on input (libotr's gcrypt never writes them, but some
+    /// encoders have), and stripped from the returned slice.
+    pub fn mpi(&mut self, what: &'static str) -> Result<&'a [u8], CodecError> {
+        let raw = self.data(what)?;
+        let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
+        Ok(&raw[start..])
+    }
+
+    /// The rest of the buffer.
+    pub fn rest(&mut self) -> &'a [u8] {
+        let out = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        out
+    }
+
+    /// Succeeds only if every byte was consumed.
+    pub fn finish(self) -> Result<(), CodecError> {
+        match self.remaining() {
+            0 => Ok(()),
+            n => Err(CodecError::TrailingBytes(n)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_type() {
+        let mut w = Writer::new();
+        w.byte(7)
+            .short(0x0203)
+            .int(0xdead_beef)
+            .mpi(&[0, 0, 1, 2])
+            .data(b"abc")
+            .raw(&[9; 8]);
+        let bytes = w.into_vec();
+        let mut r = Reader::new(&bytes);
+        assert_eq!(r.byte("b").unwrap(), 7);
+        assert_eq!(r.short("s").unwrap(), 0x0203);
+        assert_eq!(r.int("i").unwrap(), 0xdead_beef);
+        assert_eq!(r.mpi("m").unwrap(), &[1, 2]);
+        assert_eq!(r.data("d").unwrap(), b"abc");
+        assert_eq!(r.array::<8>("c").unwrap(), [9; 8]);
+        r.finish().unwrap();
+    }
+
+    #[test]
+    fn truncation_is_an_error_not_a_panic() {
+        let bytes = [0, 0, 0, 10, 1, 2];
+        let mut r = Reader::new(&bytes);
+        assert!(matches!(r.data("d"), Err(CodecError::Truncated { .. })));
+        let mut r = Reader::new(&[1]);
+        assert!(r.int("i").is_err());
+    }
+
+    #[test]
+    fn rejects_trailing_bytes_and_huge_lengths() {
+        let mut r = Reader::new(&[1, 2]);
+        r.byte("b").unwrap();
+        assert_eq!(r.finish(), Err(CodecError::TrailingBytes(1)));
+        let mut r = Reader::new(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(r.data("d"), Err(CodecError::TooLong { .. })));
+    }
+
+    #[test]
+    fn zero_mpi_is_empty() {
+        let mut w = Writer::new();
+        w.mpi(&[0, 0]);
+        assert_eq!(w.as_slice(), &[0, 0, 0, 0]);
+    }
+}
