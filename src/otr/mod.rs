@@ -1,7 +1,23 @@
-//! OTR version 3 (and 2) protocol core, sans-IO.
+//! OTR version 3 (and 2) protocol core, sans-IO, with the O2TR offline
+//! extension.
 //!
 //! Nothing here opens sockets, reads the clock or owns a global RNG: `now`
 //! and `rng` are parameters, and every state change is returned as an
-//! action for the caller to carry out.
+//! [`conversation::Action`] for the caller to carry out.
+//!
+//! * [`codec`], [`message`], [`fragment`], [`tlv`] — the wire format.
+//! * [`crypto`] — the only user of primitive crates: DH group, DSA, AES-CTR,
+//!   HMAC, fingerprints.
+//! * [`ake`] — the authenticated key exchange.
+//! * [`keys`] — the data-message key ratchet.
+//! * [`offline`] — O2TR: the EKM snapshot of an encrypted session.
+//! * [`conversation`] — the message state machine per peer; the API the
+//!   proxy uses.
 
+pub mod ake;
 pub mod codec;
+pub mod conversation;
+pub mod error;
+pub mod keys;
+pub mod offline;
+pub mod policy;

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test of o2tr-proxy: formatting, lints, unit tests, interop tests
+# against libotr and python-potr, and end-to-end tests with a real ejabberd.
+# Installs the test dependencies first when they are missing (Debian, root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-test-deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --locked --all-targets -- --test-threads="${O2TR_TEST_THREADS:-2}"
+echo "== cargo test --doc"
+cargo test --locked --doc

@@ -1,0 +1,1010 @@
+//! One local account talking to one peer (bare JID): the OTR message state
+//! machine of the spec's §"The protocol state machine", over all of the
+//! peer's instances, plus O2TR suspension and resumption.
+//!
+//! Inputs are `handle_*` calls with `now` (unix seconds) and `rng`; each
+//! returns an ordered list of [`Action`]s. The caller performs them in order:
+//! a [`Action::Persist`] must be durable before any later action runs (that
+//! is the O2TR rule "persist before release").
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use rand_core::CryptoRng;
+use zeroize::Zeroizing;
+
+use super::ake::{AuthState, Tags};
+use super::crypto::{DsaPrivateKey, Fingerprint};
+use super::error::{Error, PeerMisbehaved};
+use super::fragment::{Fragment, Reassembler, fragment};
+use super::keys::KeyRatchet;
+use super::message::{
+    self, Body, DataMessage, EncodedMessage, FLAG_IGNORE_UNREADABLE, Header, Message, Version,
+};
+use super::offline::EncryptedSession;
+use super::policy::Policy;
+use super::tlv::{self, Tlv};
+
+/// Text libotr sends for an unreadable data message.
+pub const UNREADABLE_ERROR: &str = "You transmitted an unreadable encrypted message.";
+
+/// Settings for a conversation.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The local account (used in the query message's explanation).
+    pub account: String,
+    /// Our instance tag (>= 0x100), stable across restarts.
+    pub our_tag: u32,
+    /// Policy for this peer.
+    pub policy: Policy,
+    /// Largest message body we send; longer OTR messages are fragmented.
+    /// 0 disables fragmentation.
+    pub max_message_bytes: usize,
+    /// Send a heartbeat after receiving a data message when we have not
+    /// sent anything for this long (seconds). 0 disables heartbeats.
+    pub heartbeat_secs: u64,
+    /// The paper's bound `k`: data messages sent under one key pairing
+    /// without an answer before further messages are held.
+    pub max_unanswered: u32,
+    /// Upper bound on memory used to reassemble fragments, per instance.
+    pub max_reassembly_bytes: usize,
+    /// Most messages held while the session is not private.
+    pub max_held: usize,
+}
+
+impl Config {
+    /// Defaults for `account` with instance tag `our_tag`.
+    pub fn new(account: impl Into<String>, our_tag: u32) -> Self {
+        Config {
+            account: account.into(),
+            our_tag,
+            policy: Policy::Always,
+            max_message_bytes: 0,
+            heartbeat_secs: 60,
+            max_unanswered: 1024,
+            max_reassembly_bytes: 256 * 1024,
+            max_held: 1000,
+        }
+    }
+}
+
+/// Work for the caller, in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Send this body to the peer (one message stanza each).
+    Send(String),
+    /// Show this text to the user.
+    Deliver(Delivery),
+    /// Tell the user something.
+    Notify(Notice),
+    /// Durably store this EKM snapshot before doing anything that follows.
+    Persist(Persist),
+    /// Wipe the stored snapshot of this instance.
+    Forget {
+        /// Their instance tag.
+        instance: u32,
+    },
+    /// A user message was held (not sent); keep it durably until
+    /// [`Action::ReleaseHeld`].
+    Hold(Zeroizing<String>),
+    /// The `count` oldest held messages were sent (encrypted); drop them.
+    ReleaseHeld {
+        /// How many.
+        count: usize,
+    },
+}
+
+/// Text for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The message text.
+    pub text: String,
+    /// Whether it arrived encrypted and verified.
+    pub encrypted: bool,
+    /// The peer instance it came from (0 for plaintext / v2).
+    pub instance: u32,
+    /// True when it was recovered from an interrupted session (OMD).
+    pub offline: bool,
+}
+
+/// A snapshot to persist.
+pub struct Persist {
+    /// Their instance tag.
+    pub instance: u32,
+    /// Serialized EKM snapshot (secret).
+    pub snapshot: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Persist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Persist")
+            .field("instance", &self.instance)
+            .field("bytes", &self.snapshot.len())
+            .finish()
+    }
+}
+
+/// Something the user should know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notice {
+    /// The session is now private.
+    GoneSecure {
+        /// Peer instance.
+        instance: u32,
+        /// Protocol version.
+        version: Version,
+        /// Peer's fingerprint.
+        fingerprint: Fingerprint,
+        /// Secure session id, as the spec displays it.
+        ssid: String,
+        /// True if this refreshed an already private session.
+        refreshed: bool,
+    },
+    /// A suspended session was resumed by an offline message or by our
+    /// own message, without a new AKE.
+    Resumed {
+        /// Peer instance.
+        instance: u32,
+    },
+    /// The peer ended the private conversation.
+    PeerEnded,
+    /// We ended the private conversation.
+    Ended,
+    /// A plaintext message arrived while we expected encryption.
+    ReceivedUnencrypted,
+    /// An encrypted message could not be read.
+    Unreadable {
+        /// Why.
+        reason: String,
+    },
+    /// The peer sent an OTR error message.
+    PeerError(String),
+    /// A message arrived that could not be parsed.
+    Malformed(String),
+    /// A user message is held until the session is private.
+    Held {
+        /// Number of messages now waiting.
+        waiting: usize,
+    },
+    /// Held messages were sent encrypted.
+    HeldSent {
+        /// How many.
+        count: usize,
+    },
+    /// The peer ended the session: the message cannot be sent now.
+    CannotSendFinished,
+    /// Too many messages sent without an answer under one key (bound `k`).
+    UnansweredLimit {
+        /// The bound.
+        limit: u32,
+    },
+    /// The held-message queue is full; the message was dropped.
+    HeldQueueFull,
+    /// The peer asked for SMP verification, which this build answers with
+    /// an abort.
+    SmpUnsupported,
+    /// The peer announced use of the extra symmetric key.
+    ExtraKeyRequested {
+        /// The 4-byte use indicator.
+        usage: u32,
+    },
+    /// The peer does not appear to support OTR (we got plaintext after
+    /// asking).
+    NotPrivate,
+}
+
+/// The message state of one instance (spec §"Message state").
+enum MsgState {
+    Plaintext,
+    Encrypted(Box<EncryptedSession>),
+    Finished,
+}
+
+struct Instance {
+    ake: AuthState,
+    msg: MsgState,
+}
+
+impl Instance {
+    fn new() -> Self {
+        Instance {
+            ake: AuthState::None,
+            msg: MsgState::Plaintext,
+        }
+    }
+}
+
+/// Summary of an instance for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Peer instance tag.
+    pub instance: u32,
+    /// "plaintext", "encrypted", "suspended" or "finished".
+    pub state: &'static str,
+    /// Version when encrypted.
+    pub version: Option<Version>,
+    /// Fingerprint when encrypted.
+    pub fingerprint: Option<Fingerprint>,
+    /// Our and their newest keyids when encrypted.
+    pub keyids: Option<(u32, u32)>,
+}
+
+/// One account ↔ one peer.
+pub struct Conversation {
+    cfg: Config,
+    long_term: Arc<DsaPrivateKey>,
+    instances: BTreeMap<u32, Instance>,
+    /// An AKE we started before knowing which instance will answer.
+    master_ake: AuthState,
+    reassembly: BTreeMap<u32, Reassembler>,
+    held: VecDeque<Zeroizing<String>>,
+    /// The instance user messages go to.
+    selected: Option<u32>,
+    /// Whether we saw plaintext since entering plaintext (whitespace tag rule).
+    received_plaintext: bool,
+    /// When we last sent a query (unix seconds), to avoid floods.
+    last_query: Option<u64>,
+}
+
+type Out = Vec<Action>;
+
+impl Conversation {
+    /// A new conversation with no session.
+    pub fn new(cfg: Config, long_term: Arc<DsaPrivateKey>) -> Self {
+        Conversation {
+            cfg,
+            long_term,
+            instances: BTreeMap::new(),
+            master_ake: AuthState::None,
+            reassembly: BTreeMap::new(),
+            held: VecDeque::new(),
+            selected: None,
+            received_plaintext: false,
+            last_query: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Change the policy.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.cfg.policy = policy;
+    }
+
+    /// Restore an EKM snapshot as a suspended session (O2TR). Returns the
+    /// peer instance it belongs to.
+    pub fn restore(&mut self, snapshot: &[u8]) -> Result<u32, Error> {
+        let session = EncryptedSession::restore(snapshot)?;
+        if session.our_tag != 0 && session.our_tag != self.cfg.our_tag {
+            return Err(Error::Snapshot("snapshot belongs to another instance tag"));
+        }
+        let tag = session.their_tag;
+        let inst = self.instances.entry(tag).or_insert_with(Instance::new);
+        inst.msg = MsgState::Encrypted(Box::new(session));
+        self.select_best();
+        Ok(tag)
+    }
+
+    /// Queue messages held before a restart (from the durable store).
+    pub fn restore_held(&mut self, texts: impl IntoIterator<Item = Zeroizing<String>>) {
+        self.held.extend(texts);
+    }
+
+    /// The account's connection ended: keep encrypted sessions, mark them
+    /// suspended, abandon AKEs. No disconnected TLV is sent (O2TR).
+    pub fn suspend(&mut self) {
+        self.master_ake = AuthState::None;
+        self.reassembly.clear();
+        for inst in self.instances.values_mut() {
+            inst.ake = AuthState::None;
+            if let MsgState::Encrypted(s) = &mut inst.msg {
+                s.suspended = true;
+            }
+        }
+    }
+
+    /// Whether user messages would be sent encrypted now.
+    pub fn is_private(&self) -> bool {
+        self.selected_session().is_some()
+    }
+
+    /// Number of held messages.
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Status of every known instance.
+    pub fn status(&self) -> Vec<InstanceStatus> {
+        self.instances
+            .iter()
+            .map(|(tag, inst)| match &inst.msg {
+                MsgState::Plaintext => InstanceStatus {
+                    instance: *tag,
+                    state: "plaintext",
+                    version: None,
+                    fingerprint: None,
+                    keyids: None,
+                },
+                MsgState::Finished => InstanceStatus {
+                    instance: *tag,
+                    state: "finished",
+                    version: None,
+                    fingerprint: None,
+                    keyids: None,
+                },
+                MsgState::Encrypted(s) => InstanceStatus {
+                    instance: *tag,
+                    state: if s.suspended { "suspended" } else { "encrypted" },
+                    version: Some(s.version),
+                    fingerprint: Some(s.fingerprint()),
+                    keyids: Some((s.ratchet.our_keyid(), s.ratchet.their_keyid())),
+                },
+            })
+            .collect()
+    }
+
+    /// The fingerprint of the peer in the selected encrypted session.
+    pub fn peer_fingerprint(&self) -> Option<Fingerprint> {
+        self.selected_session().map(|s| s.fingerprint())
+    }
+
+    /// The secure session id of the selected session, as the spec shows it.
+    pub fn ssid(&self) -> Option<String> {
+        self.selected_session().map(|s| format_ssid(&s.ssid, s.we_initiated))
+    }
+
+    fn selected_session(&self) -> Option<&EncryptedSession> {
+        let tag = self.selected?;
+        match &self.instances.get(&tag)?.msg {
+            MsgState::Encrypted(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Pick the instance user messages go to: the encrypted one with the
+    /// most recent activity (libotr's "best" instance).
+    fn select_best(&mut self) {
+        self.selected = self
+            .instances
+            .iter()
+            .filter_map(|(tag, inst)| match &inst.msg {
+                MsgState::Encrypted(s) => Some((s.last_activity(), !s.suspended, *tag)),
+                _ => None,
+            })
+            .max()
+            .map(|(_, _, tag)| tag);
+    }
+
+    fn tags(&self, version: Version, theirs: u32) -> Tags {
+        match version {
+            Version::V2 => Tags { ours: 0, theirs: 0 },
+            Version::V3 => Tags {
+                ours: self.cfg.our_tag,
+                theirs,
+            },
+        }
+    }
+
+    /// Encode, armour and fragment an OTR message for sending.
+    fn push_encoded(&self, msg: &EncodedMessage, out: &mut Out) {
+        let armored = msg.to_armored();
+        if self.cfg.max_message_bytes == 0 || armored.len() <= self.cfg.max_message_bytes {
+            out.push(Action::Send(armored));
+            return;
+        }
+        match fragment(
+            &armored,
+            self.cfg.max_message_bytes,
+            msg.header.version,
+            msg.header.sender_tag,
+            msg.header.receiver_tag,
+        ) {
+            Ok(pieces) => out.extend(pieces.into_iter().map(Action::Send)),
+            // A size too small for any fragment: send whole rather than nothing.
+            Err(_) => out.push(Action::Send(armored)),
+        }
+    }
+
+    fn send_query(&mut self, now: u64, out: &mut Out) {
+        self.last_query = Some(now);
+        out.push(Action::Send(message::query_message(
+            &self.cfg.policy.versions(),
+            &self.cfg.account,
+        )));
+    }
+
+    /// The user asks to start (or refresh) OTR: send a query message.
+    pub fn handle_start(&mut self, now: u64) -> Out {
+        let mut out = Vec::new();
+        self.send_query(now, &mut out);
+        out
+    }
+
+    /// The user asks to end the private conversation: send the disconnected
+    /// TLV on every encrypted instance and forget its keys.
+    pub fn handle_end<R: CryptoRng + ?Sized>(&mut self, now: u64, rng: &mut R) -> Out {
+        let _ = rng;
+        let mut out = Vec::new();
+        let tags: Vec<u32> = self.instances.keys().copied().collect();
+        for tag in tags {
+            let Some(inst) = self.instances.get_mut(&tag) else {
+                continue;
+            };
+            match std::mem::replace(&mut inst.msg, MsgState::Plaintext) {
+                MsgState::Encrypted(mut s) => {
+                    let body = tlv::join_plaintext(
+                        b"",
+                        &[Tlv {
+                            typ: tlv::types::DISCONNECTED,
+                            value: Vec::new(),
+                        }],
+                    );
+                    let msg = encrypt(&mut s, FLAG_IGNORE_UNREADABLE, &body, now);
+                    out.push(Action::Forget { instance: tag });
+                    self.push_encoded(&msg, &mut out);
+                    out.push(Action::Notify(Notice::Ended));
+                }
+                MsgState::Finished => out.push(Action::Forget { instance: tag }),
+                MsgState::Plaintext => {}
+            }
+        }
+        self.selected = None;
+        self.received_plaintext = false;
+        out
+    }
+
+    /// Forget every session with this peer without telling the peer (the
+    /// `forget` command, or an expired snapshot).
+    pub fn forget(&mut self) -> Out {
+        let mut out = Vec::new();
+        for (tag, inst) in &mut self.instances {
+            if !matches!(inst.msg, MsgState::Plaintext) {
+                out.push(Action::Forget { instance: *tag });
+            }
+            inst.msg = MsgState::Plaintext;
+            inst.ake = AuthState::None;
+        }
+        self.selected = None;
+        out
+    }
+
+    /// The user typed `text` for the peer.
+    pub fn handle_outgoing<R: CryptoRng + ?Sized>(
+        &mut self,
+        text: &str,
+        now: u64,
+        rng: &mut R,
+    ) -> Out {
+        let _ = rng;
+        let mut out = Vec::new();
+        if let Some(tag) = self.selected {
+            let limit = self.cfg.max_unanswered;
+            let over = match self.instances.get(&tag).map(|i| &i.msg) {
+                Some(MsgState::Encrypted(s)) => s.sent_since_answer >= limit,
+                _ => false,
+            };
+            if over {
+                out.push(Action::Notify(Notice::UnansweredLimit { limit }));
+                self.hold(text, &mut out);
+                if self.may_query(now) {
+                    self.send_query(now, &mut out);
+                }
+                return out;
+            }
+            if self.encrypt_user_text(tag, text, now, &mut out) {
+                return out;
+            }
+        }
+        let finished = self
+            .instances
+            .values()
+            .any(|i| matches!(i.msg, MsgState::Finished));
+        if finished {
+            out.push(Action::Notify(Notice::CannotSendFinished));
+            self.hold(text, &mut out);
+            return out;
+        }
+        if self.cfg.policy.require_encryption() {
+            self.hold(text, &mut out);
+            if self.may_query(now) {
+                self.send_query(now, &mut out);
+            }
+            return out;
+        }
+        let mut body = text.to_string();
+        if self.cfg.policy.send_whitespace_tag() && !self.received_plaintext {
+            body.push_str(&message::whitespace_tag(&self.cfg.policy.versions()));
+        }
+        out.push(Action::Send(body));
+        out
+    }
+
+    fn may_query(&self, now: u64) -> bool {
+        !self.master_ake.in_progress()
+            && self.last_query.is_none_or(|t| now.saturating_sub(t) >= 10)
+    }
+
+    fn hold(&mut self, text: &str, out: &mut Out) {
+        if self.held.len() >= self.cfg.max_held {
+            out.push(Action::Notify(Notice::HeldQueueFull));
+            return;
+        }
+        let text = Zeroizing::new(text.to_string());
+        self.held.push_back(text.clone());
+        out.push(Action::Hold(text));
+        out.push(Action::Notify(Notice::Held {
+            waiting: self.held.len(),
+        }));
+    }
+
+    /// Encrypt and queue a user message on instance `tag`. Returns false if
+    /// that instance is not encrypted.
+    fn encrypt_user_text(&mut self, tag: u32, text: &str, now: u64, out: &mut Out) -> bool {
+        let Some(inst) = self.instances.get_mut(&tag) else {
+            return false;
+        };
+        let MsgState::Encrypted(s) = &mut inst.msg else {
+            return false;
+        };
+        let resumed = std::mem::replace(&mut s.suspended, false);
+        let msg = encrypt(s, 0, text.as_bytes(), now);
+        s.sent_since_answer = s.sent_since_answer.saturating_add(1);
+        let snapshot = s.snapshot();
+        out.push(Action::Persist(Persist {
+            instance: tag,
+            snapshot,
+        }));
+        if resumed {
+            out.push(Action::Notify(Notice::Resumed { instance: tag }));
+        }
+        self.push_encoded(&msg, out);
+        true
+    }
+
+    /// Send every held message on the selected encrypted instance.
+    fn flush_held(&mut self, now: u64, out: &mut Out) {
+        let Some(tag) = self.selected else { return };
+        let mut count = 0;
+        while let Some(text) = self.held.front().cloned() {
+            if !self.encrypt_user_text(tag, &text, now, out) {
+                break;
+            }
+            self.held.pop_front();
+            count += 1;
+        }
+        if count > 0 {
+            out.push(Action::ReleaseHeld { count });
+            out.push(Action::Notify(Notice::HeldSent { count }));
+        }
+    }
+
+    /// A message body arrived from the peer.
+    pub fn handle_incoming<R: CryptoRng + ?Sized>(
+        &mut self,
+        text: &str,
+        now: u64,
+        rng: &mut R,
+    ) -> Out {
+        let mut out = Vec::new();
+        self.incoming(text, now, rng, &mut out, false);
+        out
+    }
+
+    fn incoming<R: CryptoRng + ?Sized>(
+        &mut self,
+        text: &str,
+        now: u64,
+        rng: &mut R,
+        out: &mut Out,
+        reassembled: bool,
+    ) {
+        let parsed = match message::parse(text) {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(Action::Notify(Notice::Malformed(e.to_string())));
+                return;
+            }
+        };
+        match parsed {
+            Message::Plaintext { text, tag } => self.on_plaintext(text, tag, now, rng, out),
+            Message::Query { versions } => {
+                if let Some(v) = self.cfg.policy.choose(&versions) {
+                    self.start_ake(v, rng, out);
+                }
+            }
+            Message::Error { text } => {
+                out.push(Action::Notify(Notice::PeerError(text)));
+                if self.cfg.policy.error_start_ake() && self.may_query(now) {
+                    self.send_query(now, out);
+                }
+            }
+            Message::Fragment(f) if !reassembled => self.on_fragment(f, now, rng, out),
+            Message::Fragment(_) => out.push(Action::Notify(Notice::Malformed(
+                "a fragment contained another fragment".into(),
+            ))),
+            Message::Encoded(m) => self.on_encoded(m, now, rng, out),
+        }
+    }
+
+    fn on_fragment<R: CryptoRng + ?Sized>(
+        &mut self,
+        f: Fragment,
+        now: u64,
+        rng: &mut R,
+        out: &mut Out,
+    ) {
+        if f.version == Version::V3 && f.receiver_tag != 0 && f.receiver_tag != self.cfg.our_tag {
+            return; // for another instance of our account
+        }
+        if !self.cfg.policy.allows(f.version) {
+            return;
+        }
+        let key = if f.version == Version::V3 {
+            f.sender_tag
+        } else {
+            0
+        };
+        let max = self.cfg.max_reassembly_bytes;
+        let r = self
+            .reassembly
+            .entry(key)
+            .or_insert_with(|| Reassembler::new(max));
+        match r.push(&f) {
+            Ok(Some(whole)) => self.incoming(&whole, now, rng, out, true),
+            Ok(None) => {}
+            Err(e) => out.push(Action::Notify(Notice::Malformed(e.to_string()))),
+        }
+    }
+
+    fn on_plaintext<R: CryptoRng + ?Sized>(
+        &mut self,
+        text: String,
+        tag: Option<Vec<Version>>,
+        now: u64,
+        rng: &mut R,
+        out: &mut Out,
+    ) {
+        let _ = now;
+        let expecting = self.cfg.policy.require_encryption()
+            || self
+                .instances
+                .values()
+                .any(|i| !matches!(i.msg, MsgState::Plaintext));
+        if !text.is_empty() {
+            if expecting {
+                out.push(Action::Notify(Notice::ReceivedUnencrypted));
+            }
+            out.push(Action::Deliver(Delivery {
+                text,
+                encrypted: false,
+                instance: 0,
+                offline: false,
+            }));
+        }
+        self.received_plaintext = true;
+        if let Some(versions) = tag {
+            if self.cfg.policy.whitespace_start_ake() {
+                if let Some(v) = self.cfg.policy.choose(&versions) {
+                    self.start_ake(v, rng, out);
+                }
+            }
+        } else if self.cfg.policy.require_encryption() && !self.held.is_empty() {
+            // We asked for OTR and the peer answered in plaintext.
+            out.push(Action::Notify(Notice::NotPrivate));
+        }
+    }
+
+    fn start_ake<R: CryptoRng + ?Sized>(&mut self, version: Version, rng: &mut R, out: &mut Out) {
+        let (state, commit) = AuthState::start(version, self.tags(version, 0), rng);
+        self.master_ake = state;
+        self.push_encoded(&commit, out);
+    }
+
+    fn on_encoded<R: CryptoRng + ?Sized>(
+        &mut self,
+        m: EncodedMessage,
+        now: u64,
+        rng: &mut R,
+        out: &mut Out,
+    ) {
+        let h = m.header;
+        if !self.cfg.policy.allows(h.version) {
+            return;
+        }
+        let tag = match h.version {
+            Version::V2 => 0,
+            Version::V3 => {
+                let commit = matches!(m.body, Body::DhCommit(_));
+                if h.receiver_tag != self.cfg.our_tag && !(commit && h.receiver_tag == 0) {
+                    tracing::debug!(receiver = h.receiver_tag, "message for another instance");
+                    return;
+                }
+                h.sender_tag
+            }
+        };
+        let tags = self.tags(h.version, tag);
+        match m.body {
+            Body::Data(d) => self.on_data(&h, tag, &d, now, rng, out),
+            Body::DhCommit(c) => {
+                let inst = self.instances.entry(tag).or_insert_with(Instance::new);
+                let mut state = std::mem::take(&mut inst.ake);
+                if !state.in_progress() && self.master_ake.in_progress() {
+                    state = std::mem::take(&mut self.master_ake);
+                }
+                let (state, step) = state.handle_dh_commit(h.version, tags, &c, rng);
+                self.set_ake(tag, state);
+                if let Some(reply) = step.reply {
+                    self.push_encoded(&reply, out);
+                }
+            }
+            Body::DhKey(k) => {
+                let inst = self.instances.entry(tag).or_insert_with(Instance::new);
+                let mut state = std::mem::take(&mut inst.ake);
+                if !state.in_progress() && self.master_ake.in_progress() {
+                    state = std::mem::take(&mut self.master_ake);
+                }
+                let lt = Arc::clone(&self.long_term);
+                match state.handle_dh_key(tags, &k, &lt, rng) {
+                    Ok((state, step)) => {
+                        self.set_ake(tag, state);
+                        if let Some(reply) = step.reply {
+                            self.push_encoded(&reply, out);
+                        }
+                    }
+                    Err((state, e)) => {
+                        self.set_ake(tag, state);
+                        tracing::debug!(cause = %e, "D-H Key rejected");
+                    }
+                }
+            }
+            Body::RevealSignature(rs) => {
+                let state = self.take_ake(tag);
+                let lt = Arc::clone(&self.long_term);
+                match state.handle_reveal_signature(tags, &rs, &lt, rng) {
+                    Ok((state, step)) => {
+                        self.set_ake(tag, state);
+                        if let Some(reply) = step.reply {
+                            self.push_encoded(&reply, out);
+                        }
+                        if let Some(done) = step.complete {
+                            self.go_encrypted(tag, done, now, rng, out);
+                        }
+                    }
+                    Err(e) => tracing::info!(cause = %e, "AKE failed at Reveal Signature"),
+                }
+            }
+            Body::Signature(sig) => {
+                let state = self.take_ake(tag);
+                match state.handle_signature(&sig) {
+                    Ok((state, step)) => {
+                        self.set_ake(tag, state);
+                        if let Some(done) = step.complete {
+                            self.go_encrypted(tag, done, now, rng, out);
+                        }
+                    }
+                    Err(e) => tracing::info!(cause = %e, "AKE failed at Signature"),
+                }
+            }
+        }
+    }
+
+    fn take_ake(&mut self, tag: u32) -> AuthState {
+        self.instances
+            .get_mut(&tag)
+            .map(|i| std::mem::take(&mut i.ake))
+            .unwrap_or_default()
+    }
+
+    fn set_ake(&mut self, tag: u32, state: AuthState) {
+        self.instances.entry(tag).or_insert_with(Instance::new).ake = state;
+    }
+
+    fn go_encrypted<R: CryptoRng + ?Sized>(
+        &mut self,
+        tag: u32,
+        done: super::ake::AkeComplete,
+        now: u64,
+        rng: &mut R,
+        out: &mut Out,
+    ) {
+        let inst = self.instances.entry(tag).or_insert_with(Instance::new);
+        let refreshed = matches!(inst.msg, MsgState::Encrypted(_));
+        let fingerprint = done.their_long_term.fingerprint();
+        let ssid = format_ssid(&done.ssid, done.we_initiated);
+        let session = EncryptedSession {
+            version: done.version,
+            our_tag: if done.version == Version::V3 {
+                self.cfg.our_tag
+            } else {
+                0
+            },
+            their_tag: tag,
+            ratchet: KeyRatchet::after_ake(done.our_dh, done.their_dh, done.their_keyid, rng),
+            their_long_term: done.their_long_term,
+            ssid: done.ssid,
+            we_initiated: done.we_initiated,
+            created_at: now,
+            last_sent: now,
+            last_received: now,
+            sent_since_answer: 0,
+            suspended: false,
+        };
+        out.push(Action::Persist(Persist {
+            instance: tag,
+            snapshot: session.snapshot(),
+        }));
+        inst.msg = MsgState::Encrypted(Box::new(session));
+        self.selected = Some(tag);
+        out.push(Action::Notify(Notice::GoneSecure {
+            instance: tag,
+            version: done.version,
+            fingerprint,
+            ssid,
+            refreshed,
+        }));
+        self.flush_held(now, out);
+    }
+
+    fn on_data<R: CryptoRng + ?Sized>(
+        &mut self,
+        h: &Header,
+        tag: u32,
+        d: &DataMessage,
+        now: u64,
+        rng: &mut R,
+        out: &mut Out,
+    ) {
+        let ignore_unreadable = d.flags & FLAG_IGNORE_UNREADABLE != 0;
+        let result = match self.instances.get_mut(&tag).map(|i| &mut i.msg) {
+            Some(MsgState::Encrypted(s)) => s.ratchet.decrypt(h, d, rng).map(|r| (r, s)),
+            _ => Err(Error::Peer(PeerMisbehaved::NotEncrypted)),
+        };
+        let (received, session) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                if !ignore_unreadable {
+                    out.push(Action::Notify(Notice::Unreadable {
+                        reason: e.to_string(),
+                    }));
+                    out.push(Action::Send(message::error_message(UNREADABLE_ERROR)));
+                }
+                return;
+            }
+        };
+        let was_suspended = std::mem::replace(&mut session.suspended, false);
+        session.last_received = now;
+        session.sent_since_answer = 0;
+        let (human, tlvs) = match tlv::split_plaintext(&received.plaintext) {
+            Ok(x) => x,
+            Err(e) => {
+                // Authentic but malformed TLVs: keep the text, drop the TLVs.
+                tracing::debug!(cause = %e, "malformed TLVs in an authentic message");
+                let human = received
+                    .plaintext
+                    .split(|&b| b == 0)
+                    .next()
+                    .unwrap_or_default()
+                    .to_vec();
+                (human, Vec::new())
+            }
+        };
+        let disconnected = tlvs.iter().any(|t| t.typ == tlv::types::DISCONNECTED);
+        let smp = tlvs
+            .iter()
+            .any(|t| (tlv::types::SMP1..=tlv::types::SMP1Q).contains(&t.typ) && t.typ != tlv::types::SMP_ABORT);
+        let extra = tlvs
+            .iter()
+            .find(|t| t.typ == tlv::types::EXTRA_SYMMETRIC_KEY)
+            .map(|t| {
+                t.value
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0)
+            });
+
+        // Heartbeat or SMP answer, encrypted under the rotated keys.
+        let mut replies = Vec::new();
+        if !disconnected {
+            if smp {
+                let body = tlv::join_plaintext(
+                    b"",
+                    &[Tlv {
+                        typ: tlv::types::SMP_ABORT,
+                        value: Vec::new(),
+                    }],
+                );
+                replies.push(encrypt(session, FLAG_IGNORE_UNREADABLE, &body, now));
+            } else if self.cfg.heartbeat_secs > 0
+                && now.saturating_sub(session.last_sent) >= self.cfg.heartbeat_secs
+            {
+                replies.push(encrypt(session, FLAG_IGNORE_UNREADABLE, b"", now));
+            }
+        }
+        if disconnected {
+            out.push(Action::Forget { instance: tag });
+        } else {
+            out.push(Action::Persist(Persist {
+                instance: tag,
+                snapshot: session.snapshot(),
+            }));
+        }
+        if was_suspended {
+            out.push(Action::Notify(Notice::Resumed { instance: tag }));
+        }
+        if !human.is_empty() {
+            out.push(Action::Deliver(Delivery {
+                text: String::from_utf8_lossy(&human).into_owned(),
+                encrypted: true,
+                instance: tag,
+                offline: was_suspended,
+            }));
+        }
+        for r in &replies {
+            self.push_encoded(r, out);
+        }
+        if smp {
+            out.push(Action::Notify(Notice::SmpUnsupported));
+        }
+        if let Some(usage) = extra {
+            out.push(Action::Notify(Notice::ExtraKeyRequested { usage }));
+        }
+        if disconnected {
+            if let Some(inst) = self.instances.get_mut(&tag) {
+                inst.msg = MsgState::Finished;
+            }
+            out.push(Action::Notify(Notice::PeerEnded));
+            self.select_best();
+        } else {
+            self.selected = Some(tag);
+            if was_suspended {
+                self.flush_held(now, out);
+            }
+        }
+    }
+}
+
+fn data_header(version: Version, ours: u32, theirs: u32) -> Header {
+    match version {
+        Version::V2 => Header {
+            version,
+            sender_tag: 0,
+            receiver_tag: 0,
+        },
+        Version::V3 => Header {
+            version,
+            sender_tag: ours,
+            receiver_tag: theirs,
+        },
+    }
+}
+
+/// Encrypt `plaintext` on `s` and wrap it as an encoded message.
+fn encrypt(s: &mut EncryptedSession, flags: u8, plaintext: &[u8], now: u64) -> EncodedMessage {
+    let header = data_header(s.version, s.our_tag, s.their_tag);
+    let data = s.ratchet.encrypt(&header, flags, plaintext);
+    s.last_sent = now;
+    EncodedMessage {
+        header,
+        body: Body::Data(data),
+    }
+}
+
+/// The ssid as two 32-bit hex words; the half the user reads aloud is
+/// marked with asterisks (the spec shows it in bold).
+pub fn format_ssid(ssid: &[u8; 8], we_initiated: bool) -> String {
+    let a = hex(&ssid[..4]);
+    let b = hex(&ssid[4..]);
+    if we_initiated {
+        format!("*{a}* {b}")
+    } else {
+        format!("{a} *{b}*")
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,269 @@
+//! The Rust OTR core against itself, in memory: AKE, ratchet, replays,
+//! tampering, fragmentation, ending, and O2TR suspension/resumption at every
+//! point of a conversation.
+
+mod common;
+
+use common::pair::{ALICE_TAG, BOB_TAG, Pair, keys};
+use o2tr_proxy::otr::conversation::Notice;
+
+fn is_commit(body: &str) -> bool {
+    // v3 D-H Commit: version 0x0003, type 0x02 → base64 "AAMC".
+    body.starts_with("?OTR:AAMC")
+}
+
+#[test]
+fn ake_then_alternating_messages() {
+    let mut p = Pair::new();
+    p.establish();
+    assert_eq!(
+        p.alice.conv.peer_fingerprint(),
+        Some(keys().1.public_key().fingerprint())
+    );
+    for i in 0..30 {
+        p.alice.send(&format!("a{i}"), p.now);
+        p.run();
+        p.bob.send(&format!("b{i}"), p.now);
+        p.run();
+    }
+    let a: Vec<String> = (0..30).map(|i| format!("b{i}")).collect();
+    let b: Vec<String> = (0..30).map(|i| format!("a{i}")).collect();
+    assert_eq!(p.alice.texts(), a);
+    assert_eq!(p.bob.texts(), b);
+}
+
+#[test]
+fn burst_then_reply() {
+    let mut p = Pair::new();
+    p.establish();
+    for i in 0..50 {
+        p.alice.send(&format!("burst {i}"), p.now);
+    }
+    p.run();
+    assert_eq!(p.bob.texts().len(), 50);
+    p.bob.send("got them", p.now);
+    p.run();
+    assert_eq!(p.alice.texts(), vec!["got them".to_string()]);
+}
+
+#[test]
+fn replayed_data_message_is_rejected() {
+    let mut p = Pair::new();
+    p.establish();
+    p.alice.send("once", p.now);
+    let m = p.alice.outbox.front().cloned().unwrap();
+    p.run();
+    p.bob.receive(&m, p.now);
+    assert_eq!(p.bob.texts(), vec!["once".to_string()]);
+    assert!(
+        p.bob
+            .notices
+            .iter()
+            .any(|n| matches!(n, Notice::Unreadable { .. }))
+    );
+}
+
+#[test]
+fn tampered_ciphertext_is_rejected() {
+    let mut p = Pair::new();
+    p.establish();
+    p.alice.send("secret", p.now);
+    let m = p.alice.outbox.pop_front().unwrap();
+    // Flip a base64 character inside the body.
+    let mut bytes = m.into_bytes();
+    let i = bytes.len() / 2;
+    bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+    let m = String::from_utf8(bytes).unwrap();
+    p.bob.receive(&m, p.now);
+    assert!(p.bob.texts().is_empty());
+    assert!(
+        p.bob
+            .notices
+            .iter()
+            .any(|n| matches!(n, Notice::Unreadable { .. } | Notice::Malformed(_)))
+    );
+}
+
+#[test]
+fn fragmented_conversation() {
+    let mut p = Pair::new();
+    p.alice.conv = {
+        let mut cfg = o2tr_proxy::otr::conversation::Config::new("alice@example.test", ALICE_TAG);
+        cfg.max_message_bytes = 150;
+        o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().0.clone())
+    };
+    p.establish();
+    let long = "x".repeat(2000);
+    p.alice.send(&long, p.now);
+    assert!(p.alice.outbox.len() > 5);
+    assert!(p.alice.outbox.iter().all(|m| m.len() <= 150));
+    p.run();
+    assert_eq!(p.bob.texts(), vec![long]);
+}
+
+#[test]
+fn ending_the_conversation_finishes_the_peer() {
+    let mut p = Pair::new();
+    p.establish();
+    let a = p.alice.conv.handle_end(p.now, &mut p.alice.rng);
+    p.alice.apply(a);
+    p.run();
+    assert!(p.bob.notices.contains(&Notice::PeerEnded));
+    assert!(!p.bob.conv.is_private());
+    // Bob's next message is held, not sent in plaintext.
+    p.bob.send("are you there?", p.now);
+    assert!(p.bob.outbox.is_empty());
+    assert!(p.bob.snapshots.is_empty());
+    assert!(p.alice.snapshots.is_empty());
+}
+
+#[test]
+fn always_policy_holds_until_private() {
+    let mut p = Pair::new();
+    p.alice.send("hello before otr", p.now);
+    // Only a query went out, no plaintext.
+    assert_eq!(p.alice.outbox.len(), 1);
+    assert!(p.alice.outbox[0].starts_with("?OTRv"));
+    p.run();
+    assert!(p.alice.conv.is_private());
+    assert_eq!(p.bob.texts(), vec!["hello before otr".to_string()]);
+    assert!(p.alice.held.is_empty());
+}
+
+#[test]
+fn simultaneous_start_resolves_commit_collision() {
+    let mut p = Pair::new();
+    p.alice.start(p.now);
+    p.bob.start(p.now);
+    p.run();
+    assert!(p.alice.conv.is_private());
+    assert!(p.bob.conv.is_private());
+    p.alice.send("after collision", p.now);
+    p.run();
+    assert_eq!(p.bob.texts(), vec!["after collision".to_string()]);
+}
+
+/// O2TR: Bob's side crashes at every point of a conversation; Alice keeps
+/// writing; Bob restarts from his durable snapshots and reads everything,
+/// with no new AKE.
+#[test]
+fn bob_restarts_at_every_point_and_recovers_everything() {
+    let script: Vec<(bool, &str)> = vec![
+        (true, "a1"),
+        (false, "b1"),
+        (true, "a2"),
+        (true, "a3"),
+        (false, "b2"),
+        (false, "b3"),
+        (true, "a4"),
+        (false, "b4"),
+    ];
+    for crash_at in 0..=script.len() {
+        let mut p = Pair::new();
+        p.establish();
+        let commits_before = p.alice.sent_log.iter().filter(|m| is_commit(m)).count();
+        for (i, (from_alice, text)) in script.iter().enumerate() {
+            if i == crash_at {
+                p.bob.restart("bob@example.test", BOB_TAG, keys().1.clone());
+            }
+            if *from_alice {
+                p.alice.send(text, p.now);
+            } else {
+                p.bob.send(text, p.now);
+            }
+            p.run();
+        }
+        // Offline run: Bob gone, Alice sends 10.
+        p.bob.restart("bob@example.test", BOB_TAG, keys().1.clone());
+        let mut offline = Vec::new();
+        for i in 0..10 {
+            p.alice.send(&format!("offline {i}"), p.now);
+            offline.extend(p.alice.outbox.drain(..));
+        }
+        p.bob.restart("bob@example.test", BOB_TAG, keys().1.clone());
+        for m in &offline {
+            p.bob.receive(m, p.now);
+        }
+        p.run();
+        let got = p.bob.texts();
+        let expect_tail: Vec<String> = (0..10).map(|i| format!("offline {i}")).collect();
+        assert_eq!(
+            got[got.len() - 10..].to_vec(),
+            expect_tail,
+            "crash at {crash_at}"
+        );
+        p.bob.send("back", p.now);
+        p.run();
+        assert_eq!(p.alice.texts().last().map(String::as_str), Some("back"));
+        let commits_after = p.alice.sent_log.iter().filter(|m| is_commit(m)).count()
+            + p.bob.sent_log.iter().filter(|m| is_commit(m)).count();
+        assert_eq!(commits_after, commits_before, "no new AKE (crash at {crash_at})");
+        assert!(
+            p.bob
+                .notices
+                .iter()
+                .any(|n| matches!(n, Notice::Resumed { .. }))
+        );
+    }
+}
+
+/// A restart in the middle of a fragmented message loses only that message's
+/// partial fragments; the sender's next message is read normally.
+#[test]
+fn restart_between_fragments() {
+    let mut p = Pair::new();
+    p.bob.conv = {
+        let mut cfg = o2tr_proxy::otr::conversation::Config::new("bob@example.test", BOB_TAG);
+        cfg.max_message_bytes = 120;
+        o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().1.clone())
+    };
+    p.establish();
+    p.bob.send(&"long ".repeat(100), p.now);
+    let frags: Vec<String> = p.bob.outbox.drain(..).collect();
+    assert!(frags.len() > 3);
+    for f in &frags[..2] {
+        p.alice.receive(f, p.now);
+    }
+    p.alice
+        .restart("alice@example.test", ALICE_TAG, keys().0.clone());
+    for f in &frags {
+        p.alice.receive(f, p.now);
+    }
+    assert_eq!(p.alice.texts(), vec!["long ".repeat(100)]);
+}
+
+/// Outward resumption: after a restart, the user writes first and the
+/// suspended session continues without an AKE.
+#[test]
+fn outward_resumption_without_ake() {
+    let mut p = Pair::new();
+    p.establish();
+    p.alice.send("hi", p.now);
+    p.run();
+    p.alice
+        .restart("alice@example.test", ALICE_TAG, keys().0.clone());
+    p.alice.send("I'm back", p.now);
+    assert!(!p.alice.outbox.iter().any(|m| is_commit(m) || m.starts_with("?OTRv")));
+    p.run();
+    assert_eq!(p.bob.texts(), vec!["hi".to_string(), "I'm back".to_string()]);
+}
+
+/// Bound k: beyond k unanswered messages, further messages are held.
+#[test]
+fn unanswered_bound_holds_messages() {
+    let mut p = Pair::new();
+    let mut cfg = o2tr_proxy::otr::conversation::Config::new("alice@example.test", ALICE_TAG);
+    cfg.max_unanswered = 5;
+    p.alice.conv = o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().0.clone());
+    p.establish();
+    for i in 0..8 {
+        p.alice.send(&format!("m{i}"), p.now);
+    }
+    assert!(
+        p.alice
+            .notices
+            .iter()
+            .any(|n| matches!(n, Notice::UnansweredLimit { limit: 5 }))
+    );
+    assert_eq!(p.alice.held.len(), 3);
+}
