@@ -37,6 +37,8 @@
 
 mod disk;
 mod memory;
+mod row;
+mod schema;
 mod sqlite;
 #[cfg(test)]
 mod suite;
@@ -47,7 +49,8 @@ use std::path::PathBuf;
 use zeroize::Zeroizing;
 
 pub use memory::MemoryStore;
-pub use sqlite::{DB_FILE_NAME, SCHEMA_VERSION, SqliteStore};
+pub use schema::SCHEMA_VERSION;
+pub use sqlite::{DB_FILE_NAME, SqliteStore};
 
 /// Result of every store operation.
 pub type Result<T> = std::result::Result<T, Error>;

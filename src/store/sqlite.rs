@@ -4,7 +4,7 @@
 //! One SQLite database file, `o2tr.db` in the state directory, opened with
 //! WAL, `synchronous=FULL` (each commit fsyncs the WAL before returning),
 //! `secure_delete=ON` (freed content is zeroed), foreign keys on. The schema
-//! is versioned with `PRAGMA user_version` and the [`MIGRATIONS`] list.
+//! is versioned with `PRAGMA user_version` and a migrations list (`schema.rs`).
 //!
 //! Opening never changes a file it refuses: permissions and the SQLite
 //! header are checked first, then the file is opened read-only to check the
@@ -12,66 +12,25 @@
 //! read-write, switched to WAL and migrated (in one transaction).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use rusqlite::{
-    Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior, params,
-};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use zeroize::Zeroizing;
 
-use super::disk;
+use super::row::{
+    FINGERPRINT_COLUMNS, HELD_COLUMNS, RawFingerprint, RawSnapshot, SNAPSHOT_COLUMNS,
+    ensure_account, fingerprint_record, held_from_row, held_record, to_i64, to_u32,
+};
+use super::schema::{
+    BUSY_TIMEOUT, check_version, classify, inspect_read_only, migrate, user_version,
+};
 use super::{
     ConversationKey, Error, FingerprintRecord, HeldMessage, Result, SessionState, SnapshotRecord,
-    Store, Trust,
+    Store,
 };
+use super::{Trust, disk};
 
 /// File name of the database inside the state directory.
 pub const DB_FILE_NAME: &str = "o2tr.db";
-
-/// How long a statement waits for a lock held by another connection (for
-/// instance a CLI `sessions` command reading while the proxy runs).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Schema migrations; entry `i` moves the schema from version `i` to `i + 1`.
-/// Never edit a released entry: append a new one.
-const MIGRATIONS: &[&str] = &[
-    // Version 1.
-    "CREATE TABLE account (
-        account      TEXT PRIMARY KEY NOT NULL,
-        private_key  BLOB,
-        instance_tag INTEGER CHECK (instance_tag BETWEEN 0 AND 4294967295)
-    ) STRICT;
-    CREATE TABLE fingerprint (
-        account     TEXT NOT NULL REFERENCES account(account) ON DELETE CASCADE,
-        peer        TEXT NOT NULL,
-        fingerprint BLOB NOT NULL CHECK (length(fingerprint) = 20),
-        trust       INTEGER NOT NULL,
-        first_seen  INTEGER NOT NULL,
-        PRIMARY KEY (account, peer, fingerprint)
-    ) STRICT;
-    CREATE TABLE snapshot (
-        account    TEXT NOT NULL REFERENCES account(account) ON DELETE CASCADE,
-        peer       TEXT NOT NULL,
-        instance   INTEGER NOT NULL CHECK (instance BETWEEN 0 AND 4294967295),
-        state      INTEGER NOT NULL,
-        data       BLOB NOT NULL,
-        created_at INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL,
-        PRIMARY KEY (account, peer, instance)
-    ) STRICT;
-    CREATE INDEX snapshot_by_updated ON snapshot(updated_at);
-    CREATE TABLE held_message (
-        id        INTEGER PRIMARY KEY AUTOINCREMENT,
-        account   TEXT NOT NULL REFERENCES account(account) ON DELETE CASCADE,
-        peer      TEXT NOT NULL,
-        text      TEXT NOT NULL,
-        queued_at INTEGER NOT NULL
-    ) STRICT;
-    CREATE INDEX held_by_peer ON held_message(account, peer, id);",
-];
-
-/// The schema version this build writes (and the newest it can read).
-pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// The SQLite-backed [`Store`]. `Send`, not `Sync`: share it behind a mutex.
 ///
@@ -100,161 +59,6 @@ impl std::fmt::Debug for SqliteStore {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
-}
-
-/// Maps SQLite's "not a database" / "corrupt" errors on `path` to our
-/// typed errors.
-fn classify(path: &Path, e: rusqlite::Error) -> Error {
-    match e.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase) => Error::NotADatabase {
-            path: path.to_path_buf(),
-        },
-        Some(ErrorCode::DatabaseCorrupt) => Error::Corrupt(format!("{}: {e}", path.display())),
-        _ => Error::Sqlite(e),
-    }
-}
-
-fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.pragma_query_value(None, "user_version", |r| r.get(0))
-}
-
-fn check_version(found: i64) -> Result<u32> {
-    let found = u32::try_from(found)
-        .map_err(|_| Error::Corrupt(format!("invalid schema version {found}")))?;
-    if found > SCHEMA_VERSION {
-        return Err(Error::NewerSchema {
-            found,
-            supported: SCHEMA_VERSION,
-        });
-    }
-    Ok(found)
-}
-
-/// Read-only inspection of an existing database: schema version and
-/// `quick_check`. Changes nothing in the database file.
-fn inspect_read_only(path: &Path) -> Result<()> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e))?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    check_version(user_version(&conn).map_err(|e| classify(path, e))?)?;
-    let mut stmt = conn
-        .prepare("PRAGMA quick_check")
-        .map_err(|e| classify(path, e))?;
-    let problems: Vec<String> = stmt
-        .query_map([], |r| r.get::<_, String>(0))
-        .and_then(|rows| rows.collect())
-        .map_err(|e| classify(path, e))?;
-    if problems.len() != 1 || problems.first().map(String::as_str) != Some("ok") {
-        return Err(Error::Corrupt(format!(
-            "{}: integrity check failed: {}",
-            path.display(),
-            problems.join("; ")
-        )));
-    }
-    Ok(())
-}
-
-fn to_i64(v: u64, what: &'static str) -> Result<i64> {
-    i64::try_from(v).map_err(|_| Error::OutOfRange(what))
-}
-
-fn to_u64(v: i64, what: &str) -> Result<u64> {
-    u64::try_from(v).map_err(|_| Error::Corrupt(format!("negative {what}: {v}")))
-}
-
-fn to_u32(v: i64, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::Corrupt(format!("{what} out of range: {v}")))
-}
-
-/// A snapshot row as read, before its integers are validated.
-struct RawSnapshot {
-    account: String,
-    peer: String,
-    instance: i64,
-    state: i64,
-    data: Zeroizing<Vec<u8>>,
-    created_at: i64,
-    updated_at: i64,
-}
-
-const SNAPSHOT_COLUMNS: &str = "account, peer, instance, state, data, created_at, updated_at";
-
-impl RawSnapshot {
-    fn from_row(r: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            account: r.get(0)?,
-            peer: r.get(1)?,
-            instance: r.get(2)?,
-            state: r.get(3)?,
-            // Copied straight from SQLite's buffer into a zeroizing Vec.
-            data: Zeroizing::new(r.get_ref(4)?.as_blob()?.to_vec()),
-            created_at: r.get(5)?,
-            updated_at: r.get(6)?,
-        })
-    }
-
-    fn into_record(self) -> Result<SnapshotRecord> {
-        Ok(SnapshotRecord {
-            key: ConversationKey {
-                account: self.account,
-                peer: self.peer,
-                instance: to_u32(self.instance, "instance tag")?,
-            },
-            state: SessionState::from_code(self.state)?,
-            data: self.data,
-            created_at: to_u64(self.created_at, "created_at")?,
-            updated_at: to_u64(self.updated_at, "updated_at")?,
-        })
-    }
-}
-
-type RawFingerprint = (String, String, Vec<u8>, i64, i64);
-
-const FINGERPRINT_COLUMNS: &str = "account, peer, fingerprint, trust, first_seen";
-
-fn fingerprint_record(raw: RawFingerprint) -> Result<FingerprintRecord> {
-    let (account, peer, fpr, trust, first_seen) = raw;
-    let fingerprint: [u8; 20] = fpr
-        .as_slice()
-        .try_into()
-        .map_err(|_| Error::Corrupt(format!("fingerprint of {} bytes", fpr.len())))?;
-    Ok(FingerprintRecord {
-        account,
-        peer,
-        fingerprint,
-        trust: Trust::from_code(trust)?,
-        first_seen: to_u64(first_seen, "first_seen")?,
-    })
-}
-
-const HELD_COLUMNS: &str = "id, account, peer, text, queued_at";
-
-fn held_from_row(r: &Row<'_>) -> rusqlite::Result<(HeldMessage, i64)> {
-    Ok((
-        HeldMessage {
-            id: r.get(0)?,
-            account: r.get(1)?,
-            peer: r.get(2)?,
-            text: Zeroizing::new(r.get_ref(3)?.as_str()?.to_owned()),
-            queued_at: 0,
-        },
-        r.get(4)?,
-    ))
-}
-
-fn held_record((mut m, queued_at): (HeldMessage, i64)) -> Result<HeldMessage> {
-    m.queued_at = to_u64(queued_at, "queued_at")?;
-    Ok(m)
-}
-
-fn ensure_account(conn: &Connection, account: &str) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT OR IGNORE INTO account(account) VALUES (?1)",
-        [account],
-    )?;
-    Ok(())
 }
 
 impl SqliteStore {
@@ -407,21 +211,6 @@ impl SqliteStore {
             .collect::<rusqlite::Result<Vec<_>>>()?;
         raws.into_iter().map(held_record).collect()
     }
-}
-
-/// Brings the schema to [`SCHEMA_VERSION`] in one immediate transaction.
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let found = check_version(user_version(&tx)?)?;
-    if found == SCHEMA_VERSION {
-        return Ok(()); // the transaction rolls back: nothing was written
-    }
-    for sql in MIGRATIONS.iter().skip(found as usize) {
-        tx.execute_batch(sql)?;
-    }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    tx.commit()?;
-    Ok(())
 }
 
 impl Store for SqliteStore {
@@ -691,6 +480,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SCHEMA_VERSION;
 
     #[test]
     fn is_send() {
