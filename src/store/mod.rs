@@ -24,9 +24,11 @@
 //!   A call that returns `Err` changed nothing.
 //! * **Wiping**: replaced or deleted snapshots, keys and held messages do not
 //!   stay in the database file: `secure_delete=ON` zeroes freed content and a
-//!   `wal_checkpoint(TRUNCATE)` after each such change empties the WAL. See
-//!   [`SqliteStore`] for the one case where the wipe is deferred (a reader in
-//!   another process holds the WAL).
+//!   `wal_checkpoint(TRUNCATE)` after each such change empties the WAL. The
+//!   wipe is deferred only when a reader in another process holds the WAL
+//!   (logged) or when the caller turned it off for replacements with
+//!   [`SqliteStore::set_wipe_on_replace`] (then it calls
+//!   [`SqliteStore::checkpoint`] itself).
 //! * Secrets come back wrapped in [`Zeroizing`]; no type here prints secret
 //!   bytes through `Debug`.
 //! * Time is passed in (`now`, unix seconds); the store never reads a clock.
