@@ -8,7 +8,10 @@
 //!
 //! * [`otr`] — OTR v2/v3 and O2TR as pure, deterministic state machines:
 //!   bytes, time and randomness in; actions out.
+//! * [`store`] — durable state (keys, instance tags, trust, EKM snapshots,
+//!   held messages) behind a small trait; SQLite or in memory.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod otr;
+pub mod store;

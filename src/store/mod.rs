@@ -1,0 +1,369 @@
+//! Durable state of the proxy (DESIGN §2 "store", §5 EKM snapshots).
+//!
+//! The OTR core hands us opaque serialized blobs (long-term DSA private keys,
+//! EKM snapshots); this module keeps them, together with the small amount of
+//! metadata the router needs:
+//!
+//! * per local account: the long-term private key (opaque bytes) and our OTR
+//!   instance tag (OTR v3 §"Instance Tags": stable across restarts);
+//! * per (account, peer): the peers' fingerprints and the trust we give them;
+//! * per conversation (account, peer bare JID, peer instance tag): the EKM
+//!   snapshot (opaque bytes) with its [`SessionState`] and timestamps;
+//! * outgoing messages held by policy (DESIGN §3, policy `always`), in FIFO
+//!   order.
+//!
+//! Everything goes through the small [`Store`] trait, with two
+//! implementations: [`MemoryStore`] for tests and [`SqliteStore`], the
+//! embedded SQLite database the product uses.
+//!
+//! # Contract
+//!
+//! * **Persist before release** (DESIGN §5): every mutating call is durable
+//!   when it returns `Ok` — for [`SqliteStore`] the transaction is committed
+//!   with `synchronous=FULL`, so the WAL is fsynced before the call returns.
+//!   A call that returns `Err` changed nothing.
+//! * **Wiping**: replaced or deleted snapshots, keys and held messages do not
+//!   stay in the database file: `secure_delete=ON` zeroes freed content and a
+//!   `wal_checkpoint(TRUNCATE)` after each such change empties the WAL. The
+//!   wipe is deferred only when a reader in another process holds the WAL
+//!   (logged) or when the caller turned it off for replacements with
+//!   [`SqliteStore::set_wipe_on_replace`] (then it calls
+//!   [`SqliteStore::checkpoint`] itself).
+//! * Secrets come back wrapped in [`Zeroizing`]; no type here prints secret
+//!   bytes through `Debug`.
+//! * Time is passed in (`now`, unix seconds); the store never reads a clock.
+//! * Stores are synchronous and `Send`; an async caller wraps one in a mutex
+//!   and calls it from `spawn_blocking`.
+//! * Accounts are created implicitly: any write that names an account makes
+//!   it known, and [`Store::accounts`] lists every known account.
+
+mod disk;
+mod memory;
+mod row;
+mod schema;
+mod sqlite;
+#[cfg(test)]
+mod suite;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use zeroize::Zeroizing;
+
+pub use memory::MemoryStore;
+pub use schema::SCHEMA_VERSION;
+pub use sqlite::{DB_FILE_NAME, SqliteStore};
+
+/// Result of every store operation.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Errors of the store.
+///
+/// The "refuse to open" variants ([`Error::UnsafePermissions`],
+/// [`Error::NewerSchema`], [`Error::NotADatabase`], [`Error::Corrupt`]) are
+/// returned by the `open*` constructors before anything on disk was changed;
+/// the application is expected to report them and exit.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An error from SQLite.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A file-system operation on `path` failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state directory is group/world writable, or the database file (or
+    /// its `-wal`/`-shm` companion) is accessible by group or others.
+    #[error(
+        "refusing to use {path}: its mode {mode:04o} lets other users read or modify it \
+         (expected 0700 for the directory, 0600 for database files; fix with chmod)"
+    )]
+    UnsafePermissions {
+        /// The offending file or directory.
+        path: PathBuf,
+        /// Its permission bits (`st_mode & 0o7777`).
+        mode: u32,
+    },
+    /// The database was written by a newer version of this program.
+    #[error(
+        "database schema version {found} is newer than the supported version {supported}; \
+         upgrade o2tr-proxy"
+    )]
+    NewerSchema {
+        /// The schema version found in the file (`PRAGMA user_version`).
+        found: u32,
+        /// The newest schema version this build knows.
+        supported: u32,
+    },
+    /// The file is not an SQLite database (or not a regular file).
+    #[error("{path} is not an SQLite database")]
+    NotADatabase {
+        /// The offending file.
+        path: PathBuf,
+    },
+    /// The database is damaged or holds a value this build cannot decode.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// A value passed in cannot be stored (e.g. a time beyond `i64::MAX`).
+    #[error("value out of range: {0}")]
+    OutOfRange(&'static str),
+    /// A WAL checkpoint could not complete because another connection is
+    /// reading; old content may remain in the `-wal` file until the next
+    /// checkpoint.
+    #[error("WAL checkpoint incomplete: another connection is reading the database")]
+    CheckpointBusy,
+}
+
+/// The trust we give a peer's fingerprint (DESIGN §4: trust on first use with
+/// explicit verification).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Trust {
+    /// Seen, not verified (trust on first use).
+    Unverified,
+    /// Verified by the user (fingerprint comparison or SMP).
+    Verified,
+    /// Explicitly distrusted by the user.
+    Distrusted,
+}
+
+impl Trust {
+    pub(crate) fn to_code(self) -> i64 {
+        match self {
+            Trust::Unverified => 0,
+            Trust::Verified => 1,
+            Trust::Distrusted => 2,
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> Result<Self> {
+        match code {
+            0 => Ok(Trust::Unverified),
+            1 => Ok(Trust::Verified),
+            2 => Ok(Trust::Distrusted),
+            other => Err(Error::Corrupt(format!("unknown trust code {other}"))),
+        }
+    }
+}
+
+/// State of a conversation's EKM snapshot (DESIGN §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SessionState {
+    /// The session is live in memory; the snapshot mirrors it.
+    Live,
+    /// The client or upstream went away; the snapshot waits for OMD /
+    /// resumption.
+    Suspended,
+    /// The conversation was ended explicitly.
+    Finished,
+}
+
+impl SessionState {
+    pub(crate) fn to_code(self) -> i64 {
+        match self {
+            SessionState::Live => 0,
+            SessionState::Suspended => 1,
+            SessionState::Finished => 2,
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> Result<Self> {
+        match code {
+            0 => Ok(SessionState::Live),
+            1 => Ok(SessionState::Suspended),
+            2 => Ok(SessionState::Finished),
+            other => Err(Error::Corrupt(format!(
+                "unknown session state code {other}"
+            ))),
+        }
+    }
+}
+
+/// Identifies one conversation: local account, peer bare JID, peer instance
+/// tag.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConversationKey {
+    /// Local account (bare JID).
+    pub account: String,
+    /// Peer bare JID.
+    pub peer: String,
+    /// The peer's OTR instance tag (0 for OTR v2 peers).
+    pub instance: u32,
+}
+
+impl ConversationKey {
+    /// Builds a key from its parts.
+    pub fn new(account: impl Into<String>, peer: impl Into<String>, instance: u32) -> Self {
+        Self {
+            account: account.into(),
+            peer: peer.into(),
+            instance,
+        }
+    }
+}
+
+/// A stored EKM snapshot. `Debug` does not print `data`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// The conversation.
+    pub key: ConversationKey,
+    /// Live / suspended / finished.
+    pub state: SessionState,
+    /// The opaque serialized snapshot from the OTR core.
+    pub data: Zeroizing<Vec<u8>>,
+    /// When the snapshot was first saved (unix seconds).
+    pub created_at: u64,
+    /// When it was last saved or its state changed (unix seconds).
+    pub updated_at: u64,
+}
+
+impl fmt::Debug for SnapshotRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SnapshotRecord")
+            .field("key", &self.key)
+            .field("state", &self.state)
+            .field(
+                "data",
+                &format_args!("<{} bytes redacted>", self.data.len()),
+            )
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
+}
+
+/// A peer fingerprint we have seen, with its trust.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FingerprintRecord {
+    /// Local account.
+    pub account: String,
+    /// Peer bare JID.
+    pub peer: String,
+    /// SHA-1 of the peer's DSA public key (libotr's fingerprint).
+    pub fingerprint: [u8; 20],
+    /// The trust given to it.
+    pub trust: Trust,
+    /// When it was first stored (unix seconds).
+    pub first_seen: u64,
+}
+
+/// An outgoing message held by policy until the session is private.
+/// `Debug` does not print `text`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HeldMessage {
+    /// Store-assigned id, increasing in queue order, never reused.
+    pub id: i64,
+    /// Local account.
+    pub account: String,
+    /// Peer bare JID.
+    pub peer: String,
+    /// The plaintext body.
+    pub text: Zeroizing<String>,
+    /// When it was held (unix seconds).
+    pub queued_at: u64,
+}
+
+impl fmt::Debug for HeldMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeldMessage")
+            .field("id", &self.id)
+            .field("account", &self.account)
+            .field("peer", &self.peer)
+            .field(
+                "text",
+                &format_args!("<{} bytes redacted>", self.text.len()),
+            )
+            .field("queued_at", &self.queued_at)
+            .finish()
+    }
+}
+
+/// The store's interface. See the module docs for the contract (durable on
+/// return, wiping, no clock).
+///
+/// Listings are ordered deterministically, as documented on each method, and
+/// both implementations return identical results for identical calls.
+pub trait Store: Send {
+    /// The long-term private key of `account` (opaque bytes), if any.
+    fn account_key(&self, account: &str) -> Result<Option<Zeroizing<Vec<u8>>>>;
+    /// Stores (or replaces, wiping the old one) the private key of `account`.
+    fn set_account_key(&mut self, account: &str, key: &[u8]) -> Result<()>;
+    /// Every account the store knows (anything was stored for it), sorted.
+    fn accounts(&self) -> Result<Vec<String>>;
+
+    /// Our instance tag for `account`, if one was stored.
+    fn instance_tag(&self, account: &str) -> Result<Option<u32>>;
+    /// Stores (or replaces) our instance tag for `account`.
+    fn set_instance_tag(&mut self, account: &str, tag: u32) -> Result<()>;
+
+    /// Fingerprints of `peer` seen by `account`, ordered by `first_seen` then
+    /// fingerprint bytes.
+    fn fingerprints(&self, account: &str, peer: &str) -> Result<Vec<FingerprintRecord>>;
+    /// All fingerprints, ordered by account, peer, `first_seen`, fingerprint.
+    fn all_fingerprints(&self) -> Result<Vec<FingerprintRecord>>;
+    /// Inserts a fingerprint with `trust` and `first_seen = now`, or, if it is
+    /// already known, updates its trust only (keeping `first_seen`).
+    fn set_fingerprint(
+        &mut self,
+        account: &str,
+        peer: &str,
+        fingerprint: &[u8; 20],
+        trust: Trust,
+        now: u64,
+    ) -> Result<()>;
+    /// Forgets a fingerprint; returns whether it was known.
+    fn remove_fingerprint(
+        &mut self,
+        account: &str,
+        peer: &str,
+        fingerprint: &[u8; 20],
+    ) -> Result<bool>;
+
+    /// The snapshot of one conversation, if any.
+    fn snapshot(&self, key: &ConversationKey) -> Result<Option<SnapshotRecord>>;
+    /// Snapshots of every instance of `peer` for `account`, ordered by
+    /// instance tag.
+    fn snapshots_for_peer(&self, account: &str, peer: &str) -> Result<Vec<SnapshotRecord>>;
+    /// All snapshots, ordered by account, peer, instance (for a `sessions`
+    /// listing: the caller must not print `data`).
+    fn snapshots(&self) -> Result<Vec<SnapshotRecord>>;
+    /// Saves the snapshot of a conversation: inserts it (`created_at =
+    /// updated_at = now`) or replaces data and state (`updated_at = now`,
+    /// `created_at` kept; the old bytes are wiped). Durable on return.
+    fn save_snapshot(
+        &mut self,
+        key: &ConversationKey,
+        state: SessionState,
+        data: &[u8],
+        now: u64,
+    ) -> Result<()>;
+    /// Changes the state of a snapshot (and `updated_at = now`); returns
+    /// whether the snapshot exists.
+    fn set_snapshot_state(
+        &mut self,
+        key: &ConversationKey,
+        state: SessionState,
+        now: u64,
+    ) -> Result<bool>;
+    /// Deletes (and wipes) a snapshot; returns whether it existed.
+    fn delete_snapshot(&mut self, key: &ConversationKey) -> Result<bool>;
+    /// Deletes (and wipes) every snapshot, whatever its state, whose
+    /// `updated_at` is strictly less than `older_than`; returns the deleted
+    /// keys ordered by account, peer, instance, so the caller can notify.
+    fn expire_snapshots(&mut self, older_than: u64) -> Result<Vec<ConversationKey>>;
+
+    /// Holds an outgoing message; returns its id (increasing, never reused).
+    fn hold_message(&mut self, account: &str, peer: &str, text: &str, now: u64) -> Result<i64>;
+    /// Messages held for `peer` by `account`, oldest first (FIFO).
+    fn held_messages(&self, account: &str, peer: &str) -> Result<Vec<HeldMessage>>;
+    /// All held messages, oldest first.
+    fn all_held_messages(&self) -> Result<Vec<HeldMessage>>;
+    /// Removes (and wipes) a held message once it has been sent; returns
+    /// whether it existed.
+    fn release_held(&mut self, id: i64) -> Result<bool>;
+}
