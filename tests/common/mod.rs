@@ -1,0 +1,5 @@
+//! Shared helpers for the integration tests (`mod common;` in each test
+//! crate). Each test crate uses a subset, hence `dead_code` is allowed.
+#![allow(dead_code)]
+
+pub mod peer;
