@@ -233,6 +233,9 @@ impl KeyRatchet {
         if !ct_eq(&hmac_sha1(&keys.recv_mac, &authenticated), &msg.mac) {
             return Err(PeerMisbehaved::DataMacMismatch.into());
         }
+        let recv_aes = Zeroizing::new(keys.recv_aes);
+        let recv_mac = Zeroizing::new(keys.recv_mac);
+        let extra_key = Zeroizing::new(keys.extra);
         let ctr = u64::from_be_bytes(msg.ctr);
         if ctr == 0 {
             return Err(PeerMisbehaved::ZeroCounter.into());
@@ -247,12 +250,10 @@ impl KeyRatchet {
             None
         };
         let mut plaintext = Zeroizing::new(msg.encrypted.clone());
-        aes128_ctr(&keys.recv_aes, &msg.ctr, &mut plaintext);
-        let recv_mac = keys.recv_mac;
-        let extra_key = Zeroizing::new(keys.extra);
+        aes128_ctr(&recv_aes, &msg.ctr, &mut plaintext);
         let pairing = &mut self.pairings[i][j];
         pairing.recv_ctr = ctr;
-        pairing.used_recv_mac = Some(recv_mac);
+        pairing.used_recv_mac = Some(*recv_mac);
 
         let rotated_ours = i == 1;
         if rotated_ours {
