@@ -161,7 +161,8 @@ fn bob_restarts_at_every_point_and_recovers_everything() {
     for crash_at in 0..=script.len() {
         let mut p = Pair::new();
         p.establish();
-        let commits_before = p.alice.sent_log.iter().filter(|m| is_commit(m)).count();
+        let commits_before = p.alice.sent_log.iter().filter(|m| is_commit(m)).count()
+            + p.bob.sent_log.iter().filter(|m| is_commit(m)).count();
         for (i, (from_alice, text)) in script.iter().enumerate() {
             if i == crash_at {
                 p.bob.restart("bob@example.test", BOB_TAG, keys().1.clone());
