@@ -5,3 +5,4 @@
 //! action for the caller to carry out.
 
 pub mod codec;
+pub mod crypto;
