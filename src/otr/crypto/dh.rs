@@ -256,3 +256,204 @@ fn fixed_base_pow(x: &U320) -> U1536 {
     }
     acc.retrieve()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn p_bytes() -> Vec<u8> {
+        unhex(P_HEX)
+    }
+
+    /// p + delta (delta may be negative), big-endian.
+    fn p_plus(delta: i64) -> Vec<u8> {
+        let v = P.wrapping_add(&U1536::from_u64(delta.unsigned_abs()));
+        let v = if delta < 0 {
+            P.wrapping_sub(&U1536::from_u64(delta.unsigned_abs()))
+        } else {
+            v
+        };
+        let mut out = uint_to_be(&v).to_vec();
+        if delta > 0 && v < P {
+            out.insert(0, 1); // carried past 1536 bits
+        }
+        out
+    }
+
+    #[test]
+    fn known_powers_of_the_generator() {
+        let one = DhKeyPair::from_secret_bytes(&[1]).unwrap();
+        assert_eq!(one.public().to_mpi(), vec![2]);
+        let two = DhKeyPair::from_secret_bytes(&[0, 0, 2]).unwrap();
+        assert_eq!(two.public().to_mpi(), vec![4]);
+        // 2^0x102 = 2^258 = 0x04 followed by 32 zero bytes (also what
+        // libotr's otr_sesskeys prints for secret 0102).
+        let k = DhKeyPair::from_secret_bytes(&[1, 2]).unwrap();
+        let mut want = vec![4u8];
+        want.extend([0u8; 32]);
+        assert_eq!(k.public().to_mpi(), want);
+    }
+
+    #[test]
+    fn fixed_base_table_agrees_with_generic_exponentiation() {
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        for _ in 0..4 {
+            let x = U320::random_from_rng(&mut rng);
+            let generic = Fe::new(&U1536::from_u8(2))
+                .pow_bounded_exp(&x, SECRET_BITS)
+                .retrieve();
+            assert_eq!(fixed_base_pow(&x), generic);
+        }
+        assert_eq!(
+            fixed_base_pow(&U320::MAX),
+            Fe::new(&U1536::from_u8(2)).pow(&U320::MAX).retrieve()
+        );
+    }
+
+    #[test]
+    fn shared_secret_is_symmetric() {
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        let a = DhKeyPair::generate(&mut rng);
+        let b = DhKeyPair::generate(&mut rng);
+        assert_ne!(a.public(), b.public());
+        let sa = a.shared_secret(b.public());
+        let sb = b.shared_secret(a.public());
+        assert_eq!(sa.mpi_magnitude(), sb.mpi_magnitude());
+        assert_ne!(sa.mpi_magnitude().first(), Some(&0));
+        assert_eq!(*h1(1, &sa), *h1(1, &sb));
+    }
+
+    #[test]
+    fn rejects_dh_outside_range() {
+        for v in [
+            vec![],
+            vec![0],
+            vec![1],
+            vec![0, 0, 1],
+            p_plus(-1),
+            p_bytes(),
+            p_plus(1),
+            vec![1; DH_MODULUS_BYTES + 1],
+        ] {
+            assert_eq!(
+                DhPublicKey::from_mpi(&v),
+                Err(CryptoError::DhOutOfRange),
+                "{}",
+                hex(&v)
+            );
+        }
+        assert_eq!(DhPublicKey::from_mpi(&[0, 2]).unwrap().to_mpi(), vec![2]);
+        let max = DhPublicKey::from_mpi(&p_plus(-2)).unwrap();
+        assert_eq!(max.to_mpi(), p_plus(-2));
+        // A full-width value with a leading zero byte is fine.
+        let mut padded = vec![0];
+        padded.extend(p_plus(-2));
+        assert_eq!(DhPublicKey::from_mpi(&padded).unwrap(), max);
+    }
+
+    #[test]
+    fn public_keys_order_numerically() {
+        let small = DhPublicKey::from_mpi(&[0xff]).unwrap();
+        let big = DhPublicKey::from_mpi(&[1, 0]).unwrap();
+        assert!(small < big);
+        assert!(DhPublicKey::from_mpi(&p_plus(-2)).unwrap() > big);
+    }
+
+    #[test]
+    fn secret_bytes_round_trip() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let a = DhKeyPair::generate(&mut rng);
+        let bytes = a.dangerous_secret_bytes();
+        assert_eq!(bytes.len(), SECRET_BYTES);
+        let b = DhKeyPair::from_secret_bytes(&bytes).unwrap();
+        assert_eq!(a.public(), b.public());
+        let c = a.clone();
+        assert_eq!(c.public(), a.public());
+        assert!(DhKeyPair::from_secret_bytes(&[0; 8]).is_err());
+        assert!(DhKeyPair::from_secret_bytes(&[1; SECRET_BYTES + 1]).is_err());
+        // Leading zeros beyond 40 bytes are fine.
+        let mut padded = vec![0; 8];
+        padded.extend_from_slice(&bytes);
+        assert_eq!(
+            DhKeyPair::from_secret_bytes(&padded).unwrap().public(),
+            a.public()
+        );
+    }
+
+    #[test]
+    fn debug_does_not_print_secrets() {
+        let k = DhKeyPair::from_secret_bytes(&[0xab; 40]).unwrap();
+        let s = k.shared_secret(&DhPublicKey::from_mpi(&[3]).unwrap());
+        let dbg = format!("{k:?} {s:?}");
+        assert!(!dbg.contains("abab"), "{dbg}");
+        assert!(dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn kdf_hashes_the_mpi_encoding() {
+        let k = DhKeyPair::from_secret_bytes(&[1]).unwrap();
+        // s = 5^1 = 5, secbytes = 00 00 00 01 05.
+        let s = k.shared_secret(&DhPublicKey::from_mpi(&[5]).unwrap());
+        assert_eq!(s.mpi_magnitude(), &[5]);
+        assert_eq!(*h1(0x01, &s), sym::sha1(&[1, 0, 0, 0, 1, 5]));
+        assert_eq!(*h2(0xff, &s), sym::sha256(&[0xff, 0, 0, 0, 1, 5]));
+    }
+
+    /// Cross-checks the data-key derivation (spec §"Computing AES keys and
+    /// MAC keys") against libotr's `otr_sesskeys`.
+    #[test]
+    fn data_keys_match_libotr_otr_sesskeys() {
+        let tool = std::path::Path::new("/usr/bin/otr_sesskeys");
+        if !tool.exists() {
+            eprintln!("skipping: /usr/bin/otr_sesskeys missing (apt-get install libotr5-bin)");
+            return;
+        }
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        for _ in 0..3 {
+            let ours = DhKeyPair::generate(&mut rng);
+            let theirs = DhKeyPair::generate(&mut rng);
+            let out = std::process::Command::new(tool)
+                .arg(hex(&ours.dangerous_secret_bytes()))
+                .arg(hex(&theirs.public().to_mpi()))
+                .output()
+                .unwrap();
+            let text = String::from_utf8(out.stdout).unwrap();
+            let field = |name: &str| -> String {
+                text.lines()
+                    .find(|l| l.starts_with(name))
+                    .unwrap_or_else(|| panic!("{name} missing in {text}"))
+                    .rsplit(' ')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            };
+            assert_eq!(field("Our public key:"), hex(&ours.public().to_mpi()));
+            let s = ours.shared_secret(theirs.public());
+            let (send, recv) = if ours.public() > theirs.public() {
+                (0x01, 0x02)
+            } else {
+                (0x02, 0x01)
+            };
+            let send_aes = &h1(send, &s)[..16];
+            let recv_aes = &h1(recv, &s)[..16];
+            assert_eq!(field("Session id:"), hex(&*h1(0x00, &s)));
+            assert_eq!(field("Sending   AES key:"), hex(send_aes));
+            assert_eq!(field("Receiving AES key:"), hex(recv_aes));
+            assert_eq!(field("Sending   MAC key:"), hex(&sym::sha1(send_aes)));
+            assert_eq!(field("Receiving MAC key:"), hex(&sym::sha1(recv_aes)));
+        }
+    }
+}

@@ -67,7 +67,7 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aes::cipher::{BlockCipherEncrypt, KeyInit as _};
+    use aes::cipher::BlockCipherEncrypt;
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
@@ -123,8 +123,11 @@ mod tests {
             hex("effcdf6ae5eb2fa2d27416d5f184df9c259a7c79")
         );
         assert_eq!(
-            hmac_sha1(&[0xaa; 80], b"Test Using Larger Than Block-Size Key - Hash Key First")
-                .to_vec(),
+            hmac_sha1(
+                &[0xaa; 80],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )
+            .to_vec(),
             hex("aa4ae5e15272d00e95705637ce8a3b55ed402112")
         );
     }
