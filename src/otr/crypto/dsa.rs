@@ -64,9 +64,9 @@ struct ModP<const L: usize> {
 /// p-width dispatch.
 #[derive(Clone)]
 enum Arith {
-    W1024(ModP<{ U1024::LIMBS }>),
-    W2048(ModP<{ U2048::LIMBS }>),
-    W3072(ModP<{ U3072::LIMBS }>),
+    W1024(Box<ModP<{ U1024::LIMBS }>>),
+    W2048(Box<ModP<{ U2048::LIMBS }>>),
+    W3072(Box<ModP<{ U3072::LIMBS }>>),
 }
 
 /// Everything derived from (p, q, g, y) once at construction.
@@ -194,11 +194,11 @@ impl DsaPublicKey {
             }
         }
         let arith = if p_bits <= 1024 {
-            Arith::W1024(ModP::new(p, q, g, y)?)
+            Arith::W1024(Box::new(ModP::new(p, q, g, y)?))
         } else if p_bits <= 2048 {
-            Arith::W2048(ModP::new(p, q, g, y)?)
+            Arith::W2048(Box::new(ModP::new(p, q, g, y)?))
         } else {
-            Arith::W3072(ModP::new(p, q, g, y)?)
+            Arith::W3072(Box::new(ModP::new(p, q, g, y)?))
         };
         let q_int = Odd::new(uint_from_be::<SC_LIMBS>(q).ok_or(CryptoError::InvalidKey("DSA q"))?)
             .into_option()
