@@ -16,6 +16,7 @@
 
 pub mod ake;
 pub mod codec;
+pub mod crypto;
 pub mod conversation;
 pub mod error;
 pub mod keys;

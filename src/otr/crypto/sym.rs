@@ -1,0 +1,178 @@
+//! Symmetric primitives used by OTR v3 (spec §"Computing AES keys and MAC
+//! keys", §"Data Message"): AES-128 in counter mode with OTR's counter
+//! layout, SHA-1, SHA-256, HMAC-SHA1, HMAC-SHA256 (full and truncated to
+//! 160 bits, as the AKE uses), and a constant-time byte comparison.
+
+use aes::Aes128;
+use ctr::Ctr128BE;
+use ctr::cipher::{KeyIvInit, StreamCipher};
+use hmac::{Hmac, KeyInit, Mac};
+use sha1::{Digest, Sha1};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+/// Encrypts or decrypts `data` in place with AES-128 in counter mode.
+///
+/// The initial counter block is `ctr_top` (the 8-byte top half sent in a
+/// data message) followed by 8 zero bytes; the whole 16-byte block is
+/// incremented as one big-endian integer per block, which is exactly OTR's
+/// layout.
+pub fn aes128_ctr(key: &[u8; 16], ctr_top: &[u8; 8], data: &mut [u8]) {
+    let mut iv = [0u8; 16];
+    iv[..8].copy_from_slice(ctr_top);
+    let mut cipher = Ctr128BE::<Aes128>::new(key.into(), &iv.into());
+    cipher.apply_keystream(data);
+}
+
+/// SHA-1 of `data`.
+pub fn sha1(data: &[u8]) -> [u8; 20] {
+    Sha1::digest(data).into()
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// HMAC-SHA1 of `data` under `key` (any key length).
+pub fn hmac_sha1(key: &[u8], data: &[u8]) -> [u8; 20] {
+    let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// HMAC-SHA256 of `data` under `key` (any key length).
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// The first 160 bits of HMAC-SHA256 (the AKE's `MAC_{m2}` truncation).
+pub fn hmac_sha256_160(key: &[u8], data: &[u8]) -> [u8; 20] {
+    let full = hmac_sha256(key, data);
+    let mut out = [0u8; 20];
+    out.copy_from_slice(&full[..20]);
+    out
+}
+
+/// Constant-time equality of two byte strings; `false` if the lengths
+/// differ (the length itself is not secret).
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aes::cipher::BlockCipherEncrypt;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn aes_ctr_matches_otr_counter_layout() {
+        let key = [0x2bu8; 16];
+        let top = [1, 2, 3, 4, 5, 6, 7, 8];
+        let mut data = [0u8; 48];
+        aes128_ctr(&key, &top, &mut data);
+        let aes = Aes128::new(&key.into());
+        for (i, chunk) in data.chunks(16).enumerate() {
+            let mut block = [0u8; 16];
+            block[..8].copy_from_slice(&top);
+            block[15] = i as u8;
+            let mut b = block.into();
+            aes.encrypt_block(&mut b);
+            assert_eq!(chunk, b.as_slice(), "block {i}");
+        }
+        // Decryption is the same operation.
+        aes128_ctr(&key, &top, &mut data);
+        assert_eq!(data, [0u8; 48]);
+    }
+
+    #[test]
+    fn aes_ctr_carries_into_the_top_half() {
+        // A counter block of top || ff..ff must roll over into top+1 || 00..00.
+        let key = [7u8; 16];
+        let top = [0, 0, 0, 0, 0, 0, 0, 1];
+        let mut long = vec![0u8; 32];
+        aes128_ctr(&key, &top, &mut long);
+        let aes = Aes128::new(&key.into());
+        let mut b = [0u8; 16];
+        b[7] = 1;
+        let mut blk = b.into();
+        aes.encrypt_block(&mut blk);
+        assert_eq!(&long[..16], blk.as_slice());
+    }
+
+    #[test]
+    fn hmac_sha1_rfc2202() {
+        assert_eq!(
+            hmac_sha1(&[0x0b; 20], b"Hi There").to_vec(),
+            hex("b617318655057264e28bc0b6fb378c8ef146be00")
+        );
+        assert_eq!(
+            hmac_sha1(b"Jefe", b"what do ya want for nothing?").to_vec(),
+            hex("effcdf6ae5eb2fa2d27416d5f184df9c259a7c79")
+        );
+        assert_eq!(
+            hmac_sha1(
+                &[0xaa; 80],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )
+            .to_vec(),
+            hex("aa4ae5e15272d00e95705637ce8a3b55ed402112")
+        );
+    }
+
+    #[test]
+    fn hmac_sha256_rfc4231() {
+        assert_eq!(
+            hmac_sha256(&[0x0b; 20], b"Hi There").to_vec(),
+            hex("b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7")
+        );
+        assert_eq!(
+            hmac_sha256(b"Jefe", b"what do ya want for nothing?").to_vec(),
+            hex("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+        );
+        assert_eq!(
+            hmac_sha256(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )
+            .to_vec(),
+            hex("60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54")
+        );
+        assert_eq!(
+            hmac_sha256_160(b"Jefe", b"what do ya want for nothing?").to_vec(),
+            hex("5bdcc146bf60754e6a042426089575c75a003f08")
+        );
+    }
+
+    #[test]
+    fn hashes_known_answers() {
+        assert_eq!(
+            sha1(b"abc").to_vec(),
+            hex("a9993e364706816aba3e25717850c26c9cd0d89d")
+        );
+        assert_eq!(
+            sha256(b"abc").to_vec(),
+            hex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+    }
+
+    #[test]
+    fn ct_eq_compares_content_and_length() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+        assert!(ct_eq(b"", b""));
+    }
+}
