@@ -5,3 +5,7 @@
 //! action for the caller to carry out.
 
 pub mod codec;
+pub mod decode;
+pub mod fragment;
+pub mod message;
+pub mod tlv;
