@@ -16,8 +16,13 @@
 
 pub mod ake;
 pub mod codec;
-pub mod crypto;
 pub mod conversation;
+pub mod crypto;
+pub mod decode;
+pub mod fragment;
+pub mod message;
+pub mod tlv;
+
 pub mod error;
 pub mod keys;
 pub mod offline;
