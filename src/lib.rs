@@ -8,7 +8,13 @@
 //!
 //! * [`otr`] — OTR v2/v3 and O2TR as pure, deterministic state machines:
 //!   bytes, time and randomness in; actions out.
+//! * [`xmpp`] — sans-IO XMPP: stream framer, element tree, stanza
+//!   rewriting, stream feature filtering, JIDs.
+//! * [`proxy`] — tokio: listener, STARTTLS on both legs, per-connection
+//!   relay and the [`proxy::StanzaHook`] the OTR router plugs into.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod otr;
+pub mod proxy;
+pub mod xmpp;
