@@ -206,7 +206,9 @@ impl Element {
                 }
                 Event::GeneralRef(r) => {
                     let c = if r.is_char_ref() {
-                        r.resolve_char_ref().map_err(mal)?.ok_or(ElementError::Entity)?
+                        r.resolve_char_ref()
+                            .map_err(mal)?
+                            .ok_or(ElementError::Entity)?
                     } else {
                         match r.as_ref() {
                             b"lt" => '<',
@@ -235,14 +237,20 @@ impl Element {
         root.ok_or(ElementError::NotOneElement)
     }
 
-    fn from_start(e: &BytesStart<'_>, parent: &NsScope) -> Result<(Element, NsScope), ElementError> {
+    fn from_start(
+        e: &BytesStart<'_>,
+        parent: &NsScope,
+    ) -> Result<(Element, NsScope), ElementError> {
         let qname = utf8(e.name().as_ref())?.to_owned();
         let mut attrs = Vec::new();
         let mut scope = parent.clone();
         for a in e.attributes() {
             let a = a.map_err(mal)?;
             let k = utf8(a.key.as_ref())?.to_owned();
-            let v = a.unescape_value().map_err(|_| ElementError::Entity)?.into_owned();
+            let v = a
+                .unescape_value()
+                .map_err(|_| ElementError::Entity)?
+                .into_owned();
             scope.declare(&k, &v);
             attrs.push((k, v));
         }
@@ -519,11 +527,16 @@ mod tests {
         let e = rt(EJABBERD_OFFLINE_MESSAGE);
         assert!(e.is("message", ns::CLIENT));
         assert_eq!(e.attr("xml:lang"), Some("en"));
-        assert_eq!(e.get_child("body", ns::CLIENT).unwrap().text(), "?OTR:AAMDabc&def<x>.");
+        assert_eq!(
+            e.get_child("body", ns::CLIENT).unwrap().text(),
+            "?OTR:AAMDabc&def<x>."
+        );
         let d = e.get_child("delay", ns::DELAY).unwrap();
         assert_eq!(d.attr("stamp"), Some("2023-11-14T22:13:20.000000Z"));
         assert!(e.has_child("stanza-id", ns::SID));
-        let f = rt("<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>PLAIN</mechanism></mechanisms></stream:features>");
+        let f = rt(
+            "<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>PLAIN</mechanism></mechanisms></stream:features>",
+        );
         assert!(f.is("features", ns::STREAMS));
         assert_eq!(f.prefix(), Some("stream"));
         let m = f.get_child("mechanisms", ns::SASL).unwrap();
@@ -538,13 +551,18 @@ mod tests {
             .and_then(|s| s.get_child("forwarded", ns::FORWARD))
             .and_then(|f| f.get_child("message", ns::CLIENT))
             .unwrap();
-        assert_eq!(inner.get_child("body", ns::CLIENT).unwrap().text(), "hi there");
+        assert_eq!(
+            inner.get_child("body", ns::CLIENT).unwrap().text(),
+            "hi there"
+        );
     }
 
     #[test]
     fn escaping_round_trips() {
         let mut e = Element::new("message", ns::CLIENT).with_attr("id", "a'b\"c<d>&e\n\tf");
-        e.append_child(Element::new("body", ns::CLIENT).with_text("x < y && z > 'q' \"r\" ]]> \r\n end"));
+        e.append_child(
+            Element::new("body", ns::CLIENT).with_text("x < y && z > 'q' \"r\" ]]> \r\n end"),
+        );
         let sc = NsScope::client_stream();
         let xml = e.to_xml(&sc);
         assert!(!xml.contains("xmlns"), "{xml}");
@@ -586,9 +604,18 @@ mod tests {
             Element::parse(b"<x:a/>", &sc),
             Err(ElementError::UnboundPrefix("x".into()))
         );
-        assert_eq!(Element::parse(b"<a>&foo;</a>", &sc), Err(ElementError::Entity));
-        assert_eq!(Element::parse(b"<a/><b/>", &sc), Err(ElementError::NotOneElement));
-        assert!(matches!(Element::parse(b"<a><b></a>", &sc), Err(ElementError::Malformed(_))));
+        assert_eq!(
+            Element::parse(b"<a>&foo;</a>", &sc),
+            Err(ElementError::Entity)
+        );
+        assert_eq!(
+            Element::parse(b"<a/><b/>", &sc),
+            Err(ElementError::NotOneElement)
+        );
+        assert!(matches!(
+            Element::parse(b"<a><b></a>", &sc),
+            Err(ElementError::Malformed(_))
+        ));
         assert_eq!(Element::parse(b"", &sc), Err(ElementError::NotOneElement));
     }
 }

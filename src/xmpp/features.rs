@@ -33,9 +33,8 @@ fn is_stripped_feature(c: &Element) -> bool {
 pub fn filter_features(features: &mut Element) -> bool {
     let mut changed = features.remove_children(is_stripped_feature) > 0;
     if let Some(mechs) = features.get_child_mut("mechanisms", ns::SASL) {
-        let n = mechs.remove_children(|m| {
-            m.is("mechanism", ns::SASL) && m.text().trim().ends_with("-PLUS")
-        });
+        let n = mechs
+            .remove_children(|m| m.is("mechanism", ns::SASL) && m.text().trim().ends_with("-PLUS"));
         changed |= n > 0;
     }
     changed
@@ -106,11 +105,19 @@ mod tests {
         assert!(filter_features(&mut f));
         assert_eq!(
             mechanisms(&f),
-            ["DIGEST-MD5", "PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-512", "X-OAUTH2"]
+            [
+                "DIGEST-MD5",
+                "PLAIN",
+                "SCRAM-SHA-1",
+                "SCRAM-SHA-256",
+                "SCRAM-SHA-512",
+                "X-OAUTH2"
+            ]
         );
         assert!(f.has_child("c", ns::CAPS));
         assert!(f.has_child("register", "http://jabber.org/features/iq-register"));
-        let raw = filter_features_raw(EJABBERD_SASL_FEATURES.as_bytes(), &NsScope::client_stream()).unwrap();
+        let raw = filter_features_raw(EJABBERD_SASL_FEATURES.as_bytes(), &NsScope::client_stream())
+            .unwrap();
         let s = String::from_utf8(raw).unwrap();
         assert!(!s.contains("-PLUS"));
         assert!(s.starts_with("<stream:features><c xmlns='http://jabber.org/protocol/caps'"));
@@ -150,7 +157,10 @@ mod tests {
     #[test]
     fn unchanged_features_are_byte_identical() {
         let raw = b"<stream:features ><bind   xmlns=\"urn:ietf:params:xml:ns:xmpp-bind\"/></stream:features>";
-        assert_eq!(filter_features_raw(raw, &NsScope::client_stream()).unwrap(), raw.to_vec());
+        assert_eq!(
+            filter_features_raw(raw, &NsScope::client_stream()).unwrap(),
+            raw.to_vec()
+        );
         let f = parse(EJABBERD_PRE_TLS.split_once("'jabber:client'>").unwrap().1);
         assert!(offers_starttls(&f));
     }
@@ -159,8 +169,16 @@ mod tests {
     fn proxy_features_parse() {
         let f = parse(&proxy_starttls_features(true));
         assert!(offers_starttls(&f));
-        assert!(f.get_child("starttls", ns::TLS).unwrap().has_child("required", ns::TLS));
+        assert!(
+            f.get_child("starttls", ns::TLS)
+                .unwrap()
+                .has_child("required", ns::TLS)
+        );
         let f = parse(&proxy_starttls_features(false));
-        assert!(!f.get_child("starttls", ns::TLS).unwrap().has_child("required", ns::TLS));
+        assert!(
+            !f.get_child("starttls", ns::TLS)
+                .unwrap()
+                .has_child("required", ns::TLS)
+        );
     }
 }

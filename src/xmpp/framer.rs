@@ -174,6 +174,8 @@ pub struct Framer {
     /// 0 before the header, 1 inside the stream, ≥2 inside a stanza.
     depth: usize,
     header_name: Option<String>,
+    /// Name ranges (in `buf`) of the open elements of the current stanza.
+    open: Vec<(usize, usize)>,
     decl_allowed: bool,
     ended: bool,
     failed: Option<FramerError>,
@@ -198,6 +200,7 @@ impl Framer {
             lex: Lex::Outside,
             depth: 0,
             header_name: None,
+            open: Vec::new(),
             decl_allowed: true,
             ended: false,
             failed: None,
@@ -229,6 +232,7 @@ impl Framer {
         self.lex = Lex::Outside;
         self.depth = 0;
         self.header_name = None;
+        self.open.clear();
         self.decl_allowed = true;
         self.ended = false;
         self.failed = None;
@@ -438,6 +442,37 @@ impl Framer {
         }
     }
 
+    /// Range of the element name of the start tag at `tag_start`.
+    fn start_name(&self) -> (usize, usize) {
+        let from = self.tag_start + 1;
+        let len = self
+            .buf
+            .get(from..self.pos)
+            .unwrap_or_default()
+            .iter()
+            .position(|&b| is_ws(b) || b == b'/' || b == b'>')
+            .unwrap_or(self.pos.saturating_sub(from));
+        (from, from + len)
+    }
+
+    /// Checks that the end tag ending at `pos` closes the innermost open element.
+    fn check_end_name(&mut self) -> Result<(), FramerError> {
+        let name = self
+            .buf
+            .get(self.tag_start + 2..self.pos)
+            .unwrap_or_default()
+            .trim_ascii_end();
+        let open = self
+            .open
+            .pop()
+            .and_then(|(a, b)| self.buf.get(a..b))
+            .unwrap_or_default();
+        if name != open {
+            return Err(FramerError::NotWellFormed("mismatched end tag".into()));
+        }
+        Ok(())
+    }
+
     fn start_tag_done(&mut self, empty: bool) -> Result<Option<Frame>, FramerError> {
         match self.depth {
             0 => {
@@ -457,6 +492,9 @@ impl Framer {
                     return Ok(Some(Frame::Stanza(raw)));
                 }
                 self.depth = 2;
+                self.open.clear();
+                let n = self.start_name();
+                self.open.push(n);
                 self.pos += 1;
                 Ok(None)
             }
@@ -469,6 +507,8 @@ impl Framer {
                 }
                 if !empty {
                     self.depth += 1;
+                    let n = self.start_name();
+                    self.open.push(n);
                 }
                 self.pos += 1;
                 Ok(None)
@@ -478,7 +518,9 @@ impl Framer {
 
     fn end_tag_done(&mut self) -> Result<Option<Frame>, FramerError> {
         match self.depth {
-            0 => Err(FramerError::NotWellFormed("end tag before stream header".into())),
+            0 => Err(FramerError::NotWellFormed(
+                "end tag before stream header".into(),
+            )),
             1 => {
                 let raw = self.take(self.pos + 1);
                 let name = raw
@@ -495,12 +537,14 @@ impl Framer {
                 Ok(Some(Frame::StreamEnd(raw)))
             }
             2 => {
+                self.check_end_name()?;
                 self.depth = 1;
                 let raw = self.take(self.pos + 1);
                 validate_stanza(&raw)?;
                 Ok(Some(Frame::Stanza(raw)))
             }
             _ => {
+                self.check_end_name()?;
                 self.depth -= 1;
                 self.pos += 1;
                 Ok(None)
@@ -527,9 +571,9 @@ fn parse_header(raw: Vec<u8>) -> Result<StreamHeader, FramerError> {
                 let k = std::str::from_utf8(a.key.as_ref())
                     .map_err(|_| FramerError::InvalidUtf8)?
                     .to_owned();
-                let v = a.unescape_value().map_err(|_| {
-                    FramerError::Restricted("entity reference in stream header")
-                })?;
+                let v = a
+                    .unescape_value()
+                    .map_err(|_| FramerError::Restricted("entity reference in stream header"))?;
                 attrs.push((k, v.into_owned()));
             }
             (name, attrs)

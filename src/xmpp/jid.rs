@@ -41,8 +41,7 @@ fn check_part(s: &str, allow_space: bool) -> Result<(), JidError> {
     if s.len() > MAX_PART_BYTES {
         return Err(JidError::TooLong);
     }
-    if s
-        .chars()
+    if s.chars()
         .any(|c| c.is_control() || (!allow_space && c.is_whitespace()))
     {
         return Err(JidError::BadChar);

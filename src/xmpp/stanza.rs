@@ -133,14 +133,17 @@ pub fn mam_result(el: &Element) -> Option<MamResult<'_>> {
     Some(MamResult {
         query_id: r.attr("queryid"),
         id: r.attr("id"),
-        stamp: f.get_child("delay", ns::DELAY).and_then(|d| d.attr("stamp")),
+        stamp: f
+            .get_child("delay", ns::DELAY)
+            .and_then(|d| d.attr("stamp")),
         message: f.get_child("message", ns::CLIENT)?,
     })
 }
 
 /// The XEP-0203 `<delay stamp>` of a message, if any.
 pub fn delay_stamp(el: &Element) -> Option<&str> {
-    el.get_child("delay", ns::DELAY).and_then(|d| d.attr("stamp"))
+    el.get_child("delay", ns::DELAY)
+        .and_then(|d| d.attr("stamp"))
 }
 
 /// True if the message asks for a delivery receipt (XEP-0184 `<request/>`).
@@ -191,9 +194,7 @@ pub fn rewrite_for_encryption(el: &mut Element, ciphertext: &str) {
         super::Node::Text(_) => false,
     });
     // Drop what we are about to add, so nothing is doubled.
-    el.remove_children(|c| {
-        c.is("no-copy", ns::HINTS) || c.is("no-permanent-store", ns::HINTS)
-    });
+    el.remove_children(|c| c.is("no-copy", ns::HINTS) || c.is("no-permanent-store", ns::HINTS));
     el.append_child(Element::new("body", &ns_msg).with_text(ciphertext));
     el.append_child(Element::new("encryption", ns::EME).with_attr("namespace", ns::OTR));
     el.append_child(Element::new("private", ns::CARBONS));
@@ -227,7 +228,9 @@ mod tests {
 
     #[test]
     fn set_body_replaces_all_languages() {
-        let mut m = parse("<message><subject>s</subject><body>a</body><body xml:lang='de'>b</body><x/></message>");
+        let mut m = parse(
+            "<message><subject>s</subject><body>a</body><body xml:lang='de'>b</body><x/></message>",
+        );
         set_body(&mut m, "c");
         assert_eq!(
             m.to_xml(&NsScope::client_stream()),
@@ -246,7 +249,9 @@ mod tests {
         assert_eq!(body(inner).unwrap(), "hi there");
         let own = Jid::parse("bob@example.org/phone").unwrap();
         assert!(carbon_from_own_account(&c, &own));
-        let forged = parse("<message from='eve@evil.test'><received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client'/></forwarded></received></message>");
+        let forged = parse(
+            "<message from='eve@evil.test'><received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client'/></forwarded></received></message>",
+        );
         assert_eq!(carbon(&forged).unwrap().0, CarbonDirection::Received);
         assert!(!carbon_from_own_account(&forged, &own));
         let r = parse(EJABBERD_MAM_RESULT);

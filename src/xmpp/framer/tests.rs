@@ -158,34 +158,64 @@ fn dtd_and_entities_rejected() {
     assert_eq!(e.condition(), "restricted-xml");
     // Billion laughs inside the stream, after the header.
     let inner = format!("{HDR}<!DOCTYPE x [<!ENTITY a 'b'>]>");
-    assert_eq!(first_error(&inner, FramerConfig::default()).condition(), "restricted-xml");
+    assert_eq!(
+        first_error(&inner, FramerConfig::default()).condition(),
+        "restricted-xml"
+    );
     let ent = format!("{HDR}<!ENTITY a 'b'>");
-    assert_eq!(first_error(&ent, FramerConfig::default()).condition(), "restricted-xml");
+    assert_eq!(
+        first_error(&ent, FramerConfig::default()).condition(),
+        "restricted-xml"
+    );
     // An undeclared entity reference inside a stanza.
     let r = format!("{HDR}<message><body>&lol;</body></message>");
-    assert_eq!(first_error(&r, FramerConfig::default()).condition(), "restricted-xml");
+    assert_eq!(
+        first_error(&r, FramerConfig::default()).condition(),
+        "restricted-xml"
+    );
     let r = format!("{HDR}<message a='&lol;'/>");
-    assert_eq!(first_error(&r, FramerConfig::default()).condition(), "restricted-xml");
+    assert_eq!(
+        first_error(&r, FramerConfig::default()).condition(),
+        "restricted-xml"
+    );
     // Processing instructions.
     let pi = format!("{HDR}<?foo bar?>");
-    assert_eq!(first_error(&pi, FramerConfig::default()).condition(), "restricted-xml");
+    assert_eq!(
+        first_error(&pi, FramerConfig::default()).condition(),
+        "restricted-xml"
+    );
     let pi = format!("{HDR}<message><?foo?></message>");
-    assert_eq!(first_error(&pi, FramerConfig::default()).condition(), "restricted-xml");
+    assert_eq!(
+        first_error(&pi, FramerConfig::default()).condition(),
+        "restricted-xml"
+    );
     // A second XML declaration.
     let d = format!("<?xml version='1.0'?>{HDR}<?xml version='1.0'?>");
-    assert_eq!(first_error(&d, FramerConfig::default()).condition(), "restricted-xml");
+    assert_eq!(
+        first_error(&d, FramerConfig::default()).condition(),
+        "restricted-xml"
+    );
 }
 
 #[test]
 fn predefined_and_char_refs_are_fine() {
-    let s = format!("{HDR}<message a='&lt;&#65;&#x42;'><body>&amp;&quot;&apos;&gt;&#128512;</body></message>");
-    assert_eq!(frames_of(&[s.as_bytes()], FramerConfig::default()).unwrap().len(), 2);
+    let s = format!(
+        "{HDR}<message a='&lt;&#65;&#x42;'><body>&amp;&quot;&apos;&gt;&#128512;</body></message>"
+    );
+    assert_eq!(
+        frames_of(&[s.as_bytes()], FramerConfig::default())
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[test]
 fn malformed_rejected() {
     for bad in [
         format!("{HDR}<message><body></message></body>"),
+        format!("{HDR}<message><body>x</message>"),
+        format!("{HDR}<message><body>x</bodyx></message>"),
         format!("{HDR}<message a='1' a='2'/>"),
         format!("{HDR}hello"),
         format!("{HDR}<message a='<'/>"),
@@ -222,7 +252,10 @@ fn bad_header_rejected() {
 #[test]
 fn reset_after_starttls() {
     let mut f = Framer::new(FramerConfig::default());
-    f.push(format!("<?xml version='1.0'?>{HDR}<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>").as_bytes());
+    f.push(
+        format!("<?xml version='1.0'?>{HDR}<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            .as_bytes(),
+    );
     assert!(matches!(f.next(), Ok(Some(Frame::XmlDecl(_)))));
     assert!(matches!(f.next(), Ok(Some(Frame::StreamHeader(_)))));
     assert!(matches!(f.next(), Ok(Some(Frame::Stanza(_)))));
