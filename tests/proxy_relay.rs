@@ -431,3 +431,86 @@ async fn wrong_upstream_ca_is_refused() {
         "{err:?}"
     );
 }
+
+/// A hook that tags client bodies and records the bound JID.
+struct Tagger(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl proxy::StanzaHook for Tagger {
+    fn bound(&mut self, jid: &o2tr_proxy::xmpp::Jid) {
+        self.0.lock().unwrap().push(format!("bound {jid}"));
+    }
+    fn from_client(&mut self, mut m: Element, _now: std::time::SystemTime) -> Vec<proxy::Outgoing> {
+        let b = stanza::body(&m).unwrap_or_default();
+        stanza::set_body(&mut m, &format!("[tagged] {b}"));
+        vec![proxy::Outgoing::ToServer(m)]
+    }
+    fn from_server(&mut self, m: Element, _now: std::time::SystemTime) -> Vec<proxy::Outgoing> {
+        let note = Element::new("message", ns::CLIENT)
+            .with_child(Element::new("body", ns::CLIENT).with_text("notice"));
+        vec![
+            proxy::Outgoing::ToClient(note),
+            proxy::Outgoing::ToClient(m),
+        ]
+    }
+    fn tick(&mut self, _now: std::time::SystemTime) -> Vec<proxy::Outgoing> {
+        Vec::new()
+    }
+    fn disconnected(&mut self, _now: std::time::SystemTime) {
+        self.0.lock().unwrap().push("disconnected".into());
+    }
+}
+
+struct TaggerFactory(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl proxy::HookFactory for TaggerFactory {
+    fn new_hook(&self) -> Box<dyn proxy::StanzaHook> {
+        Box::new(Tagger(Arc::clone(&self.0)))
+    }
+}
+
+#[tokio::test]
+async fn hook_sees_messages_after_bind() {
+    let pki = pki();
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_port = server.local_addr().unwrap().port();
+    tokio::spawn(fake_server(server, server_tls(&pki)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = listener.local_addr().unwrap();
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut cfg = ProxyConfig::new();
+    cfg.upstream = Some(("127.0.0.1".into(), server_port));
+    cfg.upstream_ca = Some(pki.dir.join("ca.pem"));
+    cfg.tls_cert = Some(pki.dir.join("leaf.pem"));
+    cfg.tls_key = Some(pki.dir.join("leaf.key"));
+    cfg.hooks = Arc::new(TaggerFactory(Arc::clone(&events)));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let proxy_task = tokio::spawn(proxy::serve(listener, cfg, stopped));
+    let s = Setup {
+        pki,
+        proxy_addr,
+        _stop: tokio::sync::oneshot::channel().0,
+    };
+    let (mut xs, _, _) = login(&s).await;
+    xs.send(&format!(
+        "<message to='peer@{DOMAIN}' type='chat'><body>hi</body></message>"
+    ))
+    .await;
+    let first = xs.stanza().await.unwrap();
+    assert_eq!(stanza::body(&first).unwrap(), "notice");
+    let echo = xs.stanza().await.unwrap();
+    assert_eq!(stanza::body(&echo).unwrap(), "echo: [tagged] hi");
+    // Shutdown closes the client with system-shutdown and ends serve().
+    stop.send(()).unwrap();
+    let err = xs.stanza().await.unwrap();
+    assert!(
+        err.has_child("system-shutdown", ns::STREAM_ERRORS),
+        "{err:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), proxy_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let ev = events.lock().unwrap().clone();
+    assert_eq!(ev, ["bound user1@example.test/res", "disconnected"]);
+}
