@@ -10,8 +10,14 @@
 //!   bytes, time and randomness in; actions out.
 //! * [`store`] — durable state (keys, instance tags, trust, EKM snapshots,
 //!   held messages) behind a small trait; SQLite or in memory.
+//! * [`xmpp`] — sans-IO XMPP: stream framer, element tree, stanza
+//!   rewriting, stream feature filtering, JIDs.
+//! * [`proxy`] — tokio: listener, STARTTLS on both legs, per-connection
+//!   relay and the [`proxy::StanzaHook`] the OTR router plugs into.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod otr;
 pub mod store;
+pub mod proxy;
+pub mod xmpp;

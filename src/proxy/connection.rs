@@ -1,0 +1,726 @@
+//! One client connection: negotiation, then the two-way relay.
+//!
+//! Negotiation: the client's first header names the domain; the upstream is
+//! connected and secured; the client gets our header and STARTTLS-only
+//! features and does its TLS handshake. Relay: the client's post-TLS header
+//! is forwarded to the server as a header we build with its attributes; the
+//! server's header and (filtered) features come back; SASL passes through;
+//! at `<success/>` both framers restart in the same step (the xmpp-rs
+//! stream-reset race); the bind result gives the account JID; after that
+//! `<message>` stanzas go through the hook.
+
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+use tracing::Instrument;
+
+use super::hook::{Outgoing, StanzaHook};
+use super::{Shared, upstream};
+use crate::xmpp::element::{NsScope, escape_attr};
+use crate::xmpp::{
+    Element, Frame, Framer, FramerConfig, FramerError, Jid, StreamHeader, features, ns, stanza,
+};
+
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Any byte stream.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LegError {
+    #[error("connection closed")]
+    Closed,
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Framer(#[from] FramerError),
+}
+
+/// One side of the proxy: a byte stream and its framer.
+pub(crate) struct Leg<S> {
+    io: S,
+    pub(crate) framer: Framer,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Leg<S> {
+    pub(crate) fn new(io: S, cfg: FramerConfig) -> Leg<S> {
+        Leg {
+            io,
+            framer: Framer::new(cfg),
+            buf: vec![0u8; 16 * 1024],
+        }
+    }
+
+    /// Reads once and feeds the framer. Cancel-safe. `Ok(0)` is EOF.
+    pub(crate) async fn read_some(&mut self) -> io::Result<usize> {
+        let n = self.io.read(&mut self.buf).await?;
+        if let Some(b) = self.buf.get(..n) {
+            self.framer.push(b);
+        }
+        Ok(n)
+    }
+
+    pub(crate) async fn next_frame(&mut self) -> Result<Frame, LegError> {
+        loop {
+            if let Some(f) = self.framer.next()? {
+                return Ok(f);
+            }
+            if self.read_some().await? == 0 {
+                return Err(LegError::Closed);
+            }
+        }
+    }
+
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
+    }
+
+    pub(crate) fn into_parts(self) -> (S, Framer) {
+        (self.io, self.framer)
+    }
+
+    /// Best effort: write `bytes`, then close (TLS close_notify), bounded in time.
+    async fn close_with(&mut self, bytes: &[u8]) {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = self.send(bytes).await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// Per-connection context for logging.
+pub(crate) struct Ctx {
+    id: u64,
+    debug: bool,
+    plaintext: bool,
+    fcfg: FramerConfig,
+}
+
+impl Ctx {
+    pub(crate) fn framer_config(&self) -> FramerConfig {
+        self.fcfg
+    }
+
+    pub(crate) fn log_frame(&self, arrow: &str, bytes: &[u8]) {
+        if self.debug && tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(conn = self.id, "{arrow} {}", redact(bytes, self.plaintext));
+        }
+    }
+
+    pub(crate) fn log_frame_of(&self, arrow: &str, f: &Frame) {
+        if self.debug && tracing::enabled!(tracing::Level::DEBUG) {
+            match f {
+                Frame::StreamHeader(h) => self.log_frame(arrow, &h.raw),
+                Frame::XmlDecl(b)
+                | Frame::Stanza(b)
+                | Frame::Whitespace(b)
+                | Frame::StreamEnd(b) => self.log_frame(arrow, b),
+            }
+        }
+    }
+}
+
+/// A stanza for the log: bodies, subjects and SASL payloads redacted
+/// unless `plaintext`.
+fn redact(bytes: &[u8], plaintext: bool) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    if plaintext || !text.starts_with('<') || text.starts_with("<?") || text.starts_with("</") {
+        return text.into_owned();
+    }
+    let scope = NsScope::client_stream();
+    match Element::parse(bytes, &scope) {
+        Ok(mut el) => {
+            redact_el(&mut el);
+            el.to_xml(&scope)
+        }
+        // Headers and anything unparsable: say how long, not what.
+        Err(_) if text.contains("stream") && !text.ends_with("/>") => text.into_owned(),
+        Err(_) => format!("[unparsed {} bytes]", bytes.len()),
+    }
+}
+
+fn redact_el(el: &mut Element) {
+    let secret = matches!(el.name(), "body" | "subject")
+        || (el.ns() == ns::SASL
+            && matches!(el.name(), "auth" | "response" | "challenge" | "success"));
+    if secret {
+        let n = el.text().len();
+        if n > 0 || el.children().next().is_some() {
+            el.set_text(&format!("[redacted {n} bytes]"));
+        }
+        return;
+    }
+    for c in el.children_mut() {
+        redact_el(c);
+    }
+}
+
+/// A stream header we send, with `xmlns='jabber:client'` and `stream:`.
+pub(crate) fn stream_header(
+    to: Option<&str>,
+    from: Option<&str>,
+    id: Option<&str>,
+    lang: Option<&str>,
+) -> String {
+    let mut s = format!(
+        "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' version='1.0'",
+        ns::CLIENT,
+        ns::STREAMS
+    );
+    for (k, v) in [("to", to), ("from", from), ("id", id), ("xml:lang", lang)] {
+        if let Some(v) = v {
+            s.push_str(&format!(" {k}='{}'", escape_attr(v)));
+        }
+    }
+    s.push('>');
+    s
+}
+
+fn stream_error(condition: &str, text: Option<&str>) -> String {
+    let mut s = format!("<stream:error><{condition} xmlns='{}'/>", ns::STREAM_ERRORS);
+    if let Some(t) = text {
+        s.push_str(&format!(
+            "<text xmlns='{}'>{}</text>",
+            ns::STREAM_ERRORS,
+            crate::xmpp::element::escape_text(t)
+        ));
+    }
+    s.push_str("</stream:error></stream:stream>");
+    s
+}
+
+fn random_id() -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    format!("{:016x}", h.finish())
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("client closed the connection")]
+    ClientGone,
+    #[error("client I/O: {0}")]
+    ClientIo(io::Error),
+    #[error("client protocol violation ({1}): {0}")]
+    ClientProtocol(String, &'static str),
+    #[error("server closed the connection")]
+    ServerGone,
+    #[error("server I/O: {0}")]
+    ServerIo(io::Error),
+    #[error("server protocol violation ({1}): {0}")]
+    ServerProtocol(String, &'static str),
+    #[error("upstream: {0}")]
+    Upstream(String),
+    #[error("client TLS: {0}")]
+    ClientTls(io::Error),
+    #[error("timed out during negotiation")]
+    Timeout,
+}
+
+fn client_leg_err(e: LegError) -> ConnError {
+    match e {
+        LegError::Closed => ConnError::ClientGone,
+        LegError::Io(e) => ConnError::ClientIo(e),
+        LegError::Framer(f) => ConnError::ClientProtocol(f.to_string(), f.condition()),
+    }
+}
+
+/// Runs one connection to its end; never panics the proxy.
+pub(crate) async fn handle(
+    id: u64,
+    socket: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let span = tracing::info_span!("conn", conn = id);
+    async move {
+        tracing::info!(%peer, "client connected");
+        let _ = socket.set_nodelay(true);
+        let mut hook = shared.config.hooks.new_hook();
+        let ctx = Ctx {
+            id,
+            debug: shared.config.debug_packets,
+            plaintext: shared.config.log_plaintext,
+            fcfg: FramerConfig {
+                max_stanza_bytes: shared.config.max_stanza_bytes,
+                ..FramerConfig::default()
+            },
+        };
+        let res = tokio::select! {
+            r = negotiate(&ctx, socket, &shared) => match r {
+                Ok((client, server, pending)) => {
+                    let mut relay = Relay {
+                        ctx: &ctx,
+                        hook: &mut *hook,
+                        client,
+                        server,
+                        client_scope: NsScope::client_stream(),
+                        to_client_scope: NsScope::client_stream(),
+                        bind_ids: Vec::new(),
+                        bound: None,
+                    };
+                    relay.run(pending, &mut shutdown).await
+                }
+                Err(e) => Err(e),
+            },
+            _ = shutdown.recv() => Ok("shutdown during negotiation"),
+        };
+        hook.disconnected(SystemTime::now());
+        match res {
+            Ok(why) => tracing::info!("connection closed: {why}"),
+            Err(e) => tracing::warn!(cause = %e, "connection ended"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+type BoxLeg = Leg<Box<dyn Io>>;
+
+async fn with_timeout<T>(
+    f: impl std::future::Future<Output = Result<T, ConnError>>,
+) -> Result<T, ConnError> {
+    tokio::time::timeout(NEGOTIATION_TIMEOUT, f)
+        .await
+        .map_err(|_| ConnError::Timeout)?
+}
+
+async fn negotiate(
+    ctx: &Ctx,
+    socket: TcpStream,
+    shared: &Shared,
+) -> Result<(BoxLeg, BoxLeg, Option<StreamHeader>), ConnError> {
+    let mut client = Leg::new(socket, ctx.fcfg);
+    let header = with_timeout(async {
+        loop {
+            let f = client.next_frame().await.map_err(client_leg_err)?;
+            ctx.log_frame_of("C→P", &f);
+            if let Frame::StreamHeader(h) = f {
+                return Ok(h);
+            }
+        }
+    })
+    .await;
+    let header = match header {
+        Ok(h) => h,
+        Err(e) => {
+            if let ConnError::ClientProtocol(_, cond) = &e {
+                let msg = format!(
+                    "{}{}",
+                    stream_header(None, None, Some(&random_id()), None),
+                    stream_error(cond, None)
+                );
+                client.close_with(msg.as_bytes()).await;
+            }
+            return Err(e);
+        }
+    };
+    let domain = header.to().and_then(|t| Jid::parse(t).ok());
+    let domain = match domain {
+        Some(j) if j.local().is_none() && j.resource().is_none() => j.domain().to_owned(),
+        _ => {
+            let msg = format!(
+                "{}{}",
+                stream_header(None, None, Some(&random_id()), None),
+                stream_error(
+                    "host-unknown",
+                    Some("the stream header needs to='your domain'")
+                )
+            );
+            client.close_with(msg.as_bytes()).await;
+            return Err(ConnError::ClientProtocol(
+                "no usable 'to'".into(),
+                "host-unknown",
+            ));
+        }
+    };
+    let our_header = stream_header(None, Some(&domain), Some(&random_id()), Some("en"));
+    let server = match upstream::connect(ctx, shared, &domain, header.lang()).await {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!(
+                "{our_header}{}",
+                stream_error(
+                    "remote-connection-failed",
+                    Some("the proxy could not reach your server")
+                )
+            );
+            ctx.log_frame("P→C", msg.as_bytes());
+            client.close_with(msg.as_bytes()).await;
+            return Err(ConnError::Upstream(e));
+        }
+    };
+    let server: BoxLeg = Leg::new(Box::new(server.into_parts().0), ctx.fcfg);
+    let Some(acceptor) = &shared.acceptor else {
+        // Plaintext loopback client: its first header goes straight through.
+        let (io, framer) = client.into_parts();
+        let client = Leg {
+            io: Box::new(io) as Box<dyn Io>,
+            framer,
+            buf: vec![0u8; 16 * 1024],
+        };
+        return Ok((client, server, Some(header)));
+    };
+    let offer = format!("{our_header}{}", features::proxy_starttls_features(true));
+    ctx.log_frame("P→C", offer.as_bytes());
+    client
+        .send(offer.as_bytes())
+        .await
+        .map_err(ConnError::ClientIo)?;
+    let step = with_timeout(async {
+        loop {
+            let f = client.next_frame().await.map_err(client_leg_err)?;
+            ctx.log_frame_of("C→P", &f);
+            match f {
+                Frame::Whitespace(_) | Frame::XmlDecl(_) => {}
+                Frame::Stanza(raw) => {
+                    let el = Element::parse(&raw, &NsScope::from_header(&header))
+                        .map_err(|e| ConnError::ClientProtocol(e.to_string(), e.condition()))?;
+                    if el.is("starttls", ns::TLS) {
+                        return Ok(());
+                    }
+                    return Err(ConnError::ClientProtocol(
+                        "STARTTLS required".into(),
+                        "policy-violation",
+                    ));
+                }
+                Frame::StreamHeader(_) | Frame::StreamEnd(_) => return Err(ConnError::ClientGone),
+            }
+        }
+    })
+    .await;
+    if let Err(e) = step {
+        if let ConnError::ClientProtocol(_, cond) = &e {
+            client.close_with(stream_error(cond, None).as_bytes()).await;
+        }
+        return Err(e);
+    }
+    let proceed = format!("<proceed xmlns='{}'/>", ns::TLS);
+    ctx.log_frame("P→C", proceed.as_bytes());
+    client
+        .send(proceed.as_bytes())
+        .await
+        .map_err(ConnError::ClientIo)?;
+    let (tcp, framer) = client.into_parts();
+    if framer.buffered() != 0 {
+        return Err(ConnError::ClientProtocol(
+            "plaintext after <starttls/>".into(),
+            "policy-violation",
+        ));
+    }
+    let tls = tokio::time::timeout(NEGOTIATION_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| ConnError::Timeout)?
+        .map_err(ConnError::ClientTls)?;
+    tracing::info!("client TLS established");
+    let client: BoxLeg = Leg::new(Box::new(tls), ctx.fcfg);
+    Ok((client, server, None))
+}
+
+struct Relay<'a> {
+    ctx: &'a Ctx,
+    hook: &'a mut dyn StanzaHook,
+    client: BoxLeg,
+    server: BoxLeg,
+    /// Bindings of the client's stream (for parsing its stanzas).
+    client_scope: NsScope,
+    /// Bindings of the header the client received (the server's).
+    to_client_scope: NsScope,
+    bind_ids: Vec<String>,
+    bound: Option<Jid>,
+}
+
+enum Flow {
+    Go,
+    Stop(&'static str),
+}
+
+impl Relay<'_> {
+    async fn run(
+        &mut self,
+        pending: Option<StreamHeader>,
+        shutdown: &mut broadcast::Receiver<()>,
+    ) -> Result<&'static str, ConnError> {
+        let res = self.relay(pending, shutdown).await;
+        if let Err(e) = &res {
+            self.cleanup(e).await;
+        }
+        res
+    }
+
+    async fn cleanup(&mut self, e: &ConnError) {
+        let end = b"</stream:stream>";
+        match e {
+            ConnError::ClientGone | ConnError::ClientIo(_) => self.server.close_with(end).await,
+            ConnError::ClientProtocol(_, cond) => {
+                let se = stream_error(cond, None);
+                self.ctx.log_frame("P→C", se.as_bytes());
+                self.client.close_with(se.as_bytes()).await;
+                self.server.close_with(end).await;
+            }
+            ConnError::ServerProtocol(_, cond) => {
+                self.server
+                    .close_with(stream_error(cond, None).as_bytes())
+                    .await;
+                let se = stream_error("remote-connection-failed", None);
+                self.client.close_with(se.as_bytes()).await;
+            }
+            _ => {
+                let se = stream_error("remote-connection-failed", None);
+                self.ctx.log_frame("P→C", se.as_bytes());
+                self.client.close_with(se.as_bytes()).await;
+            }
+        }
+    }
+
+    async fn relay(
+        &mut self,
+        pending: Option<StreamHeader>,
+        shutdown: &mut broadcast::Receiver<()>,
+    ) -> Result<&'static str, ConnError> {
+        if let Some(h) = pending {
+            self.client_header(&h).await?;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            while let Some(f) = self
+                .client
+                .framer
+                .next()
+                .map_err(|e| ConnError::ClientProtocol(e.to_string(), e.condition()))?
+            {
+                self.ctx.log_frame_of("C→P", &f);
+                if let Flow::Stop(why) = self.on_client(f).await? {
+                    return Ok(why);
+                }
+            }
+            while let Some(f) = self
+                .server
+                .framer
+                .next()
+                .map_err(|e| ConnError::ServerProtocol(e.to_string(), e.condition()))?
+            {
+                self.ctx.log_frame_of("S→P", &f);
+                if let Flow::Stop(why) = self.on_server(f).await? {
+                    return Ok(why);
+                }
+            }
+            tokio::select! {
+                r = self.client.read_some() => match r {
+                    Ok(0) => return Err(ConnError::ClientGone),
+                    Ok(_) => {}
+                    Err(e) => return Err(ConnError::ClientIo(e)),
+                },
+                r = self.server.read_some() => match r {
+                    Ok(0) => return Err(ConnError::ServerGone),
+                    Ok(_) => {}
+                    Err(e) => return Err(ConnError::ServerIo(e)),
+                },
+                _ = tick.tick() => {
+                    if self.bound.is_some() {
+                        let outs = self.hook.tick(SystemTime::now());
+                        self.dispatch(outs).await?;
+                    }
+                }
+                _ = shutdown.recv() => {
+                    let se = stream_error("system-shutdown", None);
+                    self.client.close_with(se.as_bytes()).await;
+                    self.server.close_with(b"</stream:stream>").await;
+                    return Ok("proxy shutdown");
+                }
+            }
+        }
+    }
+
+    async fn send_server(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.ctx.log_frame("P→S", bytes);
+        self.server.send(bytes).await.map_err(ConnError::ServerIo)
+    }
+
+    async fn send_client(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.ctx.log_frame("P→C", bytes);
+        self.client.send(bytes).await.map_err(ConnError::ClientIo)
+    }
+
+    async fn dispatch(&mut self, outs: Vec<Outgoing>) -> Result<(), ConnError> {
+        for o in outs {
+            match o {
+                Outgoing::ToClient(el) => {
+                    let xml = el.to_xml(&self.to_client_scope);
+                    self.send_client(xml.as_bytes()).await?;
+                }
+                Outgoing::ToServer(el) => {
+                    let xml = el.to_xml(&NsScope::client_stream());
+                    self.send_server(xml.as_bytes()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn client_header(&mut self, h: &StreamHeader) -> Result<(), ConnError> {
+        self.client_scope = NsScope::from_header(h);
+        let out = stream_header(h.to(), h.from(), None, h.lang());
+        self.send_server(out.as_bytes()).await
+    }
+
+    async fn on_client(&mut self, f: Frame) -> Result<Flow, ConnError> {
+        match f {
+            Frame::XmlDecl(_) => {}
+            Frame::StreamHeader(h) => self.client_header(&h).await?,
+            Frame::Whitespace(b) => self.send_server(&b).await?,
+            Frame::StreamEnd(_) => {
+                self.ctx.log_frame("P→S", b"</stream:stream>");
+                self.server.close_with(b"</stream:stream>").await;
+                self.client.close_with(b"</stream:stream>").await;
+                return Ok(Flow::Stop("client closed the stream"));
+            }
+            Frame::Stanza(raw) => {
+                let el = Element::parse(&raw, &self.client_scope)
+                    .map_err(|e| ConnError::ClientProtocol(e.to_string(), e.condition()))?;
+                if el.ns() == ns::SM2 || el.ns() == ns::SM3 {
+                    // SM is stripped (see xmpp::features); never let it through.
+                    if matches!(el.name(), "enable" | "resume") {
+                        let failed = format!(
+                            "<failed xmlns='{}'><feature-not-implemented xmlns='{}'/></failed>",
+                            el.ns(),
+                            ns::STANZAS
+                        );
+                        self.send_client(failed.as_bytes()).await?;
+                    }
+                    return Ok(Flow::Go);
+                }
+                if el.is("iq", ns::CLIENT)
+                    && el.attr("type") == Some("set")
+                    && el.has_child("bind", ns::BIND)
+                {
+                    if let Some(id) = el.attr("id") {
+                        self.bind_ids.push(id.to_owned());
+                    }
+                }
+                if self.bound.is_some() && stanza::is_message(&el) {
+                    let outs = self.hook.from_client(el, SystemTime::now());
+                    self.dispatch(outs).await?;
+                } else {
+                    self.send_server(&raw).await?;
+                }
+            }
+        }
+        Ok(Flow::Go)
+    }
+
+    async fn on_server(&mut self, f: Frame) -> Result<Flow, ConnError> {
+        match f {
+            Frame::XmlDecl(b) => self.send_client(&b).await?,
+            Frame::StreamHeader(h) => {
+                self.to_client_scope = NsScope::from_header(&h);
+                self.send_client(&h.raw).await?;
+            }
+            Frame::Whitespace(b) => self.send_client(&b).await?,
+            Frame::StreamEnd(b) => {
+                self.client.close_with(&b).await;
+                self.server.close_with(b"</stream:stream>").await;
+                return Ok(Flow::Stop("server closed the stream"));
+            }
+            Frame::Stanza(raw) => {
+                let el = Element::parse(&raw, &self.to_client_scope)
+                    .map_err(|e| ConnError::ServerProtocol(e.to_string(), e.condition()))?;
+                if features::is_features(&el) {
+                    let mut el = el;
+                    if features::filter_features(&mut el) {
+                        let xml = el.to_xml(&self.to_client_scope);
+                        self.send_client(xml.as_bytes()).await?;
+                    } else {
+                        self.send_client(&raw).await?;
+                    }
+                } else if el.is("success", ns::SASL) {
+                    self.send_client(&raw).await?;
+                    // Both streams restart here, in one step (RFC 6120 §6.4.6).
+                    self.server.framer.reset();
+                    self.client.framer.reset();
+                    tracing::info!("SASL success; streams restart");
+                } else if el.is("iq", ns::CLIENT) && el.attr("type") == Some("result") {
+                    if self.bound.is_none()
+                        && el
+                            .attr("id")
+                            .is_some_and(|i| self.bind_ids.iter().any(|b| b == i))
+                    {
+                        let jid = el
+                            .get_child("bind", ns::BIND)
+                            .and_then(|b| b.get_child("jid", ns::BIND))
+                            .and_then(|j| Jid::parse(j.text().trim()).ok());
+                        if let Some(jid) = jid {
+                            tracing::info!(%jid, "resource bound");
+                            self.hook.bound(&jid);
+                            self.bound = Some(jid);
+                        }
+                    }
+                    self.send_client(&raw).await?;
+                } else if self.bound.is_some() && stanza::is_message(&el) {
+                    let outs = self.hook.from_server(el, SystemTime::now());
+                    self.dispatch(outs).await?;
+                } else {
+                    self.send_client(&raw).await?;
+                }
+            }
+        }
+        Ok(Flow::Go)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_hides_bodies_and_sasl() {
+        let m = redact(
+            b"<message to='a@b'><body>secret words</body><thread>t</thread></message>",
+            false,
+        );
+        assert!(!m.contains("secret"), "{m}");
+        assert!(m.contains("[redacted 12 bytes]"), "{m}");
+        let a = redact(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGJvYgBwYXNz</auth>",
+            false,
+        );
+        assert!(!a.contains("AGJvYgBwYXNz"), "{a}");
+        let c = redact(b"<message><sent xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client'><body>inner</body></message></forwarded></sent></message>", false);
+        assert!(!c.contains("inner"), "{c}");
+        let p = redact(b"<message><body>shown</body></message>", true);
+        assert!(p.contains("shown"));
+    }
+
+    #[test]
+    fn headers_and_errors_are_well_formed() {
+        let h = stream_header(Some("ex'ample.org"), None, Some("1"), Some("en"));
+        assert!(h.contains("to='ex&apos;ample.org'"));
+        let mut f = Framer::new(FramerConfig::default());
+        f.push(h.as_bytes());
+        f.push(stream_error("policy-violation", Some("too <big>")).as_bytes());
+        assert!(matches!(f.next(), Ok(Some(Frame::XmlDecl(_)))));
+        assert!(matches!(f.next(), Ok(Some(Frame::StreamHeader(_)))));
+        assert!(matches!(f.next(), Ok(Some(Frame::Stanza(_)))));
+        assert!(matches!(f.next(), Ok(Some(Frame::StreamEnd(_)))));
+    }
+}

@@ -1,0 +1,68 @@
+//! The seam between the relay and the OTR router (DESIGN §2).
+//!
+//! The relay calls a [`StanzaHook`] only for `<message>` stanzas after
+//! resource binding (RFC 6120 §7); everything else, and all traffic before
+//! binding, is forwarded byte for byte without calling it. The hook returns
+//! what to send — including the unchanged message if it does not touch it.
+
+use std::time::SystemTime;
+
+use crate::xmpp::{Element, Jid};
+
+/// A stanza the hook wants sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// Send to the local client.
+    ToClient(Element),
+    /// Send to the XMPP server.
+    ToServer(Element),
+}
+
+/// Per-connection message processor. One instance per client connection;
+/// called from that connection's task only.
+// `from_client`/`from_server` name the direction, not a conversion.
+#[allow(clippy::wrong_self_convention)]
+pub trait StanzaHook: Send {
+    /// Resource binding succeeded: `jid` is the account's full JID. Called
+    /// once, before any other method but [`StanzaHook::disconnected`].
+    fn bound(&mut self, jid: &Jid);
+    /// A `<message>` from the client (after bind).
+    fn from_client(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing>;
+    /// A `<message>` from the server (after bind).
+    fn from_server(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing>;
+    /// Called about once a second after bind (timers, retries).
+    fn tick(&mut self, now: SystemTime) -> Vec<Outgoing>;
+    /// The connection is over (either side, or proxy shutdown). Called
+    /// exactly once, also when the connection never reached bind.
+    fn disconnected(&mut self, now: SystemTime);
+}
+
+/// Makes one [`StanzaHook`] per accepted connection.
+pub trait HookFactory: Send + Sync {
+    /// A fresh hook for a new connection.
+    fn new_hook(&self) -> Box<dyn StanzaHook>;
+}
+
+/// A hook that forwards every message unchanged.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassThrough;
+
+impl StanzaHook for PassThrough {
+    fn bound(&mut self, _jid: &Jid) {}
+    fn from_client(&mut self, stanza: Element, _now: SystemTime) -> Vec<Outgoing> {
+        vec![Outgoing::ToServer(stanza)]
+    }
+    fn from_server(&mut self, stanza: Element, _now: SystemTime) -> Vec<Outgoing> {
+        vec![Outgoing::ToClient(stanza)]
+    }
+    fn tick(&mut self, _now: SystemTime) -> Vec<Outgoing> {
+        Vec::new()
+    }
+    fn disconnected(&mut self, _now: SystemTime) {}
+}
+
+impl HookFactory for PassThrough {
+    fn new_hook(&self) -> Box<dyn StanzaHook> {
+        Box::new(PassThrough)
+    }
+}

@@ -1,0 +1,319 @@
+//! `<message>` helpers on [`Element`] (RFC 6121 §5) and the outgoing
+//! encrypted-message rewrite of DESIGN §3.
+//!
+//! Covers: message type, addressing, body, carbons (XEP-0280) and MAM
+//! (XEP-0313) unwrapping, delayed delivery (XEP-0203), receipts
+//! (XEP-0184), and [`rewrite_for_encryption`], which keeps only a
+//! known-safe allowlist of children and adds EME (XEP-0380), carbons
+//! `<private/>` and the XEP-0334 hints `<no-copy/>` and
+//! `<no-permanent-store/>` — never `<no-store/>`.
+
+use super::element::Element;
+use super::jid::Jid;
+use super::ns;
+
+/// The `type` of a message (RFC 6121 §5.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageType {
+    /// One-to-one chat.
+    Chat,
+    /// Standalone message (also the default when `type` is absent).
+    Normal,
+    /// Multi-user chat.
+    Groupchat,
+    /// An error reply.
+    Error,
+    /// An alert, no reply expected.
+    Headline,
+}
+
+/// True for a `<message/>` in `jabber:client`.
+pub fn is_message(el: &Element) -> bool {
+    el.is("message", ns::CLIENT)
+}
+
+/// The message type; absent or unknown values are `normal` (RFC 6121 §5.2.2).
+pub fn message_type(el: &Element) -> MessageType {
+    match el.attr("type") {
+        Some("chat") => MessageType::Chat,
+        Some("groupchat") => MessageType::Groupchat,
+        Some("error") => MessageType::Error,
+        Some("headline") => MessageType::Headline,
+        _ => MessageType::Normal,
+    }
+}
+
+/// `from` as a JID, if present and valid.
+pub fn from(el: &Element) -> Option<Jid> {
+    el.attr("from").and_then(|s| Jid::parse(s).ok())
+}
+
+/// `to` as a JID, if present and valid.
+pub fn to(el: &Element) -> Option<Jid> {
+    el.attr("to").and_then(|s| Jid::parse(s).ok())
+}
+
+/// `id`, if present.
+pub fn id(el: &Element) -> Option<&str> {
+    el.attr("id")
+}
+
+/// The text of the first `<body/>` (in the message's namespace).
+pub fn body(el: &Element) -> Option<String> {
+    el.get_child("body", el.ns()).map(Element::text)
+}
+
+/// Replaces every `<body/>` (all languages) with one holding `text`.
+pub fn set_body(el: &mut Element, text: &str) {
+    let ns = el.ns().to_owned();
+    let pos = el
+        .nodes()
+        .iter()
+        .position(|n| matches!(n, super::Node::Element(e) if e.is("body", &ns)));
+    remove_body(el);
+    let body = super::Node::Element(Element::new("body", &ns).with_text(text));
+    let nodes = el.nodes_mut();
+    let at = pos.unwrap_or(nodes.len()).min(nodes.len());
+    nodes.insert(at, body);
+}
+
+/// Removes every `<body/>`; returns how many there were.
+pub fn remove_body(el: &mut Element) -> usize {
+    let ns = el.ns().to_owned();
+    el.remove_children(|c| c.is("body", &ns))
+}
+
+/// Direction of a carbon copy (XEP-0280 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CarbonDirection {
+    /// `<received/>`: a message another resource of ours received.
+    Received,
+    /// `<sent/>`: a message another resource of ours sent.
+    Sent,
+}
+
+/// The forwarded message inside a carbon copy, if `el` is one.
+pub fn carbon(el: &Element) -> Option<(CarbonDirection, &Element)> {
+    let (dir, wrap) = if let Some(w) = el.get_child("received", ns::CARBONS) {
+        (CarbonDirection::Received, w)
+    } else {
+        (CarbonDirection::Sent, el.get_child("sent", ns::CARBONS)?)
+    };
+    let m = wrap
+        .get_child("forwarded", ns::FORWARD)?
+        .get_child("message", ns::CLIENT)?;
+    Some((dir, m))
+}
+
+/// A carbon is only trustworthy from our own bare JID (XEP-0280 §11).
+pub fn carbon_from_own_account(el: &Element, own: &Jid) -> bool {
+    match from(el) {
+        Some(f) => f == own.bare(),
+        None => true,
+    }
+}
+
+/// A message archive result (XEP-0313 §4.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MamResult<'a> {
+    /// `queryid` of the query this answers.
+    pub query_id: Option<&'a str>,
+    /// The archive id.
+    pub id: Option<&'a str>,
+    /// `<delay stamp>` of the forwarded message.
+    pub stamp: Option<&'a str>,
+    /// The archived message.
+    pub message: &'a Element,
+}
+
+/// The archived message inside a MAM `<result/>`, if `el` is one.
+pub fn mam_result(el: &Element) -> Option<MamResult<'_>> {
+    let r = el.get_child("result", ns::MAM2)?;
+    let f = r.get_child("forwarded", ns::FORWARD)?;
+    Some(MamResult {
+        query_id: r.attr("queryid"),
+        id: r.attr("id"),
+        stamp: f
+            .get_child("delay", ns::DELAY)
+            .and_then(|d| d.attr("stamp")),
+        message: f.get_child("message", ns::CLIENT)?,
+    })
+}
+
+/// The XEP-0203 `<delay stamp>` of a message, if any.
+pub fn delay_stamp(el: &Element) -> Option<&str> {
+    el.get_child("delay", ns::DELAY)
+        .and_then(|d| d.attr("stamp"))
+}
+
+/// True if the message asks for a delivery receipt (XEP-0184 `<request/>`).
+pub fn receipt_requested(el: &Element) -> bool {
+    el.has_child("request", ns::RECEIPTS)
+}
+
+/// The id acknowledged by a XEP-0184 `<received id/>`, if present.
+pub fn receipt_received(el: &Element) -> Option<&str> {
+    el.get_child("received", ns::RECEIPTS)
+        .and_then(|r| r.attr("id"))
+}
+
+/// A receipt for message `id` addressed to `to` (XEP-0184 §5).
+pub fn make_receipt(to: &str, id: &str) -> Element {
+    Element::new("message", ns::CLIENT)
+        .with_attr("to", to)
+        .with_child(Element::new("received", ns::RECEIPTS).with_attr("id", id))
+}
+
+/// True if a child may stay on an encrypted message (DESIGN §3 allowlist):
+/// receipts, chat states, chat markers, `origin-id`, `delay`, and the
+/// hints we add ourselves (never `no-store`/`no-storage`/`store`).
+pub fn is_safe_child(c: &Element) -> bool {
+    match c.ns() {
+        ns::RECEIPTS => matches!(c.name(), "request" | "received"),
+        ns::CHATSTATES => true,
+        ns::CHAT_MARKERS => true,
+        ns::SID => c.name() == "origin-id",
+        ns::DELAY => c.name() == "delay",
+        // `no-store`/`no-storage` would make the server bounce offline
+        // messages; `store` contradicts the `no-permanent-store` we add.
+        ns::HINTS => matches!(c.name(), "no-copy" | "no-permanent-store"),
+        _ => false,
+    }
+}
+
+/// Rewrites an outgoing message for an encrypted conversation (DESIGN §3):
+/// the body becomes `ciphertext`; every child not on the allowlist (HTML,
+/// subject, OOB, reply, fallback, correction, thread, …) is removed, as
+/// are `no-store`/`no-storage` hints; EME `<encryption namespace='urn:xmpp:otr:0'/>`,
+/// carbons `<private/>`, `<no-copy/>` and `<no-permanent-store/>` are added
+/// once. `to`, `type`, `id` and other attributes are kept.
+pub fn rewrite_for_encryption(el: &mut Element, ciphertext: &str) {
+    let ns_msg = el.ns().to_owned();
+    el.retain_nodes(|n| match n {
+        super::Node::Element(c) => is_safe_child(c),
+        super::Node::Text(_) => false,
+    });
+    // Drop what we are about to add, so nothing is doubled.
+    el.remove_children(|c| c.is("no-copy", ns::HINTS) || c.is("no-permanent-store", ns::HINTS));
+    el.append_child(Element::new("body", &ns_msg).with_text(ciphertext));
+    el.append_child(Element::new("encryption", ns::EME).with_attr("namespace", ns::OTR));
+    el.append_child(Element::new("private", ns::CARBONS));
+    el.append_child(Element::new("no-copy", ns::HINTS));
+    el.append_child(Element::new("no-permanent-store", ns::HINTS));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xmpp::element::NsScope;
+    use crate::xmpp::testdata::*;
+
+    fn parse(s: &str) -> Element {
+        Element::parse(s.as_bytes(), &NsScope::client_stream()).unwrap()
+    }
+
+    #[test]
+    fn basic_fields() {
+        let m = parse(EJABBERD_OFFLINE_MESSAGE);
+        assert!(is_message(&m));
+        assert_eq!(message_type(&m), MessageType::Chat);
+        assert_eq!(from(&m).unwrap().to_string(), "alice@example.org/laptop");
+        assert_eq!(to(&m).unwrap().to_string(), "bob@example.org");
+        assert_eq!(id(&m), Some("m1"));
+        assert_eq!(body(&m).unwrap(), "?OTR:AAMDabc&def<x>.");
+        assert_eq!(delay_stamp(&m), Some("2023-11-14T22:13:20.000000Z"));
+        assert_eq!(message_type(&parse("<message/>")), MessageType::Normal);
+        assert_eq!(body(&parse("<message/>")), None);
+    }
+
+    #[test]
+    fn set_body_replaces_all_languages() {
+        let mut m = parse(
+            "<message><subject>s</subject><body>a</body><body xml:lang='de'>b</body><x/></message>",
+        );
+        set_body(&mut m, "c");
+        assert_eq!(
+            m.to_xml(&NsScope::client_stream()),
+            "<message><subject>s</subject><body>c</body><x/></message>"
+        );
+        let mut m = parse("<message/>");
+        set_body(&mut m, "z");
+        assert_eq!(body(&m).as_deref(), Some("z"));
+    }
+
+    #[test]
+    fn carbons_and_mam() {
+        let c = parse(EJABBERD_SENT_CARBON);
+        let (dir, inner) = carbon(&c).unwrap();
+        assert_eq!(dir, CarbonDirection::Sent);
+        assert_eq!(body(inner).unwrap(), "hi there");
+        let own = Jid::parse("bob@example.org/phone").unwrap();
+        assert!(carbon_from_own_account(&c, &own));
+        let forged = parse(
+            "<message from='eve@evil.test'><received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client'/></forwarded></received></message>",
+        );
+        assert_eq!(carbon(&forged).unwrap().0, CarbonDirection::Received);
+        assert!(!carbon_from_own_account(&forged, &own));
+        let r = parse(EJABBERD_MAM_RESULT);
+        let mam = mam_result(&r).unwrap();
+        assert_eq!(mam.query_id, Some("q1"));
+        assert_eq!(mam.id, Some("28482-98726-73623"));
+        assert_eq!(mam.stamp, Some("2010-07-10T23:08:25Z"));
+        assert_eq!(body(mam.message).unwrap(), "archived");
+        assert!(carbon(&r).is_none());
+        assert!(mam_result(&c).is_none());
+    }
+
+    #[test]
+    fn receipts() {
+        let m = parse("<message id='x'><request xmlns='urn:xmpp:receipts'/></message>");
+        assert!(receipt_requested(&m));
+        let r = make_receipt("a@b/c", "x");
+        assert_eq!(receipt_received(&r), Some("x"));
+        assert_eq!(
+            r.to_xml(&NsScope::client_stream()),
+            "<message to='a@b/c'><received id='x' xmlns='urn:xmpp:receipts'/></message>"
+        );
+    }
+
+    #[test]
+    fn encryption_rewrite_keeps_only_the_allowlist() {
+        let mut m = parse(concat!(
+            "<message to='alice@example.org' type='chat' id='k1'>",
+            "<body>secret</body><body xml:lang='de'>geheim</body>",
+            "<subject>secret subject</subject><thread>t1</thread>",
+            "<html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'>secret</body></html>",
+            "<x xmlns='jabber:x:oob'><url>https://secret</url></x>",
+            "<reply xmlns='urn:xmpp:reply:0' id='p'/><fallback xmlns='urn:xmpp:fallback:0'/>",
+            "<replace xmlns='urn:xmpp:message-correct:0' id='old'/>",
+            "<request xmlns='urn:xmpp:receipts'/><active xmlns='http://jabber.org/protocol/chatstates'/>",
+            "<markable xmlns='urn:xmpp:chat-markers:0'/><origin-id xmlns='urn:xmpp:sid:0' id='o1'/>",
+            "<stanza-id xmlns='urn:xmpp:sid:0' id='s1' by='x'/>",
+            "<no-store xmlns='urn:xmpp:hints'/><no-storage xmlns='urn:xmpp:hints'/><store xmlns='urn:xmpp:hints'/>",
+            "<no-copy xmlns='urn:xmpp:hints'/>",
+            "</message>"
+        ));
+        rewrite_for_encryption(&mut m, "?OTR:AAMD.");
+        let xml = m.to_xml(&NsScope::client_stream());
+        assert!(!xml.contains("secret"), "{xml}");
+        assert!(!xml.contains("geheim"), "{xml}");
+        assert!(!xml.contains("no-store"), "{xml}");
+        assert_eq!(
+            xml,
+            concat!(
+                "<message to='alice@example.org' type='chat' id='k1'>",
+                "<request xmlns='urn:xmpp:receipts'/><active xmlns='http://jabber.org/protocol/chatstates'/>",
+                "<markable xmlns='urn:xmpp:chat-markers:0'/><origin-id xmlns='urn:xmpp:sid:0' id='o1'/>",
+                "<body>?OTR:AAMD.</body>",
+                "<encryption namespace='urn:xmpp:otr:0' xmlns='urn:xmpp:eme:0'/>",
+                "<private xmlns='urn:xmpp:carbons:2'/>",
+                "<no-copy xmlns='urn:xmpp:hints'/>",
+                "<no-permanent-store xmlns='urn:xmpp:hints'/>",
+                "</message>"
+            )
+        );
+        // Idempotent on the added elements.
+        rewrite_for_encryption(&mut m, "?OTR:AAMD.");
+        assert_eq!(m.to_xml(&NsScope::client_stream()), xml);
+    }
+}
