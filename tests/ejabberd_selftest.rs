@@ -28,8 +28,7 @@ fn token() -> String {
 fn direct_exchange_is_ordered_and_debug_log_is_lossless() {
     let t0 = Instant::now();
     let ej = Ejabberd::start_debug();
-    ej.register("alice", "alice-pw");
-    ej.register("bob", "bob-pw");
+    ej.register_all(&[("alice", "alice-pw"), ("bob", "bob-pw")]);
     let started = t0.elapsed();
 
     let mut alice = XmppClient::direct(&ej, "alice", "alice-pw");
@@ -51,21 +50,20 @@ fn direct_exchange_is_ordered_and_debug_log_is_lossless() {
     assert_eq!(bodies(&at_bob), want_b);
     assert_eq!(bodies(&at_alice), want_a);
     assert!(at_bob.iter().all(|m| m.from == alice.full_jid()));
-    assert!(at_bob.iter().all(|m| m.stamp.is_none() && m.mtype == "chat"));
+    assert!(
+        at_bob
+            .iter()
+            .all(|m| m.stamp.is_none() && m.mtype == "chat")
+    );
     assert!(at_alice.iter().all(|m| m.from == bob.full_jid()));
 
     // Control for "the server never saw a plaintext" checks: with loglevel
     // debug every one of the 40 bodies sent in a burst is in the log (the
     // default logger would have dropped most of them).
-    let last = format!("b2a {tok} #{}", n - 1);
-    assert!(ej.wait_log_contains(&last, T), "last body never logged");
-    let log = ej.log_contents();
-    let missing: Vec<&String> = want_a
-        .iter()
-        .chain(&want_b)
-        .filter(|b| !log.contains(b.as_str()))
-        .collect();
+    let all: Vec<&str> = want_a.iter().chain(&want_b).map(String::as_str).collect();
+    let missing = ej.wait_log_contains_all(&all, T);
     assert!(missing.is_empty(), "log lost bodies: {missing:?}");
+    let log = ej.log_contents();
     assert!(!log.contains(&format!("never-sent {tok}")));
 
     // The MAM archive (second server-side record) has them too.
@@ -89,8 +87,7 @@ fn direct_exchange_is_ordered_and_debug_log_is_lossless() {
 fn offline_messages_survive_disconnect_and_server_restart() {
     let t0 = Instant::now();
     let mut ej = Ejabberd::start();
-    ej.register("alice", "alice-pw");
-    ej.register("bob", "bob-pw");
+    ej.register_all(&[("alice", "alice-pw"), ("bob", "bob-pw")]);
     let tok = token();
 
     let mut alice = XmppClient::direct(&ej, "alice", "alice-pw");
@@ -147,6 +144,7 @@ fn raw_mode_shows_children_and_a_killed_client_goes_offline() {
     let ej = Ejabberd::start();
     ej.register("alice", "pw-a");
     ej.register("bob", "pw-b");
+    assert!(ej.ctl(&["registered_users", &ej.domain]).contains("bob"));
     let mut opts = common::xmpp_client::ClientOptions::direct(&ej, "bob", "pw-b");
     opts.raw = true;
     let mut bob = XmppClient::connect(opts);
@@ -173,6 +171,9 @@ fn raw_mode_shows_children_and_a_killed_client_goes_offline() {
         std::thread::sleep(Duration::from_millis(200));
         stored = ej.offline_count("bob") > 0;
     }
-    assert!(stored, "messages to a killed client never reached offline storage");
+    assert!(
+        stored,
+        "messages to a killed client never reached offline storage"
+    );
     alice.quit();
 }

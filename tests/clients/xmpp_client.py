@@ -140,9 +140,13 @@ class Client(slixmpp.ClientXMPP):
             self.enable_direct_tls = False
             self.enable_starttls = False
             self.enable_plaintext = True
-            mech = self["feature_mechanisms"]
+            mech = self.plugin["feature_mechanisms"]
             mech.unencrypted_plain = True
             mech.unencrypted_scram = True
+            # Never upgrade, even if STARTTLS is offered; fail fast if the
+            # server insists on it.
+            self.unregister_feature("starttls", 0)
+            self.register_feature("starttls", self._refuse_starttls, restart=False, order=0)
         else:
             self.enable_direct_tls = False
             self.enable_starttls = True
@@ -167,6 +171,12 @@ class Client(slixmpp.ClientXMPP):
     def _fail_ready(self, reason: str) -> None:
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(RuntimeError(reason))
+
+    def _refuse_starttls(self, features) -> bool:
+        tls = features.xml.find("{urn:ietf:params:xml:ns:xmpp-tls}starttls")
+        if tls is not None and tls.find("{urn:ietf:params:xml:ns:xmpp-tls}required") is not None:
+            self._fail_ready("server requires STARTTLS but the client runs with --plaintext")
+        return False
 
     def _on_failed_auth(self, _event) -> None:
         self._fail_ready("authentication failed")

@@ -114,7 +114,12 @@ fn fresh_dir() -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let dir = base.join(format!("ejabberd-{}-{}-{:08x}", std::process::id(), n, nanos));
+    let dir = base.join(format!(
+        "ejabberd-{}-{}-{:08x}",
+        std::process::id(),
+        n,
+        nanos
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -259,6 +264,20 @@ impl Ejabberd {
         check("register", out);
     }
 
+    /// Create several accounts at once (in parallel: each `ejabberdctl`
+    /// call boots a small Erlang VM).
+    pub fn register_all(&self, users: &[(&str, &str)]) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = users
+                .iter()
+                .map(|(u, p)| s.spawn(move || run_script(&["register", self.dir_str(), u, p], &[])))
+                .collect();
+            for h in handles {
+                check("register", h.join().unwrap());
+            }
+        });
+    }
+
     /// Run any `ejabberdctl` command against this node; returns stdout.
     pub fn ctl(&self, args: &[&str]) -> String {
         let mut a = vec!["ctl", self.dir_str()];
@@ -312,6 +331,26 @@ impl Ejabberd {
         }
     }
 
+    /// Wait until the log contains every needle; returns the ones still
+    /// missing at the timeout (empty: all found). The logger writes
+    /// asynchronously and in chunks, so a negative check ("the server never
+    /// logged X") must first wait for a later control message to show up.
+    pub fn wait_log_contains_all(&self, needles: &[&str], timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log_contents();
+            let missing: Vec<String> = needles
+                .iter()
+                .filter(|n| !log.contains(**n))
+                .map(|n| n.to_string())
+                .collect();
+            if missing.is_empty() || Instant::now() >= deadline {
+                return missing;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stop the node gracefully (data kept).
     pub fn stop(&mut self) {
         check("stop", run_script(&["stop", self.dir_str()], &[]));
@@ -348,15 +387,21 @@ impl Ejabberd {
 
 impl Drop for Ejabberd {
     fn drop(&mut self) {
-        let out = run_script(&["stop", self.dir_str()], &[]);
-        if !out.ok {
-            eprintln!(
-                "[ejabberd harness] stop failed for {}: {}",
-                self.dir.display(),
-                out.stderr
-            );
+        let keep = std::thread::panicking() || std::env::var_os("O2TR_KEEP_EJABBERD").is_some();
+        // A directory about to be deleted needs no graceful shutdown: SIGKILL
+        // saves ~1 s per test. A kept one is stopped cleanly (flushed logs).
+        let how = if keep { "stop" } else { "kill" };
+        if self.running {
+            let out = run_script(&[how, self.dir_str()], &[]);
+            if !out.ok {
+                eprintln!(
+                    "[ejabberd harness] {how} failed for {}: {}",
+                    self.dir.display(),
+                    out.stderr
+                );
+            }
         }
-        if std::thread::panicking() || std::env::var_os("O2TR_KEEP_EJABBERD").is_some() {
+        if keep {
             eprintln!(
                 "[ejabberd harness] kept {} (logs in {}/logs)",
                 self.dir.display(),

@@ -245,9 +245,9 @@ impl XmppClient {
     fn read_line(&mut self, timeout: Duration, waiting_for: &str) -> String {
         match self.lines.recv_timeout(timeout) {
             Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => {
-                self.fail(&format!("no answer within {timeout:?} (waiting for {waiting_for})"))
-            }
+            Err(RecvTimeoutError::Timeout) => self.fail(&format!(
+                "no answer within {timeout:?} (waiting for {waiting_for})"
+            )),
             Err(RecvTimeoutError::Disconnected) => {
                 let status = self.child.wait().ok();
                 self.fail(&format!(
