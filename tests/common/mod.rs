@@ -2,5 +2,7 @@
 //! crate). Each test crate uses a subset, hence `dead_code` is allowed.
 #![allow(dead_code)]
 
-pub mod peer;
+pub mod ejabberd;
 pub mod pair;
+pub mod peer;
+pub mod xmpp_client;
