@@ -20,4 +20,5 @@
 pub mod otr;
 pub mod store;
 pub mod proxy;
+pub mod router;
 pub mod xmpp;
