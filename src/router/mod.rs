@@ -1,10 +1,24 @@
 //! The router: joins the proxy's per-connection [`StanzaHook`] to the OTR
 //! core, per account and per peer conversation (DESIGN §2, §3, §5, §6).
+//!
+//! * [`connection`] — the hook for one client connection: rewrites
+//!   `<message>` stanzas, runs one [`Conversation`] per peer, persists EKM
+//!   snapshots before anything leaves, suspends sessions on disconnect.
+//! * [`command`] — `/otr …` commands and the control contact.
+//! * [`notice`] — the `[o2tr]` texts the user reads.
+//! * [`account`] — the account's long-term key and instance tag.
+//!
+//! [`Conversation`]: crate::otr::conversation::Conversation
 
-use std::sync::{Arc, Mutex};
+pub mod account;
+pub mod command;
+pub mod connection;
+pub mod notice;
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::otr::policy::Policy;
-use crate::proxy::{HookFactory, PassThrough, StanzaHook};
+use crate::proxy::{HookFactory, StanzaHook};
 use crate::store::Store;
 
 /// The store shared by every connection.
@@ -25,6 +39,8 @@ pub struct RouterConfig {
     pub snapshot_lifetime_secs: u64,
     /// The control contact's JID.
     pub control_jid: String,
+    /// Most conversations one connection keeps in memory.
+    pub max_conversations: usize,
 }
 
 impl Default for RouterConfig {
@@ -36,30 +52,45 @@ impl Default for RouterConfig {
             max_unanswered: 1024,
             snapshot_lifetime_secs: 7 * 24 * 3600,
             control_jid: "control@o2tr.localhost".into(),
+            max_conversations: 10_000,
+        }
+    }
+}
+
+/// State shared by every connection's router.
+pub(crate) struct Shared {
+    pub(crate) cfg: RouterConfig,
+    store: SharedStore,
+}
+
+impl Shared {
+    /// Lock the store. A poisoned lock means a panic happened while a
+    /// connection held it; SQLite's transactions kept the data consistent,
+    /// so carry on with the inner value.
+    pub(crate) fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
+        match self.store.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 }
 
 /// Makes one router hook per client connection.
 pub struct RouterFactory {
-    #[allow(dead_code)]
-    cfg: Arc<RouterConfig>,
-    #[allow(dead_code)]
-    store: SharedStore,
+    shared: Arc<Shared>,
 }
 
 impl RouterFactory {
     /// A factory over `store`.
     pub fn new(cfg: RouterConfig, store: SharedStore) -> Self {
         RouterFactory {
-            cfg: Arc::new(cfg),
-            store,
+            shared: Arc::new(Shared { cfg, store }),
         }
     }
 }
 
 impl HookFactory for RouterFactory {
     fn new_hook(&self) -> Box<dyn StanzaHook> {
-        Box::new(PassThrough)
+        Box::new(connection::Router::new(Arc::clone(&self.shared)))
     }
 }

@@ -6,3 +6,4 @@ pub mod ejabberd;
 pub mod pair;
 pub mod peer;
 pub mod xmpp_client;
+pub mod proxy;

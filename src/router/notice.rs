@@ -1,0 +1,80 @@
+//! What the user reads: `[o2tr]` notices rendered from core events
+//! (DESIGN §6). Notices never contain key material or plaintext of other
+//! messages.
+
+use crate::otr::conversation::Notice;
+use crate::otr::message::Version;
+
+/// Prefix of every notice the proxy injects.
+pub const PREFIX: &str = "[o2tr]";
+
+fn version(v: Version) -> &'static str {
+    match v {
+        Version::V2 => "OTR v2",
+        Version::V3 => "OTR v3",
+    }
+}
+
+/// Render a core notice for the conversation with `peer`. `trust` is the
+/// text describing the fingerprint's trust, supplied by the router for
+/// [`Notice::GoneSecure`].
+pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
+    let body = match n {
+        Notice::GoneSecure {
+            version: v,
+            fingerprint,
+            ssid,
+            refreshed,
+            ..
+        } => format!(
+            "{} conversation with {peer} ({}). Their fingerprint: {fingerprint} — {}. Session id: {ssid}",
+            if *refreshed {
+                "Refreshed private"
+            } else {
+                "Private"
+            },
+            version(*v),
+            trust.unwrap_or("unverified"),
+        ),
+        Notice::Resumed { .. } => format!(
+            "Private conversation with {peer} resumed from saved keys (no new handshake)."
+        ),
+        Notice::PeerEnded => format!(
+            "{peer} ended the private conversation. Your messages are held until you type /otr end or /otr start."
+        ),
+        Notice::Ended => format!("You ended the private conversation with {peer}."),
+        Notice::ReceivedUnencrypted => {
+            format!("The next message from {peer} was received UNENCRYPTED.")
+        }
+        Notice::Unreadable { reason } => format!(
+            "An encrypted message from {peer} could not be read and was not shown ({reason})."
+        ),
+        Notice::PeerError(text) => format!("{peer}'s OTR software reported an error: {text}"),
+        Notice::Malformed(e) => format!("A malformed OTR message from {peer} was ignored ({e})."),
+        Notice::Held { waiting } => format!(
+            "Message held: the conversation with {peer} is not private yet ({waiting} waiting). It will be sent encrypted once it is."
+        ),
+        Notice::HeldSent { count } => {
+            format!("{count} held message(s) sent encrypted to {peer}.")
+        }
+        Notice::CannotSendFinished => format!(
+            "{peer} ended the private conversation; your message was held. Type /otr start to restart it."
+        ),
+        Notice::UnansweredLimit { limit } => format!(
+            "{limit} messages were sent to {peer} without an answer under one key; further messages are held until {peer} answers or a new handshake completes."
+        ),
+        Notice::HeldQueueFull => {
+            format!("Too many held messages for {peer}: this message was NOT kept.")
+        }
+        Notice::SmpUnsupported => format!(
+            "{peer} asked to verify you with a shared secret (SMP); this proxy answered that SMP is not available. Compare fingerprints instead (/otr fingerprint)."
+        ),
+        Notice::ExtraKeyRequested { usage } => format!(
+            "{peer} wants to use the OTR extra symmetric key (use {usage:#x}); this proxy does not use it."
+        ),
+        Notice::NotPrivate => format!(
+            "{peer} answered in plaintext: their client may not support OTR. Held messages stay held."
+        ),
+    };
+    format!("{PREFIX} {body}")
+}

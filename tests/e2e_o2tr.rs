@@ -1,0 +1,268 @@
+//! End to end: real slixmpp clients → o2tr-proxy (in-process, router over
+//! SQLite) → a real ejabberd on loopback, as a user runs it (issue 4).
+
+mod common;
+
+use std::time::Duration;
+
+use common::ejabberd::Ejabberd;
+use common::peer::{PeerKind, PeerOptions, PeerPolicy, PeerProcess};
+use common::proxy::{TestProxy, bodies, collect, temp_dir};
+use common::xmpp_client::XmppClient;
+use o2tr_proxy::otr::policy::Policy;
+
+const T: Duration = Duration::from_secs(30);
+
+fn token() -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{:x}", n ^ u128::from(std::process::id()))
+}
+
+/// D-H Commit messages (v3 `?OTR:AAMC`, v2 `?OTR:AAIC`) in the server log.
+fn commits_in_log(ej: &Ejabberd) -> usize {
+    let log = ej.log_contents();
+    log.matches("?OTR:AAMC").count() + log.matches("?OTR:AAIC").count()
+}
+
+#[test]
+fn private_conversation_through_two_proxies_leaks_nothing() {
+    let ej = Ejabberd::start_debug();
+    ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b")]);
+    let pa = TestProxy::start(&ej, &temp_dir("alice-proxy"), Policy::Always);
+    let pb = TestProxy::start(&ej, &temp_dir("bob-proxy"), Policy::Always);
+    let mut alice = pa.client(&ej, "alice", "pw-a");
+    let mut bob = pb.client(&ej, "bob", "pw-b");
+    let tok = token();
+
+    // The first message is held until private, then delivered.
+    alice.send_with(&ej.jid("bob"), &format!("first {tok}"), &["xhtml", "oob", "subject"]);
+    let (got, _) = collect(&mut bob, 1, T);
+    assert_eq!(bodies(&got), vec![format!("first {tok}")]);
+    let (_, notices) = collect(&mut alice, 0, Duration::from_millis(500));
+    assert!(
+        notices.iter().any(|n| n.contains("Private conversation")),
+        "alice told it is private: {notices:?}"
+    );
+
+    let n = 50;
+    for i in 0..n {
+        alice.send(&ej.jid("bob"), &format!("a2b {tok} {i}"));
+        bob.send(&ej.jid("alice"), &format!("b2a {tok} {i}"));
+    }
+    let (to_bob, _) = collect(&mut bob, n, T);
+    let (to_alice, _) = collect(&mut alice, n, T);
+    let expect_b: Vec<String> = (0..n).map(|i| format!("a2b {tok} {i}")).collect();
+    let expect_a: Vec<String> = (0..n).map(|i| format!("b2a {tok} {i}")).collect();
+    assert_eq!(bodies(&to_bob), expect_b);
+    assert_eq!(bodies(&to_alice), expect_a);
+
+    // A marker in plaintext, sent directly, proves the log is complete
+    // enough that "not found" means something.
+    let mut direct = XmppClient::direct(&ej, "alice", "pw-a");
+    let marker = format!("plain-marker {tok}");
+    direct.send(&ej.jid("alice"), &marker);
+    assert!(ej.wait_log_contains(&marker, T), "control marker logged");
+    let log = ej.log_contents();
+    let db = ej.dump_db();
+    for i in 0..n {
+        for p in [format!("a2b {tok} {i}"), format!("b2a {tok} {i}")] {
+            assert!(!log.contains(&p), "server log has plaintext {p}");
+            assert!(!db.contains(&p), "server db has plaintext {p}");
+        }
+    }
+    assert!(!log.contains(&format!("first {tok}")));
+    assert!(!log.contains("jabber.org/protocol/xhtml-im") || !log.contains(&format!("first {tok}")));
+    assert!(log.contains("?OTR:AAM"), "ciphertext crossed the server");
+    assert!(log.contains("urn:xmpp:eme:0"));
+}
+
+#[test]
+fn offline_messages_are_recovered_without_new_ake() {
+    let ej = Ejabberd::start_debug();
+    ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b")]);
+    let pa = TestProxy::start(&ej, &temp_dir("alice-proxy"), Policy::Always);
+    let bob_dir = temp_dir("bob-proxy");
+    let mut pb = TestProxy::start(&ej, &bob_dir, Policy::Always);
+    let mut alice = pa.client(&ej, "alice", "pw-a");
+    let mut bob = pb.client(&ej, "bob", "pw-b");
+    let tok = token();
+    alice.send(&ej.jid("bob"), &format!("hello {tok}"));
+    assert_eq!(collect(&mut bob, 1, T).0.len(), 1);
+    bob.send(&ej.jid("alice"), &format!("hi {tok}"));
+    assert_eq!(collect(&mut alice, 1, T).0.len(), 1);
+    let commits = commits_in_log(&ej);
+    assert!(commits >= 1);
+
+    // Variant 1: bob's client disconnects; alice writes 10.
+    bob.close();
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..10 {
+        alice.send(&ej.jid("bob"), &format!("offline1 {tok} {i}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    bob.reconnect();
+    let (got, notices) = collect(&mut bob, 10, T);
+    assert_eq!(
+        bodies(&got),
+        (0..10).map(|i| format!("offline1 {tok} {i}")).collect::<Vec<_>>(),
+        "notices: {notices:?}"
+    );
+    assert!(got.iter().all(|m| m.stamp.is_some()), "delay stamps kept");
+
+    // Variant 2: bob's proxy crashes; alice writes 10; a new proxy process
+    // over the same state directory recovers them.
+    drop(bob);
+    drop(pb);
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..10 {
+        alice.send(&ej.jid("bob"), &format!("offline2 {tok} {i}"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    pb = TestProxy::start(&ej, &bob_dir, Policy::Always);
+    let mut bob = pb.client(&ej, "bob", "pw-b");
+    let (got, notices) = collect(&mut bob, 10, T);
+    assert_eq!(
+        bodies(&got),
+        (0..10).map(|i| format!("offline2 {tok} {i}")).collect::<Vec<_>>(),
+        "notices: {notices:?}"
+    );
+    // The conversation continues both ways.
+    bob.send(&ej.jid("alice"), &format!("back {tok}"));
+    let (got, _) = collect(&mut alice, 1, T);
+    assert_eq!(bodies(&got), vec![format!("back {tok}")]);
+    alice.send(&ej.jid("bob"), &format!("welcome {tok}"));
+    assert_eq!(bodies(&collect(&mut bob, 1, T).0), vec![format!("welcome {tok}")]);
+    // Make sure the log has caught up, then: no new AKE.
+    let mut direct = XmppClient::direct(&ej, "alice", "pw-a");
+    let marker = format!("marker {tok}");
+    direct.send(&ej.jid("alice"), &marker);
+    assert!(ej.wait_log_contains(&marker, T));
+    assert_eq!(commits_in_log(&ej), commits, "no D-H Commit after reconnection");
+}
+
+/// Alice uses the proxy; bob uses an ordinary OTR stack (libotr) on a plain
+/// slixmpp client with no proxy; then only alice's side restarts.
+#[test]
+fn mixed_peer_libotr_and_offline_restart() {
+    let ej = Ejabberd::start_debug();
+    ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b")]);
+    let alice_dir = temp_dir("alice-proxy");
+    let mut pa = TestProxy::start(&ej, &alice_dir, Policy::Always);
+    let mut alice = pa.client(&ej, "alice", "pw-a");
+    let mut bob = XmppClient::direct(&ej, "bob", "pw-b");
+    let mut otr = PeerProcess::spawn_cached(
+        PeerKind::Libotr,
+        "e2e-bob",
+        &ej.jid("bob"),
+        &ej.jid("alice"),
+        &PeerOptions::policy(PeerPolicy::V23),
+    )
+    .unwrap();
+    let tok = token();
+    let alice_jid = ej.jid("alice");
+
+    // Bob's "client": ferry wire bodies between his XMPP client and libotr.
+    let mut plain_for_bob: Vec<String> = Vec::new();
+    let mut pump = |bob: &mut XmppClient, otr: &mut PeerProcess, want: usize| {
+        let deadline = std::time::Instant::now() + T;
+        while plain_for_bob.len() < want && std::time::Instant::now() < deadline {
+            for m in bob.recv() {
+                let Some(body) = m.body else { continue };
+                let out = otr.receive(&body);
+                plain_for_bob.extend(out.plain.iter().cloned());
+                for w in &out.wire {
+                    bob.send(&alice_jid, w);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        plain_for_bob.clone()
+    };
+
+    alice.send(&ej.jid("bob"), &format!("to libotr {tok}"));
+    let got = pump(&mut bob, &mut otr, 1);
+    assert_eq!(got, vec![format!("to libotr {tok}")]);
+    for w in otr.send_text(&format!("from libotr {tok}")) {
+        bob.send(&alice_jid, &w);
+    }
+    let (got, _) = collect(&mut alice, 1, T);
+    assert_eq!(bodies(&got), vec![format!("from libotr {tok}")]);
+
+    // Alice's proxy crashes; libotr keeps its session and writes 5.
+    drop(alice);
+    drop(pa);
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..5 {
+        for w in otr.send_text(&format!("while away {tok} {i}")) {
+            bob.send(&alice_jid, &w);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    pa = TestProxy::start(&ej, &alice_dir, Policy::Always);
+    let mut alice = pa.client(&ej, "alice", "pw-a");
+    let (got, notices) = collect(&mut alice, 5, T);
+    assert_eq!(
+        bodies(&got),
+        (0..5).map(|i| format!("while away {tok} {i}")).collect::<Vec<_>>(),
+        "notices: {notices:?}"
+    );
+    alice.send(&ej.jid("bob"), &format!("resumed {tok}"));
+    let got = pump(&mut bob, &mut otr, 2);
+    assert_eq!(got.last(), Some(&format!("resumed {tok}")));
+    let st = otr.status();
+    assert_eq!(format!("{:?}", st.state), "Encrypted");
+}
+
+/// Policy `always`, peer without OTR: nothing leaves in plaintext, the user
+/// is told, and the held message goes out once the peer runs OTR.
+#[test]
+fn always_policy_holds_until_peer_runs_otr() {
+    let ej = Ejabberd::start_debug();
+    ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b")]);
+    let pa = TestProxy::start(&ej, &temp_dir("alice-proxy"), Policy::Always);
+    let mut alice = pa.client(&ej, "alice", "pw-a");
+    let mut bob = XmppClient::direct(&ej, "bob", "pw-b");
+    let tok = token();
+    let secret = format!("held secret {tok}");
+    alice.send(&ej.jid("bob"), &secret);
+    let (got, _) = collect(&mut bob, 1, T);
+    let first = bodies(&got);
+    assert!(first[0].starts_with("?OTRv"), "bob only sees a query: {first:?}");
+    assert!(!first.iter().any(|b| b.contains(&secret)));
+    let (_, notices) = collect(&mut alice, 0, Duration::from_millis(800));
+    assert!(notices.iter().any(|n| n.contains("held")), "{notices:?}");
+
+    // Bob starts an OTR client now and answers the query.
+    let mut otr = PeerProcess::spawn_cached(
+        PeerKind::Libotr,
+        "e2e-bob-late",
+        &ej.jid("bob"),
+        &ej.jid("alice"),
+        &PeerOptions::policy(PeerPolicy::V23),
+    )
+    .unwrap();
+    let alice_jid = ej.jid("alice");
+    let mut plain = Vec::new();
+    let mut queue: Vec<String> = first.clone();
+    let deadline = std::time::Instant::now() + T;
+    while plain.is_empty() && std::time::Instant::now() < deadline {
+        for body in queue.drain(..) {
+            let out = otr.receive(&body);
+            plain.extend(out.plain.iter().cloned());
+            for w in &out.wire {
+                bob.send(&alice_jid, w);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        queue.extend(bob.recv().into_iter().filter_map(|m| m.body));
+    }
+    assert_eq!(plain, vec![secret.clone()]);
+    let mut direct = XmppClient::direct(&ej, "bob", "pw-b");
+    let marker = format!("marker {tok}");
+    direct.send(&ej.jid("bob"), &marker);
+    assert!(ej.wait_log_contains(&marker, T));
+    assert!(!ej.log_contents().contains(&secret), "never in plaintext on the server");
+}
