@@ -38,7 +38,11 @@ fn private_conversation_through_two_proxies_leaks_nothing() {
     let tok = token();
 
     // The first message is held until private, then delivered.
-    alice.send_with(&ej.jid("bob"), &format!("first {tok}"), &["xhtml", "oob", "subject"]);
+    alice.send_with(
+        &ej.jid("bob"),
+        &format!("first {tok}"),
+        &["xhtml", "oob", "subject"],
+    );
     let (got, _) = collect(&mut bob, 1, T);
     assert_eq!(bodies(&got), vec![format!("first {tok}")]);
     let (_, notices) = collect(&mut alice, 0, Duration::from_millis(500));
@@ -74,7 +78,9 @@ fn private_conversation_through_two_proxies_leaks_nothing() {
         }
     }
     assert!(!log.contains(&format!("first {tok}")));
-    assert!(!log.contains("jabber.org/protocol/xhtml-im") || !log.contains(&format!("first {tok}")));
+    assert!(
+        !log.contains("jabber.org/protocol/xhtml-im") || !log.contains(&format!("first {tok}"))
+    );
     assert!(log.contains("?OTR:AAM"), "ciphertext crossed the server");
     assert!(log.contains("urn:xmpp:eme:0"));
 }
@@ -107,7 +113,9 @@ fn offline_messages_are_recovered_without_new_ake() {
     let (got, notices) = collect(&mut bob, 10, T);
     assert_eq!(
         bodies(&got),
-        (0..10).map(|i| format!("offline1 {tok} {i}")).collect::<Vec<_>>(),
+        (0..10)
+            .map(|i| format!("offline1 {tok} {i}"))
+            .collect::<Vec<_>>(),
         "notices: {notices:?}"
     );
     assert!(got.iter().all(|m| m.stamp.is_some()), "delay stamps kept");
@@ -126,7 +134,9 @@ fn offline_messages_are_recovered_without_new_ake() {
     let (got, notices) = collect(&mut bob, 10, T);
     assert_eq!(
         bodies(&got),
-        (0..10).map(|i| format!("offline2 {tok} {i}")).collect::<Vec<_>>(),
+        (0..10)
+            .map(|i| format!("offline2 {tok} {i}"))
+            .collect::<Vec<_>>(),
         "notices: {notices:?}"
     );
     // The conversation continues both ways.
@@ -134,13 +144,20 @@ fn offline_messages_are_recovered_without_new_ake() {
     let (got, _) = collect(&mut alice, 1, T);
     assert_eq!(bodies(&got), vec![format!("back {tok}")]);
     alice.send(&ej.jid("bob"), &format!("welcome {tok}"));
-    assert_eq!(bodies(&collect(&mut bob, 1, T).0), vec![format!("welcome {tok}")]);
+    assert_eq!(
+        bodies(&collect(&mut bob, 1, T).0),
+        vec![format!("welcome {tok}")]
+    );
     // Make sure the log has caught up, then: no new AKE.
     let mut direct = XmppClient::direct(&ej, "alice", "pw-a");
     let marker = format!("marker {tok}");
     direct.send(&ej.jid("alice"), &marker);
     assert!(ej.wait_log_contains(&marker, T));
-    assert_eq!(commits_in_log(&ej), commits, "no D-H Commit after reconnection");
+    assert_eq!(
+        commits_in_log(&ej),
+        commits,
+        "no D-H Commit after reconnection"
+    );
 }
 
 /// Alice uses the proxy; bob uses an ordinary OTR stack (libotr) on a plain
@@ -206,7 +223,9 @@ fn mixed_peer_libotr_and_offline_restart() {
     let (got, notices) = collect(&mut alice, 5, T);
     assert_eq!(
         bodies(&got),
-        (0..5).map(|i| format!("while away {tok} {i}")).collect::<Vec<_>>(),
+        (0..5)
+            .map(|i| format!("while away {tok} {i}"))
+            .collect::<Vec<_>>(),
         "notices: {notices:?}"
     );
     alice.send(&ej.jid("bob"), &format!("resumed {tok}"));
@@ -230,7 +249,10 @@ fn always_policy_holds_until_peer_runs_otr() {
     alice.send(&ej.jid("bob"), &secret);
     let (got, _) = collect(&mut bob, 1, T);
     let first = bodies(&got);
-    assert!(first[0].starts_with("?OTRv"), "bob only sees a query: {first:?}");
+    assert!(
+        first[0].starts_with("?OTRv"),
+        "bob only sees a query: {first:?}"
+    );
     assert!(!first.iter().any(|b| b.contains(&secret)));
     let (_, notices) = collect(&mut alice, 0, Duration::from_millis(800));
     assert!(notices.iter().any(|n| n.contains("held")), "{notices:?}");
@@ -264,5 +286,8 @@ fn always_policy_holds_until_peer_runs_otr() {
     let marker = format!("marker {tok}");
     direct.send(&ej.jid("bob"), &marker);
     assert!(ej.wait_log_contains(&marker, T));
-    assert!(!ej.log_contents().contains(&secret), "never in plaintext on the server");
+    assert!(
+        !ej.log_contents().contains(&secret),
+        "never in plaintext on the server"
+    );
 }

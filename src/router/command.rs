@@ -41,9 +41,7 @@ impl Command {
     /// Parse a message body; `None` if it is not a command.
     pub fn parse(body: &str) -> Option<Command> {
         let t = body.trim();
-        let rest = t
-            .strip_prefix("/otr")
-            .or_else(|| t.strip_prefix("!otr"))?;
+        let rest = t.strip_prefix("/otr").or_else(|| t.strip_prefix("!otr"))?;
         if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
             return None;
         }
@@ -161,11 +159,7 @@ pub(crate) fn run(
 }
 
 fn status_text(r: &mut Router, peer: &str, now: u64) -> String {
-    let policy = r
-        .policies
-        .get(peer)
-        .copied()
-        .unwrap_or(r.shared.cfg.policy);
+    let policy = r.policies.get(peer).copied().unwrap_or(r.shared.cfg.policy);
     let Some(p) = r.peer(peer, now) else {
         return format!("{peer}: not logged in");
     };

@@ -254,7 +254,8 @@ impl Router {
         template: Option<&Element>,
         part: usize,
     ) -> Element {
-        let is_otr = body.starts_with("?OTR:") || body.starts_with("?OTR|") || body.starts_with("?OTR,");
+        let is_otr =
+            body.starts_with("?OTR:") || body.starts_with("?OTR|") || body.starts_with("?OTR,");
         let mut el = match template {
             // The user's own stanza: keep its id (receipts), type and safe children.
             Some(t) if part == 0 && stanza::is_message(t) && t.attr("to").is_some() => {
@@ -282,7 +283,13 @@ impl Router {
     }
 
     /// Record a fingerprint seen in an AKE; returns the trust text.
-    fn record_fingerprint(&mut self, account: &str, peer: &str, fpr: &[u8; 20], now: u64) -> String {
+    fn record_fingerprint(
+        &mut self,
+        account: &str,
+        peer: &str,
+        fpr: &[u8; 20],
+        now: u64,
+    ) -> String {
         let mut store = self.shared.store();
         let known = match store.fingerprints(account, peer) {
             Ok(k) => k,
@@ -494,6 +501,10 @@ impl StanzaHook for Router {
                 }
             }
         }
-        tracing::info!(account, conversations = self.peers.len(), "connection over; sessions suspended");
+        tracing::info!(
+            account,
+            conversations = self.peers.len(),
+            "connection over; sessions suspended"
+        );
     }
 }

@@ -36,9 +36,9 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
             version(*v),
             trust.unwrap_or("unverified"),
         ),
-        Notice::Resumed { .. } => format!(
-            "Private conversation with {peer} resumed from saved keys (no new handshake)."
-        ),
+        Notice::Resumed { .. } => {
+            format!("Private conversation with {peer} resumed from saved keys (no new handshake).")
+        }
         Notice::PeerEnded => format!(
             "{peer} ended the private conversation. Your messages are held until you type /otr end or /otr start."
         ),

@@ -5,5 +5,5 @@
 pub mod ejabberd;
 pub mod pair;
 pub mod peer;
-pub mod xmpp_client;
 pub mod proxy;
+pub mod xmpp_client;

@@ -39,7 +39,9 @@ impl ClientLegPki {
             "127.0.0.1".to_string(),
         ])
         .unwrap();
-        leaf_params.distinguished_name.push(DnType::CommonName, domain);
+        leaf_params
+            .distinguished_name
+            .push(DnType::CommonName, domain);
         let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
         std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
         std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
