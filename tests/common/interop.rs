@@ -432,7 +432,7 @@ pub fn check_version(l: &mut Link) {
     assert_eq!(ours, vec![u16::from(v)], "our version: {st:?}");
 }
 
-/// 1. AKE started by us (our query) or by them (their query).
+/// Scenario 1: AKE started by us (our query) or by them (their query).
 pub fn scenario_ake(kind: PeerKind, we_start: bool) {
     let mut l = default_link(kind, 1);
     l.establish(we_start);
@@ -451,7 +451,7 @@ pub fn scenario_ake(kind: PeerKind, we_start: bool) {
     l.they_say("hello from the peer");
 }
 
-/// 2. `n` messages alternating, each delivered exactly and in order.
+/// Scenario 2: `n` messages alternating, each delivered exactly and in order.
 pub fn scenario_alternating(kind: PeerKind, n: usize) {
     let mut l = default_link(kind, 2);
     l.establish(true);
@@ -481,7 +481,7 @@ pub fn scenario_alternating(kind: PeerKind, n: usize) {
     l.check_private();
 }
 
-/// 3. A burst of 50 one way without replies, then a reply; both ways.
+/// Scenario 3: A burst of 50 one way without replies, then a reply; both ways.
 pub fn scenario_burst(kind: PeerKind) {
     let mut l = default_link(kind, 3);
     l.establish(true);
@@ -506,7 +506,7 @@ pub fn scenario_burst(kind: PeerKind) {
     l.check_private();
 }
 
-/// 4. Fragmentation forced on both sides (`size` bytes), AKE included.
+/// Scenario 4: Fragmentation forced on both sides (`size` bytes), AKE included.
 pub fn scenario_fragmented(kind: PeerKind, size: usize) {
     let mut cfg = config(Policy::Always);
     cfg.max_message_bytes = size;
@@ -540,7 +540,7 @@ pub fn scenario_fragmented(kind: PeerKind, size: usize) {
     assert!(frag(Dir::ToUs) > 5, "the peer did not fragment");
 }
 
-/// 5. Opportunistic policy: a whitespace-tagged plaintext from one side
+/// Scenario 5: Opportunistic policy: a whitespace-tagged plaintext from one side
 /// starts the AKE.
 pub fn scenario_whitespace(kind: PeerKind, we_start: bool) {
     let mut l = Link::new(
@@ -581,7 +581,7 @@ pub fn scenario_whitespace(kind: PeerKind, we_start: bool) {
     l.they_say("indeed");
 }
 
-/// 6a. The peer ends the session.
+/// Scenario 6a: The peer ends the session.
 pub fn scenario_peer_ends(kind: PeerKind) {
     let mut l = default_link(kind, 6);
     l.establish(false);
@@ -615,7 +615,7 @@ pub fn scenario_peer_ends(kind: PeerKind) {
     assert!(l.take_peer_seen().plain.is_empty());
 }
 
-/// 6b. We end the session: the peer sees `finished`.
+/// Scenario 6b: We end the session: the peer sees `finished`.
 pub fn scenario_we_end(kind: PeerKind) {
     let mut l = default_link(kind, 7);
     l.establish(true);
@@ -631,7 +631,7 @@ pub fn scenario_we_end(kind: PeerKind) {
     assert_eq!(l.peer.status().state, MsgState::Finished);
 }
 
-/// 7a. A tampered data message from the peer is rejected and reported; the
+/// Scenario 7a: A tampered data message from the peer is rejected and reported; the
 /// genuine one is still accepted afterwards.
 pub fn scenario_tampered_incoming(kind: PeerKind, what: Tamper) {
     let mut l = default_link(kind, 8);
@@ -659,7 +659,7 @@ pub fn scenario_tampered_incoming(kind: PeerKind, what: Tamper) {
     l.they_say("yes");
 }
 
-/// 7b. A data message we send, tampered on the way, is rejected by the peer.
+/// Scenario 7b: A data message we send, tampered on the way, is rejected by the peer.
 pub fn scenario_tampered_outgoing(kind: PeerKind, what: Tamper) {
     let mut l = default_link(kind, 9);
     l.establish(false);
@@ -683,7 +683,7 @@ pub fn scenario_tampered_outgoing(kind: PeerKind, what: Tamper) {
     l.they_say("yes");
 }
 
-/// 8a. A data message from the peer replayed to us is rejected, right away
+/// Scenario 8a: A data message from the peer replayed to us is rejected, right away
 /// and after the keys moved on.
 pub fn scenario_replay_incoming(kind: PeerKind) {
     let mut l = default_link(kind, 10);
@@ -709,7 +709,7 @@ pub fn scenario_replay_incoming(kind: PeerKind) {
     l.they_say("still fine");
 }
 
-/// 8b. A data message of ours replayed to the peer is rejected.
+/// Scenario 8b: A data message of ours replayed to the peer is rejected.
 pub fn scenario_replay_outgoing(kind: PeerKind) {
     let mut l = default_link(kind, 11);
     l.establish(false);
@@ -729,7 +729,7 @@ pub fn scenario_replay_outgoing(kind: PeerKind) {
     l.we_say("still fine");
 }
 
-/// 9. Heartbeat: after receiving, with nothing sent for `heartbeat_secs`,
+/// Scenario 9: Heartbeat: after receiving, with nothing sent for `heartbeat_secs`,
 /// we send an empty IGNORE_UNREADABLE data message the peer shows nothing
 /// for.
 pub fn scenario_heartbeat(kind: PeerKind) {
