@@ -7,7 +7,8 @@
 mod common;
 
 use common::interop::*;
-use common::peer::PeerKind;
+use common::peer::{PeerKind, PeerOptions, PeerPolicy};
+use o2tr_proxy::otr::policy::Policy;
 
 const KIND: PeerKind = PeerKind::Libotr;
 
@@ -89,4 +90,28 @@ fn replay_to_peer_rejected() {
 #[test]
 fn heartbeat_after_silence() {
     scenario_heartbeat(KIND);
+}
+
+#[test]
+fn smp_request_is_refused_with_abort() {
+    scenario_smp_refused(KIND);
+}
+
+/// Extra: libotr restricted to version 2 (no instance tags), with
+/// fragmentation, both sides starting.
+#[test]
+fn version_2_with_libotr() {
+    for we_start in [true, false] {
+        let mut cfg = config(Policy::Always);
+        cfg.max_message_bytes = 200;
+        let opts = PeerOptions::policy(PeerPolicy::V2).with_fragment_size(200);
+        let mut l = Link::new(KIND, &opts, cfg, 14);
+        l.establish(we_start);
+        assert_eq!(l.peer.status().version, Some(2));
+        for i in 0..10 {
+            l.we_say(&format!("v2 message {i} {}", "z".repeat(i * 40)));
+            l.they_say(&format!("v2 answer {i} {}", "w".repeat(i * 40)));
+        }
+        assert!(l.wire_log.iter().any(|(_, m)| m.starts_with("?OTR,")));
+    }
 }

@@ -90,3 +90,8 @@ fn replay_to_peer_rejected() {
 fn heartbeat_after_silence() {
     scenario_heartbeat(KIND);
 }
+
+#[test]
+fn smp_request_is_refused_with_abort() {
+    scenario_smp_refused(KIND);
+}
