@@ -48,19 +48,12 @@ fn established(kind: PeerKind, fragmented: bool, seed: u64) -> (Link, PeerStatus
     (l, st)
 }
 
-/// What `finish` returns: the bodies of the messages the peer sent while
-/// we were down.
-struct Offline {
-    wire: Vec<String>,
-    texts: Vec<String>,
-}
-
 /// Our side is down (already restarted from the store by the caller at
 /// `mark`): an hour passes, the peer sends three messages. Then we are back:
 /// `pending` (messages already on the network to us before the crash) and
 /// the three are decrypted in order; the conversation continues both ways;
 /// no AKE happened since `mark`; the peer's status is unchanged.
-fn finish(l: &mut Link, mark: usize, status_before: &PeerStatus, pending: &[String]) -> Offline {
+fn finish(l: &mut Link, mark: usize, status_before: &PeerStatus, pending: &[String]) {
     assert!(
         l.ours.conv.is_private(),
         "restored session is not selected for sending"
@@ -70,7 +63,6 @@ fn finish(l: &mut Link, mark: usize, status_before: &PeerStatus, pending: &[Stri
     let texts: Vec<String> = (0..3)
         .map(|i| format!("sent while you were down #{i}"))
         .collect();
-    let mut wire = Vec::new();
     for t in &texts {
         let o = l.peer_types(t);
         assert!(!o.wire.is_empty());
@@ -78,7 +70,6 @@ fn finish(l: &mut Link, mark: usize, status_before: &PeerStatus, pending: &[Stri
             o.wire.iter().all(|m| !is_ake_or_query(m)),
             "peer did not send a data message: {o:?}"
         );
-        wire.extend(o.wire);
     }
     l.pump();
     let expected: Vec<String> = pending.iter().chain(&texts).cloned().collect();
@@ -121,7 +112,6 @@ fn finish(l: &mut Link, mark: usize, status_before: &PeerStatus, pending: &[Stri
     ] {
         assert!(!seen.has_event(ev), "peer reported {ev}: {seen:?}");
     }
-    Offline { wire, texts }
 }
 
 // --- restart after our send -------------------------------------------------
