@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ejabberd;
+pub mod interop;
 pub mod pair;
 pub mod peer;
 pub mod proxy;
