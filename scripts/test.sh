@@ -15,3 +15,5 @@ echo "== cargo test"
 cargo test --locked --all-targets -- --test-threads="${O2TR_TEST_THREADS:-2}"
 echo "== cargo test --doc"
 cargo test --locked --doc
+echo "== docker deployment checks (offline: compose config, hadolint, rendered ejabberd.yml)"
+bash scripts/check-docker.sh
