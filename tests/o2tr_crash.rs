@@ -121,6 +121,8 @@ fn crash_child_entry() {
     };
     let paths = Paths::new(Path::new(&root));
     let mut out = std::io::stdout().lock();
+    // The test harness's "test crash_child_entry ... " has no newline.
+    writeln!(out).unwrap();
     let key = Arc::new(DsaPrivateKey::from_bytes(&fs::read(&paths.key).unwrap()).unwrap());
     let now = T0 + 10;
     let mut store = SqliteStore::open(&paths.state).unwrap();
@@ -135,9 +137,7 @@ fn crash_child_entry() {
     // The client's view, then what the inbox still owes it.
     let shown = read_client(&paths.client);
     let mut last_id = shown.last().map_or(0, |(id, _)| *id);
-    let mut next = shown
-        .last()
-        .map_or(0, |(_, t)| index_of(t).unwrap() + 1);
+    let mut next = shown.last().map_or(0, |(_, t)| index_of(t).unwrap() + 1);
     let mut client = OpenOptions::new()
         .create(true)
         .append(true)
@@ -211,7 +211,10 @@ fn crash_child_entry() {
             }
         }
         if delivered != 1 {
-            fail(&mut out, &format!("message {j} delivered {delivered} times"));
+            fail(
+                &mut out,
+                &format!("message {j} delivered {delivered} times"),
+            );
         }
         ekm::release_oldest_held(&mut store, BOB, ALICE, step.release_held).unwrap();
     }
@@ -273,7 +276,10 @@ fn setup(paths: &Paths) -> Side {
     let mut cfg = Config::new(ALICE, ALICE_TAG);
     cfg.max_unanswered = u32::MAX;
     alice.conv = Conversation::new(cfg, ka.clone());
-    let pump = |alice: &mut Side, bob: &mut Conversation, store: &mut SqliteStore, rng: &mut ChaCha20Rng| {
+    let pump = |alice: &mut Side,
+                bob: &mut Conversation,
+                store: &mut SqliteStore,
+                rng: &mut ChaCha20Rng| {
         for _ in 0..100 {
             let mut idle = true;
             while let Some(m) = alice.outbox.pop_front() {
@@ -296,7 +302,10 @@ fn setup(paths: &Paths) -> Side {
     for i in 0..3 {
         alice.send(&format!("warm-up {i}"), T0);
         pump(&mut alice, &mut bob, &mut store, &mut rng);
-        bob_apply(&mut store, bob.handle_outgoing(&format!("re {i}"), T0, &mut rng));
+        bob_apply(
+            &mut store,
+            bob.handle_outgoing(&format!("re {i}"), T0, &mut rng),
+        );
         pump(&mut alice, &mut bob, &mut store, &mut rng);
     }
     assert_eq!(alice.texts(), ["re 0", "re 1", "re 2"]);
@@ -309,15 +318,27 @@ fn setup(paths: &Paths) -> Side {
 struct Report {
     fails: Vec<String>,
     recovered: usize,
+    pending: usize,
     replays: usize,
     ready: bool,
     done: bool,
 }
 
-fn spawn(root: &Path) -> (std::process::Child, mpsc::Receiver<String>, std::thread::JoinHandle<()>) {
+fn spawn(
+    root: &Path,
+) -> (
+    std::process::Child,
+    mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+) {
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
-        .args(["crash_child_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "crash_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, root)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -337,11 +358,18 @@ fn spawn(root: &Path) -> (std::process::Child, mpsc::Receiver<String>, std::thre
 }
 
 fn absorb(report: &mut Report, line: &str) {
+    if std::env::var_os("O2TR_CRASH_VERBOSE").is_some() {
+        eprintln!("child: {line}");
+    }
     if let Some(f) = line.strip_prefix("FAIL ") {
         report.fails.push(f.to_owned());
     } else if let Some(r) = line.strip_prefix("recovered ") {
-        let n: usize = r.split_whitespace().next().unwrap().parse().unwrap();
-        report.recovered += n;
+        let v: Vec<usize> = r
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        report.recovered += v[0];
+        report.pending += v[1];
     } else if line == "replay-rejected" {
         report.replays += 1;
     } else if line.starts_with("ready ") {
@@ -378,7 +406,7 @@ fn sigkill_during_offline_stream_loses_nothing() {
         let mut report = Report::default();
         if trial % 5 == 0 {
             // Kill somewhere in start-up: open, restore, pending inbox.
-            std::thread::sleep(Duration::from_micros(rand::random::<u64>() % 40_000));
+            std::thread::sleep(Duration::from_micros(rand::random::<u64>() % 15_000));
         } else {
             let deadline = Instant::now() + Duration::from_secs(30);
             while !report.ready {
@@ -398,6 +426,7 @@ fn sigkill_during_offline_stream_loses_nothing() {
         assert!(report.fails.is_empty(), "trial {trial}: {:?}", report.fails);
         killed_before_ready += usize::from(!report.ready);
         total.recovered += report.recovered;
+        total.pending += report.pending;
         total.replays += report.replays;
     }
 
@@ -415,6 +444,7 @@ fn sigkill_during_offline_stream_loses_nothing() {
     assert!(last.fails.is_empty(), "final child: {:?}", last.fails);
     assert!(last.done, "final child did not finish");
     total.recovered += last.recovered;
+    total.pending += last.pending;
     total.replays += last.replays;
 
     // Every message exactly once, in order, with increasing inbox ids.
@@ -429,10 +459,13 @@ fn sigkill_during_offline_stream_loses_nothing() {
     assert!(store.inbox(BOB, ALICE).unwrap().is_empty());
     eprintln!(
         "o2tr_crash: {trials} SIGKILLs ({killed_before_ready} before the child was ready), \
-         {} messages delivered exactly once in order, {} recovered from the inbox after a kill, \
-         {} replays rejected, {:.1} s",
+         {} messages delivered exactly once in order; after a kill the inbox held {} entries: \
+         {} recovered (committed, not yet shown) and {} duplicates dropped by the client's id \
+         check (shown, not yet acknowledged); {} replays rejected; {:.1} s",
         stream.len,
+        total.pending,
         total.recovered,
+        total.pending - total.recovered,
         total.replays,
         started.elapsed().as_secs_f64()
     );

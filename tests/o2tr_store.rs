@@ -172,7 +172,10 @@ impl Bob {
             self.client.show(m.id, &m.entry.text);
             store.ack_inbox(BOB, ALICE, m.id).unwrap();
         }
-        let conv = std::mem::replace(&mut r.conversation, Conversation::new(self.cfg.clone(), key()));
+        let conv = std::mem::replace(
+            &mut r.conversation,
+            Conversation::new(self.cfg.clone(), key()),
+        );
         self.proc = Some(Proc { conv, store });
         r
     }
@@ -296,7 +299,10 @@ fn restart_at_every_point_recovers_everything_without_ake() {
         b.sent_log[ake_bodies..].iter().all(|m| !is_ake(m)),
         "Bob sent an AKE message after the restarts"
     );
-    assert!(a.sent_log.iter().skip(3).all(|m| !is_ake(m)), "Alice re-keyed");
+    assert!(
+        a.sent_log.iter().skip(3).all(|m| !is_ake(m)),
+        "Alice re-keyed"
+    );
     assert_eq!(b.unreadable(), 0);
     assert!(
         b.notices
@@ -350,7 +356,10 @@ fn replay_after_reopen_is_rejected() {
         .snapshot(&ConversationKey::new(BOB, ALICE, ALICE_TAG))
         .unwrap()
         .unwrap();
-    assert_eq!(before.data, after.data, "a rejected replay changed the snapshot");
+    assert_eq!(
+        before.data, after.data,
+        "a rejected replay changed the snapshot"
+    );
     assert!(b.store().inbox(BOB, ALICE).unwrap().is_empty());
     // The session still works.
     a.send("twice", b.now);

@@ -228,7 +228,9 @@ pub fn split(actions: Vec<Action>) -> Step {
                 state: SessionState::Live,
                 data: p.snapshot,
             }),
-            Action::Forget { instance } => step.durable.push(DurableOp::DeleteSnapshot { instance }),
+            Action::Forget { instance } => {
+                step.durable.push(DurableOp::DeleteSnapshot { instance })
+            }
             Action::Hold(t) => step.durable.push(DurableOp::Hold(t)),
             Action::ReleaseHeld { count } => step.release_held += count,
         }
@@ -485,12 +487,20 @@ mod tests {
             Action::Forget { instance: 9 },
         ]);
         assert_eq!(step.durable.len(), 3);
-        assert!(matches!(step.durable[0], DurableOp::SaveSnapshot { instance: 7, .. }));
+        assert!(matches!(
+            step.durable[0],
+            DurableOp::SaveSnapshot { instance: 7, .. }
+        ));
         assert!(matches!(&step.durable[1], DurableOp::Inbox(e) if e.to_delivery() == d));
-        assert!(matches!(step.durable[2], DurableOp::DeleteSnapshot { instance: 9 }));
+        assert!(matches!(
+            step.durable[2],
+            DurableOp::DeleteSnapshot { instance: 9 }
+        ));
         assert_eq!(step.release_held, 2);
         assert!(matches!(step.effects[0], Effect::Notify(_)));
-        assert!(matches!(&step.effects[1], Effect::Deliver { slot: 0, delivery } if *delivery == d));
+        assert!(
+            matches!(&step.effects[1], Effect::Deliver { slot: 0, delivery } if *delivery == d)
+        );
         assert!(matches!(&step.effects[2], Effect::Send(s) if s == "reply"));
         assert!(!format!("{:?}", step.durable).contains("zqx"));
     }

@@ -158,7 +158,13 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        for t in ["account", "fingerprint", "held_message", "inbox", "snapshot"] {
+        for t in [
+            "account",
+            "fingerprint",
+            "held_message",
+            "inbox",
+            "snapshot",
+        ] {
             assert!(tables.iter().any(|n| n == t), "{t} missing: {tables:?}");
         }
         migrate(&mut c).unwrap();
