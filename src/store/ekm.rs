@@ -33,6 +33,21 @@
 //! [`split`] turns one batch of [`Action`]s (the result of one `handle_*`
 //! call) into that plan; [`restore_peer`] rebuilds a [`Conversation`] from
 //! the store after a restart, wiping expired or unreadable snapshots.
+//!
+//! # Use
+//!
+//! ```text
+//! let step = ekm::split(conv.handle_incoming(body, now, rng));
+//! let receipt = store.commit_step(account, peer, &step.durable, now)?;  // on Err: stop, release nothing
+//! for effect in step.effects {
+//!     Send(body)               => send upstream
+//!     Deliver { slot, delivery } => write to the client; once written,
+//!                                 store.ack_inbox(account, peer, receipt.inbox_ids[slot])
+//!     Notify(n)                => tell the user
+//! }
+//! ekm::release_oldest_held(store, account, peer, step.release_held)?;
+//! // After a restart: restore_peer(..) and hand `pending` to the client first.
+//! ```
 
 use std::fmt;
 use std::sync::Arc;
@@ -300,6 +315,9 @@ pub fn restore_peer(
     let mut expired = Vec::new();
     let mut discarded = Vec::new();
     for rec in store.snapshots_for_peer(account, peer)? {
+        if rec.state == SessionState::Finished {
+            continue; // ended explicitly: not resumable
+        }
         let instance = rec.key.instance;
         let usable = match EncryptedSession::restore(&rec.data) {
             Ok(s) if s.is_expired(now, lifetime) => {
