@@ -8,8 +8,8 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 use super::{
-    ConversationKey, FingerprintRecord, HeldMessage, Result, SessionState, SnapshotRecord, Store,
-    Trust,
+    CommitReceipt, ConversationKey, DurableOp, FingerprintRecord, HeldMessage, InboxMessage,
+    Result, SessionState, SnapshotRecord, Store, Trust,
 };
 
 #[derive(Default)]
@@ -29,6 +29,8 @@ pub struct MemoryStore {
     snapshots: BTreeMap<ConversationKey, SnapshotRecord>,
     held: BTreeMap<i64, HeldMessage>,
     last_held_id: i64,
+    inbox: BTreeMap<i64, InboxMessage>,
+    last_inbox_id: i64,
 }
 
 impl MemoryStore {
@@ -49,6 +51,7 @@ impl fmt::Debug for MemoryStore {
             .field("fingerprints", &self.fingerprints.len())
             .field("snapshots", &self.snapshots.len())
             .field("held", &self.held.len())
+            .field("inbox", &self.inbox.len())
             .finish()
     }
 }
@@ -251,5 +254,73 @@ impl Store for MemoryStore {
 
     fn release_held(&mut self, id: i64) -> Result<bool> {
         Ok(self.held.remove(&id).is_some())
+    }
+
+    fn commit_step(
+        &mut self,
+        account: &str,
+        peer: &str,
+        ops: &[DurableOp],
+        now: u64,
+    ) -> Result<CommitReceipt> {
+        // Nothing below can fail, so applying in place is atomic.
+        self.touch(account);
+        let mut receipt = CommitReceipt::default();
+        for op in ops {
+            match op {
+                DurableOp::SaveSnapshot {
+                    instance,
+                    state,
+                    data,
+                } => {
+                    let key = ConversationKey::new(account, peer, *instance);
+                    self.save_snapshot(&key, *state, data, now)?;
+                }
+                DurableOp::DeleteSnapshot { instance } => {
+                    self.delete_snapshot(&ConversationKey::new(account, peer, *instance))?;
+                }
+                DurableOp::Hold(text) => {
+                    receipt
+                        .held_ids
+                        .push(self.hold_message(account, peer, text, now)?);
+                }
+                DurableOp::Inbox(entry) => {
+                    self.last_inbox_id += 1;
+                    let id = self.last_inbox_id;
+                    self.inbox.insert(
+                        id,
+                        InboxMessage {
+                            id,
+                            account: account.to_owned(),
+                            peer: peer.to_owned(),
+                            entry: entry.clone(),
+                            received_at: now,
+                        },
+                    );
+                    receipt.inbox_ids.push(id);
+                }
+            }
+        }
+        Ok(receipt)
+    }
+
+    fn inbox(&self, account: &str, peer: &str) -> Result<Vec<InboxMessage>> {
+        Ok(self
+            .inbox
+            .values()
+            .filter(|m| m.account == account && m.peer == peer)
+            .cloned()
+            .collect())
+    }
+
+    fn all_inbox(&self) -> Result<Vec<InboxMessage>> {
+        Ok(self.inbox.values().cloned().collect())
+    }
+
+    fn ack_inbox(&mut self, account: &str, peer: &str, through: i64) -> Result<usize> {
+        let before = self.inbox.len();
+        self.inbox
+            .retain(|id, m| !(*id <= through && m.account == account && m.peer == peer));
+        Ok(before - self.inbox.len())
     }
 }

@@ -10,7 +10,9 @@
 //! * per conversation (account, peer bare JID, peer instance tag): the EKM
 //!   snapshot (opaque bytes) with its [`SessionState`] and timestamps;
 //! * outgoing messages held by policy (DESIGN §3, policy `always`), in FIFO
-//!   order.
+//!   order;
+//! * the *inbox*: decrypted plaintexts committed together with the snapshot
+//!   that consumed them and kept until the client has them ([`ekm`]).
 //!
 //! Everything goes through the small [`Store`] trait, with two
 //! implementations: [`MemoryStore`] for tests and [`SqliteStore`], the
@@ -38,6 +40,7 @@
 //!   it known, and [`Store::accounts`] lists every known account.
 
 mod disk;
+pub mod ekm;
 mod memory;
 mod row;
 mod schema;
@@ -50,6 +53,7 @@ use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
+pub use ekm::{CommitReceipt, DurableOp, InboxEntry, InboxMessage};
 pub use memory::MemoryStore;
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::{DB_FILE_NAME, SqliteStore};
@@ -366,4 +370,27 @@ pub trait Store: Send {
     /// Removes (and wipes) a held message once it has been sent; returns
     /// whether it existed.
     fn release_held(&mut self, id: i64) -> Result<bool>;
+
+    /// Applies the durable part of one OTR core step for (`account`, `peer`)
+    /// atomically, in order: snapshot saves (state and data, `updated_at =
+    /// now`) and deletions of that peer's instances, held messages, inbox
+    /// entries (`received_at = now`). Either every op is durable on return,
+    /// or (on `Err`) none is. Replaced and deleted snapshot bytes are wiped
+    /// as by [`Store::save_snapshot`] / [`Store::delete_snapshot`]. See
+    /// [`ekm`] for why the inbox must share the snapshot's transaction.
+    fn commit_step(
+        &mut self,
+        account: &str,
+        peer: &str,
+        ops: &[DurableOp],
+        now: u64,
+    ) -> Result<CommitReceipt>;
+    /// Inbox entries of (`account`, `peer`) not yet acknowledged, oldest
+    /// (lowest id) first.
+    fn inbox(&self, account: &str, peer: &str) -> Result<Vec<InboxMessage>>;
+    /// Every inbox entry not yet acknowledged, by id.
+    fn all_inbox(&self) -> Result<Vec<InboxMessage>>;
+    /// Removes (and wipes) every inbox entry of (`account`, `peer`) whose id
+    /// is at most `through` (the client has them); returns how many.
+    fn ack_inbox(&mut self, account: &str, peer: &str, through: i64) -> Result<usize>;
 }

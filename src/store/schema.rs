@@ -49,6 +49,19 @@ const MIGRATIONS: &[&str] = &[
         queued_at INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX held_by_peer ON held_message(account, peer, id);",
+    // Version 2: plaintexts committed with the snapshot that consumed them
+    // (store/ekm.rs), kept until the client has them.
+    "CREATE TABLE inbox (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        account     TEXT NOT NULL REFERENCES account(account) ON DELETE CASCADE,
+        peer        TEXT NOT NULL,
+        instance    INTEGER NOT NULL CHECK (instance BETWEEN 0 AND 4294967295),
+        text        TEXT NOT NULL,
+        encrypted   INTEGER NOT NULL CHECK (encrypted IN (0, 1)),
+        offline     INTEGER NOT NULL CHECK (offline IN (0, 1)),
+        received_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX inbox_by_peer ON inbox(account, peer, id);",
 ];
 
 /// The schema version this build writes (and the newest it can read).
@@ -145,7 +158,13 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        for t in ["account", "fingerprint", "held_message", "snapshot"] {
+        for t in [
+            "account",
+            "fingerprint",
+            "held_message",
+            "inbox",
+            "snapshot",
+        ] {
             assert!(tables.iter().any(|n| n == t), "{t} missing: {tables:?}");
         }
         migrate(&mut c).unwrap();

@@ -18,14 +18,14 @@ use zeroize::Zeroizing;
 
 use super::row::{
     FINGERPRINT_COLUMNS, HELD_COLUMNS, RawFingerprint, RawSnapshot, SNAPSHOT_COLUMNS,
-    ensure_account, fingerprint_record, held_from_row, held_record, to_i64, to_u32,
+    ensure_account, fingerprint_record, held_from_row, held_record, to_i64, to_u32, to_u64,
 };
 use super::schema::{
     BUSY_TIMEOUT, check_version, classify, inspect_read_only, migrate, user_version,
 };
 use super::{
-    ConversationKey, Error, FingerprintRecord, HeldMessage, Result, SessionState, SnapshotRecord,
-    Store,
+    CommitReceipt, ConversationKey, DurableOp, Error, FingerprintRecord, HeldMessage, InboxEntry,
+    InboxMessage, Result, SessionState, SnapshotRecord, Store,
 };
 use super::{Trust, disk};
 
@@ -201,6 +201,48 @@ impl SqliteStore {
             })?
             .collect::<rusqlite::Result<Vec<RawFingerprint>>>()?;
         raws.into_iter().map(fingerprint_record).collect()
+    }
+
+    fn inbox_where(&self, cond: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<InboxMessage>> {
+        let sql = format!(
+            "SELECT id, account, peer, instance, text, encrypted, offline, received_at \
+             FROM inbox {cond} ORDER BY id"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        type Raw = (i64, String, String, i64, Zeroizing<String>, bool, bool, i64);
+        let raws = stmt
+            .query_map(args, |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    // Copied straight from SQLite's buffer into a zeroizing String.
+                    Zeroizing::new(r.get_ref(4)?.as_str()?.to_owned()),
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<Raw>>>()?;
+        raws.into_iter()
+            .map(
+                |(id, account, peer, instance, text, encrypted, offline, at)| {
+                    Ok(InboxMessage {
+                        id,
+                        account,
+                        peer,
+                        entry: InboxEntry {
+                            instance: to_u32(instance, "instance tag")?,
+                            text,
+                            encrypted,
+                            offline,
+                        },
+                        received_at: to_u64(at, "received_at")?,
+                    })
+                },
+            )
+            .collect()
     }
 
     fn held_where(&self, cond: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<HeldMessage>> {
@@ -474,6 +516,114 @@ impl Store for SqliteStore {
             self.wipe();
         }
         Ok(n > 0)
+    }
+
+    fn commit_step(
+        &mut self,
+        account: &str,
+        peer: &str,
+        ops: &[DurableOp],
+        now: u64,
+    ) -> Result<CommitReceipt> {
+        let now = to_i64(now, "commit time")?;
+        let mut receipt = CommitReceipt::default();
+        let mut replaced = false;
+        let mut deleted = false;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        ensure_account(&tx, account)?;
+        for op in ops {
+            match op {
+                DurableOp::SaveSnapshot {
+                    instance,
+                    state,
+                    data,
+                } => {
+                    let args = params![account, peer, i64::from(*instance)];
+                    replaced |= tx
+                        .query_row(
+                            "SELECT 1 FROM snapshot
+                             WHERE account = ?1 AND peer = ?2 AND instance = ?3",
+                            args,
+                            |_| Ok(()),
+                        )
+                        .optional()?
+                        .is_some();
+                    tx.execute(
+                        "INSERT INTO snapshot(account, peer, instance, state, data,
+                                              created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                         ON CONFLICT(account, peer, instance) DO UPDATE SET
+                             state = excluded.state, data = excluded.data,
+                             updated_at = excluded.updated_at",
+                        params![
+                            account,
+                            peer,
+                            i64::from(*instance),
+                            state.to_code(),
+                            data.as_slice(),
+                            now
+                        ],
+                    )?;
+                }
+                DurableOp::DeleteSnapshot { instance } => {
+                    deleted |= tx.execute(
+                        "DELETE FROM snapshot WHERE account = ?1 AND peer = ?2 AND instance = ?3",
+                        params![account, peer, i64::from(*instance)],
+                    )? > 0;
+                }
+                DurableOp::Hold(text) => {
+                    tx.execute(
+                        "INSERT INTO held_message(account, peer, text, queued_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![account, peer, text.as_str(), now],
+                    )?;
+                    receipt.held_ids.push(tx.last_insert_rowid());
+                }
+                DurableOp::Inbox(e) => {
+                    tx.execute(
+                        "INSERT INTO inbox(account, peer, instance, text, encrypted, offline,
+                                           received_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![
+                            account,
+                            peer,
+                            i64::from(e.instance),
+                            e.text.as_str(),
+                            e.encrypted,
+                            e.offline,
+                            now
+                        ],
+                    )?;
+                    receipt.inbox_ids.push(tx.last_insert_rowid());
+                }
+            }
+        }
+        tx.commit()?;
+        if deleted || (replaced && self.wipe_on_replace) {
+            self.wipe();
+        }
+        Ok(receipt)
+    }
+
+    fn inbox(&self, account: &str, peer: &str) -> Result<Vec<InboxMessage>> {
+        self.inbox_where("WHERE account = ?1 AND peer = ?2", &[&account, &peer])
+    }
+
+    fn all_inbox(&self) -> Result<Vec<InboxMessage>> {
+        self.inbox_where("", &[])
+    }
+
+    fn ack_inbox(&mut self, account: &str, peer: &str, through: i64) -> Result<usize> {
+        let n = self.conn.execute(
+            "DELETE FROM inbox WHERE account = ?1 AND peer = ?2 AND id <= ?3",
+            params![account, peer, through],
+        )?;
+        if n > 0 {
+            self.wipe();
+        }
+        Ok(n)
     }
 }
 

@@ -1,0 +1,525 @@
+//! Glue between the OTR core's actions and the store: the atomic "EKM
+//! commit" that makes O2TR's *persist before release* rule (DESIGN §5, O2TR
+//! paper §4) lose nothing when the process dies.
+//!
+//! # Why an inbox
+//!
+//! The core emits, for an incoming data message, `Persist(snapshot)` then
+//! `Deliver(text)`. The snapshot has already consumed the message (its
+//! receive counter moved past it, possibly its keys rotated), so once it is
+//! durable the same ciphertext is a replay and will be rejected forever. If
+//! the process dies after the snapshot is stored but before the plaintext
+//! reached the client, the message is **lost**. Delivering before persisting
+//! is no answer either: a crash after delivery would restore the old
+//! counters, and the message (or a replay of it by an attacker) would be
+//! accepted a second time.
+//!
+//! The fix is to make "this message was consumed" and "this plaintext is
+//! owed to the client" one fact: the decrypted text is written to an
+//! *inbox* table in the **same transaction** as the snapshot
+//! ([`Store::commit_step`]). After the commit, the text is handed to the
+//! client and only then acknowledged ([`Store::ack_inbox`], which deletes
+//! and wipes it). After a crash the unacknowledged inbox entries are handed
+//! over again, in order ([`Store::inbox`]). Delivery to the client is thus
+//! *at least once*; a consumer that remembers the highest inbox id it has
+//! seen (the ids increase and are never reused) makes it *exactly once*.
+//!
+//! Effects that leave the proxy (ciphertext upstream, notices, plaintext to
+//! the client) are performed only after the commit. `ReleaseHeld` is applied
+//! after the sends it accounts for ([`release_oldest_held`]): a crash in
+//! between re-sends those held messages (with fresh counters) rather than
+//! losing them.
+//!
+//! [`split`] turns one batch of [`Action`]s (the result of one `handle_*`
+//! call) into that plan; [`restore_peer`] rebuilds a [`Conversation`] from
+//! the store after a restart, wiping expired or unreadable snapshots.
+//!
+//! # Use
+//!
+//! ```text
+//! let step = ekm::split(conv.handle_incoming(body, now, rng));
+//! let receipt = store.commit_step(account, peer, &step.durable, now)?;  // on Err: stop, release nothing
+//! for effect in step.effects {
+//!     Send(body)               => send upstream
+//!     Deliver { slot, delivery } => write to the client; once written,
+//!                                 store.ack_inbox(account, peer, receipt.inbox_ids[slot])
+//!     Notify(n)                => tell the user
+//! }
+//! ekm::release_oldest_held(store, account, peer, step.release_held)?;
+//! // After a restart: restore_peer(..) and hand `pending` to the client first.
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use super::{ConversationKey, Result, SessionState, Store};
+use crate::otr::conversation::{Action, Config, Conversation, Delivery, Notice};
+use crate::otr::crypto::DsaPrivateKey;
+use crate::otr::offline::EncryptedSession;
+
+/// A plaintext owed to the client, written in the same transaction as the
+/// snapshot that consumed its ciphertext. `Debug` does not print `text`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    /// The peer instance it came from (0 for plaintext / v2).
+    pub instance: u32,
+    /// The message text.
+    pub text: Zeroizing<String>,
+    /// Whether it arrived encrypted and verified.
+    pub encrypted: bool,
+    /// Whether it was recovered from a suspended session (OMD).
+    pub offline: bool,
+}
+
+impl InboxEntry {
+    /// The entry for a core [`Delivery`].
+    pub fn from_delivery(d: &Delivery) -> Self {
+        InboxEntry {
+            instance: d.instance,
+            text: Zeroizing::new(d.text.clone()),
+            encrypted: d.encrypted,
+            offline: d.offline,
+        }
+    }
+
+    /// The [`Delivery`] to hand to the client.
+    pub fn to_delivery(&self) -> Delivery {
+        Delivery {
+            text: self.text.to_string(),
+            encrypted: self.encrypted,
+            instance: self.instance,
+            offline: self.offline,
+        }
+    }
+}
+
+impl fmt::Debug for InboxEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboxEntry")
+            .field("instance", &self.instance)
+            .field(
+                "text",
+                &format_args!("<{} bytes redacted>", self.text.len()),
+            )
+            .field("encrypted", &self.encrypted)
+            .field("offline", &self.offline)
+            .finish()
+    }
+}
+
+/// A stored inbox entry. `Debug` does not print the text.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct InboxMessage {
+    /// Store-assigned id, increasing in commit order, never reused.
+    pub id: i64,
+    /// Local account.
+    pub account: String,
+    /// Peer bare JID.
+    pub peer: String,
+    /// The entry.
+    pub entry: InboxEntry,
+    /// When it was committed (unix seconds).
+    pub received_at: u64,
+}
+
+/// One durable change of a [`Store::commit_step`], applied in order.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DurableOp {
+    /// Save (insert or replace) the snapshot of an instance.
+    SaveSnapshot {
+        /// Their instance tag.
+        instance: u32,
+        /// The state to record.
+        state: SessionState,
+        /// The serialized EKM snapshot (secret).
+        data: Zeroizing<Vec<u8>>,
+    },
+    /// Delete (and wipe) the snapshot of an instance.
+    DeleteSnapshot {
+        /// Their instance tag.
+        instance: u32,
+    },
+    /// Hold an outgoing user message.
+    Hold(Zeroizing<String>),
+    /// Append a plaintext to the inbox.
+    Inbox(InboxEntry),
+}
+
+impl fmt::Debug for DurableOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DurableOp::SaveSnapshot {
+                instance,
+                state,
+                data,
+            } => f
+                .debug_struct("SaveSnapshot")
+                .field("instance", instance)
+                .field("state", state)
+                .field("bytes", &data.len())
+                .finish(),
+            DurableOp::DeleteSnapshot { instance } => f
+                .debug_struct("DeleteSnapshot")
+                .field("instance", instance)
+                .finish(),
+            DurableOp::Hold(t) => write!(f, "Hold(<{} bytes redacted>)", t.len()),
+            DurableOp::Inbox(e) => f.debug_tuple("Inbox").field(e).finish(),
+        }
+    }
+}
+
+/// What a [`Store::commit_step`] assigned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitReceipt {
+    /// Ids of the inbox entries, in the order of the [`DurableOp::Inbox`] ops.
+    pub inbox_ids: Vec<i64>,
+    /// Ids of the held messages, in the order of the [`DurableOp::Hold`] ops.
+    pub held_ids: Vec<i64>,
+}
+
+/// An effect to perform after the commit, in order.
+#[derive(Debug)]
+pub enum Effect {
+    /// Send this body upstream.
+    Send(String),
+    /// Hand inbox entry number `slot` of this step (index into
+    /// [`CommitReceipt::inbox_ids`]) to the client, then acknowledge it.
+    Deliver {
+        /// Index of the entry among this step's inbox ops.
+        slot: usize,
+        /// The text for the client.
+        delivery: Delivery,
+    },
+    /// Tell the user.
+    Notify(Notice),
+}
+
+/// One batch of core actions, planned for crash safety: commit `durable`
+/// atomically, perform `effects` in order, then release `release_held`
+/// held messages with [`release_oldest_held`].
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Committed first, in one transaction.
+    pub durable: Vec<DurableOp>,
+    /// Performed after the commit.
+    pub effects: Vec<Effect>,
+    /// Held messages to drop after the effects (oldest first).
+    pub release_held: usize,
+}
+
+impl Step {
+    /// Whether there is nothing to commit.
+    pub fn needs_commit(&self) -> bool {
+        !self.durable.is_empty()
+    }
+}
+
+/// Plan one batch of core actions (the result of one `handle_*` call).
+///
+/// Every state change (`Persist`, `Forget`, `Hold`) and every plaintext
+/// (`Deliver`, as an inbox entry) goes to the durable part; sends, deliveries
+/// and notices keep their relative order in `effects`; `ReleaseHeld` counts
+/// are summed and applied last.
+pub fn split(actions: Vec<Action>) -> Step {
+    let mut step = Step::default();
+    let mut slots = 0;
+    for a in actions {
+        match a {
+            Action::Send(s) => step.effects.push(Effect::Send(s)),
+            Action::Deliver(d) => {
+                step.durable
+                    .push(DurableOp::Inbox(InboxEntry::from_delivery(&d)));
+                step.effects.push(Effect::Deliver {
+                    slot: slots,
+                    delivery: d,
+                });
+                slots += 1;
+            }
+            Action::Notify(n) => step.effects.push(Effect::Notify(n)),
+            Action::Persist(p) => step.durable.push(DurableOp::SaveSnapshot {
+                instance: p.instance,
+                state: SessionState::Live,
+                data: p.snapshot,
+            }),
+            Action::Forget { instance } => {
+                step.durable.push(DurableOp::DeleteSnapshot { instance })
+            }
+            Action::Hold(t) => step.durable.push(DurableOp::Hold(t)),
+            Action::ReleaseHeld { count } => step.release_held += count,
+        }
+    }
+    step
+}
+
+/// Release (delete and wipe) the `count` oldest held messages of
+/// (`account`, `peer`); returns how many existed.
+pub fn release_oldest_held(
+    store: &mut dyn Store,
+    account: &str,
+    peer: &str,
+    count: usize,
+) -> Result<usize> {
+    let mut n = 0;
+    for m in store.held_messages(account, peer)?.into_iter().take(count) {
+        if store.release_held(m.id)? {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// A conversation rebuilt from the store after a restart.
+pub struct Restored {
+    /// The conversation, with every usable snapshot restored as a suspended
+    /// session and the held messages queued.
+    pub conversation: Conversation,
+    /// Instances restored.
+    pub restored: Vec<u32>,
+    /// Instances whose snapshot had expired and was wiped.
+    pub expired: Vec<u32>,
+    /// Instances whose snapshot could not be read and was wiped.
+    pub discarded: Vec<u32>,
+    /// Plaintexts committed but not yet acknowledged by the client, oldest
+    /// first: hand them over before anything new.
+    pub pending: Vec<InboxMessage>,
+}
+
+impl fmt::Debug for Restored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Restored")
+            .field("restored", &self.restored)
+            .field("expired", &self.expired)
+            .field("discarded", &self.discarded)
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rebuild the conversation of (`account`, `peer`) from the store: restore
+/// every snapshot not older than `lifetime` seconds at `now` (older ones
+/// and unreadable ones are deleted and wiped), queue the held messages, and
+/// list the inbox entries still owed to the client.
+pub fn restore_peer(
+    store: &mut dyn Store,
+    account: &str,
+    peer: &str,
+    cfg: Config,
+    long_term: Arc<DsaPrivateKey>,
+    now: u64,
+    lifetime: u64,
+) -> Result<Restored> {
+    let mut conversation = Conversation::new(cfg, long_term);
+    let mut restored = Vec::new();
+    let mut expired = Vec::new();
+    let mut discarded = Vec::new();
+    for rec in store.snapshots_for_peer(account, peer)? {
+        if rec.state == SessionState::Finished {
+            continue; // ended explicitly: not resumable
+        }
+        let instance = rec.key.instance;
+        let usable = match EncryptedSession::restore(&rec.data) {
+            Ok(s) if s.is_expired(now, lifetime) => {
+                expired.push(instance);
+                false
+            }
+            Ok(_) => match conversation.restore(&rec.data) {
+                Ok(_) => {
+                    restored.push(instance);
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(account, peer, instance, cause = %e, "snapshot not restorable; wiping it");
+                    discarded.push(instance);
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::warn!(account, peer, instance, cause = %e, "unreadable snapshot; wiping it");
+                discarded.push(instance);
+                false
+            }
+        };
+        if !usable {
+            store.delete_snapshot(&ConversationKey::new(account, peer, instance))?;
+        }
+    }
+    conversation.restore_held(
+        store
+            .held_messages(account, peer)?
+            .into_iter()
+            .map(|m| m.text),
+    );
+    let pending = store.inbox(account, peer)?;
+    Ok(Restored {
+        conversation,
+        restored,
+        expired,
+        discarded,
+        pending,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemoryStore, SqliteStore};
+
+    const A: &str = "alice@x";
+    const P: &str = "bob@y";
+
+    fn entry(text: &str) -> InboxEntry {
+        InboxEntry {
+            instance: 0x100,
+            text: Zeroizing::new(text.to_owned()),
+            encrypted: true,
+            offline: false,
+        }
+    }
+
+    fn save(instance: u32, data: &[u8]) -> DurableOp {
+        DurableOp::SaveSnapshot {
+            instance,
+            state: SessionState::Live,
+            data: Zeroizing::new(data.to_vec()),
+        }
+    }
+
+    fn texts(s: &dyn Store) -> Vec<String> {
+        s.inbox(A, P)
+            .unwrap()
+            .iter()
+            .map(|m| m.entry.text.to_string())
+            .collect()
+    }
+
+    fn suite(s: &mut dyn Store) {
+        let r = s
+            .commit_step(
+                A,
+                P,
+                &[
+                    save(0x100, b"s1"),
+                    DurableOp::Inbox(entry("one")),
+                    DurableOp::Hold(Zeroizing::new("h".into())),
+                    DurableOp::Inbox(entry("two")),
+                ],
+                10,
+            )
+            .unwrap();
+        assert_eq!(r.inbox_ids.len(), 2);
+        assert_eq!(r.held_ids.len(), 1);
+        assert!(r.inbox_ids[0] < r.inbox_ids[1]);
+        assert_eq!(texts(s), ["one", "two"]);
+        let snap = s.snapshot(&ConversationKey::new(A, P, 0x100)).unwrap();
+        assert_eq!(snap.unwrap().data.as_slice(), b"s1");
+        assert_eq!(s.held_messages(A, P).unwrap().len(), 1);
+        assert!(s.inbox("other@x", P).unwrap().is_empty());
+        let m = &s.inbox(A, P).unwrap()[0];
+        assert_eq!((m.received_at, m.entry.instance), (10, 0x100));
+
+        // Ack through the first id only.
+        assert_eq!(s.ack_inbox(A, P, r.inbox_ids[0]).unwrap(), 1);
+        assert_eq!(texts(s), ["two"]);
+        assert_eq!(s.ack_inbox(A, P, r.inbox_ids[0]).unwrap(), 0);
+
+        // Save then delete within one step; ids keep increasing.
+        let r2 = s
+            .commit_step(
+                A,
+                P,
+                &[
+                    save(0x200, b"s2"),
+                    DurableOp::DeleteSnapshot { instance: 0x100 },
+                    DurableOp::Inbox(entry("three")),
+                ],
+                11,
+            )
+            .unwrap();
+        assert!(r2.inbox_ids[0] > r.inbox_ids[1]);
+        let insts: Vec<u32> = s
+            .snapshots_for_peer(A, P)
+            .unwrap()
+            .iter()
+            .map(|r| r.key.instance)
+            .collect();
+        assert_eq!(insts, [0x200]);
+        assert_eq!(s.ack_inbox(A, P, i64::MAX).unwrap(), 2);
+        assert!(s.all_inbox().unwrap().is_empty());
+        let r3 = s
+            .commit_step(A, P, &[DurableOp::Inbox(entry("four"))], 12)
+            .unwrap();
+        assert!(r3.inbox_ids[0] > r2.inbox_ids[0], "ids never reused");
+    }
+
+    #[test]
+    fn memory_store_inbox() {
+        suite(&mut MemoryStore::new());
+    }
+
+    #[test]
+    fn sqlite_store_inbox() {
+        let dir = tempfile::tempdir().unwrap();
+        suite(&mut SqliteStore::open(&dir.path().join("s")).unwrap());
+    }
+
+    #[test]
+    fn failed_commit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("s")).unwrap();
+        s.commit_step(A, P, &[save(1, b"old")], 1).unwrap();
+        // `now` beyond i64 fails the whole step.
+        assert!(
+            s.commit_step(
+                A,
+                P,
+                &[save(1, b"new"), DurableOp::Inbox(entry("x"))],
+                u64::MAX
+            )
+            .is_err()
+        );
+        let snap = s.snapshot(&ConversationKey::new(A, P, 1)).unwrap().unwrap();
+        assert_eq!(snap.data.as_slice(), b"old");
+        assert!(s.inbox(A, P).unwrap().is_empty());
+    }
+
+    #[test]
+    fn split_orders_durable_before_effects() {
+        use crate::otr::conversation::Persist;
+        let d = Delivery {
+            text: "zqx-secret".into(),
+            encrypted: true,
+            instance: 7,
+            offline: true,
+        };
+        let step = split(vec![
+            Action::Persist(Persist {
+                instance: 7,
+                snapshot: Zeroizing::new(b"snap".to_vec()),
+            }),
+            Action::Notify(Notice::Resumed { instance: 7 }),
+            Action::Deliver(d.clone()),
+            Action::Send("reply".into()),
+            Action::ReleaseHeld { count: 2 },
+            Action::Forget { instance: 9 },
+        ]);
+        assert_eq!(step.durable.len(), 3);
+        assert!(matches!(
+            step.durable[0],
+            DurableOp::SaveSnapshot { instance: 7, .. }
+        ));
+        assert!(matches!(&step.durable[1], DurableOp::Inbox(e) if e.to_delivery() == d));
+        assert!(matches!(
+            step.durable[2],
+            DurableOp::DeleteSnapshot { instance: 9 }
+        ));
+        assert_eq!(step.release_held, 2);
+        assert!(matches!(step.effects[0], Effect::Notify(_)));
+        assert!(
+            matches!(&step.effects[1], Effect::Deliver { slot: 0, delivery } if *delivery == d)
+        );
+        assert!(matches!(&step.effects[2], Effect::Send(s) if s == "reply"));
+        assert!(!format!("{:?}", step.durable).contains("zqx"));
+    }
+}
