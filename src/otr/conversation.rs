@@ -872,10 +872,17 @@ impl Conversation {
             Ok(x) => x,
             Err(e) => {
                 if !ignore_unreadable {
+                    // An authentic message we already consumed (the server
+                    // re-delivering after a crash, or a replay): no OTR
+                    // error, since libotr answers one with a new AKE, which
+                    // would defeat resumption.
+                    let replay = matches!(e, Error::Peer(PeerMisbehaved::CounterNotIncreasing));
                     out.push(Action::Notify(Notice::Unreadable {
                         reason: e.to_string(),
                     }));
-                    out.push(Action::Send(message::error_message(UNREADABLE_ERROR)));
+                    if !replay {
+                        out.push(Action::Send(message::error_message(UNREADABLE_ERROR)));
+                    }
                 }
                 return;
             }

@@ -575,6 +575,7 @@ impl Relay<'_> {
                 }
             }
         }
+        self.hook.flushed();
         Ok(())
     }
 

@@ -32,6 +32,10 @@ pub trait StanzaHook: Send {
     fn from_server(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing>;
     /// Called about once a second after bind (timers, retries).
     fn tick(&mut self, now: SystemTime) -> Vec<Outgoing>;
+    /// Everything the last `from_*`/`tick` call returned was written and
+    /// flushed to the sockets (the router acknowledges durable deliveries
+    /// here). The default does nothing.
+    fn flushed(&mut self) {}
     /// The connection is over (either side, or proxy shutdown). Called
     /// exactly once, also when the connection never reached bind.
     fn disconnected(&mut self, now: SystemTime);

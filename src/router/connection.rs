@@ -5,7 +5,7 @@
 //! EKM snapshot is written to the store before anything that follows it
 //! leaves the proxy — if the write fails, nothing after it is released.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,10 +16,10 @@ use super::account::{Identity, load_or_create};
 use super::command::{self, Command};
 use super::notice;
 use crate::otr::conversation::{Action, Config, Conversation, Notice};
-use crate::otr::offline::EncryptedSession;
 use crate::otr::policy::Policy;
 use crate::proxy::{Outgoing, StanzaHook};
-use crate::store::{ConversationKey, SessionState, Trust};
+use crate::store::ekm::{self, Effect};
+use crate::store::{ConversationKey, InboxMessage, SessionState, Trust};
 use crate::xmpp::stanza::{self, MessageType};
 use crate::xmpp::{Element, Jid, ns};
 
@@ -52,6 +52,14 @@ pub struct Router {
     pub(crate) policies: HashMap<String, Policy>,
     pub(crate) rng: StdRng,
     next_id: u64,
+    /// Inbox entries handed to the connection, acknowledged on the next call.
+    acks: Vec<(String, i64)>,
+    /// Held messages sent, released on the next call.
+    releases: Vec<(String, usize)>,
+    /// Committed plaintexts from before a crash, still owed to the client.
+    undelivered: Vec<InboxMessage>,
+    /// Inbox ids already handed over on this connection.
+    handed: HashSet<i64>,
 }
 
 impl Router {
@@ -63,6 +71,10 @@ impl Router {
             policies: HashMap::new(),
             rng: rand::make_rng(),
             next_id: 0,
+            acks: Vec::new(),
+            releases: Vec::new(),
+            undelivered: Vec::new(),
+            handed: HashSet::new(),
         }
     }
 
@@ -86,14 +98,15 @@ impl Router {
     }
 
     /// The conversation with `peer` (bare JID), restoring suspended
-    /// sessions and held messages from the store on first use.
+    /// sessions, held messages and undelivered plaintexts from the store on
+    /// first use.
     pub(crate) fn peer(&mut self, peer: &str, now: u64) -> Option<&mut Peer> {
         if !self.peers.contains_key(peer) {
             let acc = self.account.as_ref()?;
             if self.peers.len() >= self.shared.cfg.max_conversations {
                 tracing::warn!(
                     limit = self.shared.cfg.max_conversations,
-                    "conversation limit reached; message passed through untouched"
+                    "conversation limit reached; message not processed"
                 );
                 return None;
             }
@@ -103,42 +116,25 @@ impl Router {
             c.max_message_bytes = cfg.fragment_size;
             c.heartbeat_secs = cfg.heartbeat_secs;
             c.max_unanswered = cfg.max_unanswered;
-            let mut conv = Conversation::new(c, Arc::clone(&acc.identity.key));
-            let mut expired = 0;
+            let key = Arc::clone(&acc.identity.key);
             let account = acc.bare.clone();
-            let mut store = self.shared.store();
-            match store.snapshots_for_peer(&account, peer) {
-                Ok(records) => {
-                    for rec in records {
-                        if rec.state == SessionState::Finished {
-                            continue;
-                        }
-                        let stale = match EncryptedSession::restore(&rec.data) {
-                            Ok(s) => s.is_expired(now, cfg.snapshot_lifetime_secs),
-                            Err(e) => {
-                                tracing::warn!(peer, cause = %e, "unreadable snapshot wiped");
-                                true
-                            }
-                        };
-                        if stale {
-                            expired += 1;
-                            if let Err(e) = store.delete_snapshot(&rec.key) {
-                                tracing::error!(cause = %e, "could not wipe snapshot");
-                            }
-                            continue;
-                        }
-                        if let Err(e) = conv.restore(&rec.data) {
-                            tracing::warn!(peer, cause = %e, "snapshot not restored");
-                        }
-                    }
+            let restored = ekm::restore_peer(
+                self.shared.store().as_mut(),
+                &account,
+                peer,
+                c.clone(),
+                Arc::clone(&key),
+                now,
+                cfg.snapshot_lifetime_secs,
+            );
+            let (conv, expired, pending) = match restored {
+                Ok(r) => (r.conversation, r.expired.len(), r.pending),
+                Err(e) => {
+                    tracing::error!(peer, cause = %e, "could not restore the conversation");
+                    (Conversation::new(c, key), 0, Vec::new())
                 }
-                Err(e) => tracing::error!(peer, cause = %e, "could not read snapshots"),
-            }
-            match store.held_messages(&account, peer) {
-                Ok(held) => conv.restore_held(held.into_iter().map(|h| h.text)),
-                Err(e) => tracing::error!(peer, cause = %e, "could not read held messages"),
-            }
-            drop(store);
+            };
+            self.undelivered.extend(pending);
             self.peers.insert(
                 peer.to_string(),
                 Peer {
@@ -151,9 +147,68 @@ impl Router {
         self.peers.get_mut(peer)
     }
 
-    /// Carry out the core's actions for the conversation with `peer`.
-    /// `template` is the stanza that caused them (its other children are
-    /// kept on deliveries).
+    /// Acknowledge what the previous hook call handed to the connection:
+    /// the proxy writes a call's output before it makes the next call.
+    fn settle(&mut self) {
+        let Some(account) = self.account.as_ref().map(|a| a.bare.clone()) else {
+            return;
+        };
+        if self.acks.is_empty() && self.releases.is_empty() {
+            return;
+        }
+        let mut store = self.shared.store();
+        for (peer, id) in std::mem::take(&mut self.acks) {
+            if let Err(e) = store.ack_inbox(&account, &peer, id) {
+                tracing::error!(peer, cause = %e, "could not acknowledge inbox entry");
+            }
+        }
+        for (peer, count) in std::mem::take(&mut self.releases) {
+            if let Err(e) = ekm::release_oldest_held(store.as_mut(), &account, &peer, count) {
+                tracing::error!(peer, cause = %e, "could not release held messages");
+            }
+        }
+    }
+
+    /// Queue every plaintext of this account still owed to the client.
+    fn load_inbox(&mut self) {
+        let Some(account) = self.account.as_ref().map(|a| a.bare.clone()) else {
+            return;
+        };
+        let all = self.shared.store().all_inbox();
+        match all {
+            Ok(list) => self
+                .undelivered
+                .extend(list.into_iter().filter(|m| m.account == account)),
+            Err(e) => tracing::error!(cause = %e, "could not read the inbox"),
+        }
+    }
+
+    /// Hand plaintexts committed before a crash (and not acknowledged) to
+    /// the client, oldest first.
+    fn deliver_undelivered(&mut self, out: &mut Vec<Outgoing>) {
+        for m in std::mem::take(&mut self.undelivered) {
+            if !self.handed.insert(m.id) {
+                continue;
+            }
+            let mut el = Element::new("message", ns::CLIENT)
+                .with_attr("from", &m.peer)
+                .with_attr("type", "chat")
+                .with_attr("id", &format!("o2tr-inbox-{}", m.id));
+            if let Some(acc) = &self.account {
+                el.set_attr("to", &acc.jid.to_string());
+            }
+            stanza::set_body(&mut el, &m.entry.text);
+            out.push(Outgoing::ToClient(el));
+            self.acks.push((m.peer.clone(), m.id));
+        }
+    }
+
+    /// Carry out the core's actions for the conversation with `peer`:
+    /// every state change and every plaintext is committed in one
+    /// transaction first (O2TR persist-before-release, with the inbox so a
+    /// crash cannot lose a consumed message); then the effects go out in
+    /// order. `template` is the stanza that caused them (its other children
+    /// are kept on deliveries).
     pub(crate) fn apply(
         &mut self,
         peer: &str,
@@ -170,58 +225,36 @@ impl Router {
             .get(peer)
             .and_then(|p| p.full_jid.clone())
             .unwrap_or_else(|| peer.to_string());
-        let mut sent_parts = 0usize;
-        for action in actions {
-            match action {
-                Action::Persist(p) => {
-                    let key = ConversationKey::new(&account, peer, p.instance);
-                    let r = self.shared.store().save_snapshot(
-                        &key,
-                        SessionState::Live,
-                        &p.snapshot,
-                        now,
+        let step = ekm::split(actions);
+        let receipt = if step.needs_commit() {
+            let committed = self
+                .shared
+                .store()
+                .commit_step(&account, peer, &step.durable, now);
+            match committed {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(peer, cause = %e, "could not persist EKM state");
+                    let text = format!(
+                        "{} Could not save the session state ({e}); nothing was sent or shown.",
+                        notice::PREFIX
                     );
-                    if let Err(e) = r {
-                        // Persist-before-release: nothing after this may go out.
-                        tracing::error!(peer, cause = %e, "could not persist EKM snapshot");
-                        let text = format!(
-                            "{} Could not save the session keys ({e}); nothing was sent or shown.",
-                            notice::PREFIX
-                        );
-                        out.push(self.notice_to_client(peer, &text));
-                        return;
-                    }
+                    out.push(self.notice_to_client(peer, &text));
+                    return;
                 }
-                Action::Forget { instance } => {
-                    let key = ConversationKey::new(&account, peer, instance);
-                    if let Err(e) = self.shared.store().delete_snapshot(&key) {
-                        tracing::error!(peer, cause = %e, "could not wipe snapshot");
-                    }
-                }
-                Action::Hold(text) => {
-                    if let Err(e) = self.shared.store().hold_message(&account, peer, &text, now) {
-                        tracing::error!(peer, cause = %e, "could not store held message");
-                    }
-                }
-                Action::ReleaseHeld { count } => {
-                    let mut store = self.shared.store();
-                    match store.held_messages(&account, peer) {
-                        Ok(held) => {
-                            for h in held.into_iter().take(count) {
-                                if let Err(e) = store.release_held(h.id) {
-                                    tracing::error!(peer, cause = %e, "could not release held");
-                                }
-                            }
-                        }
-                        Err(e) => tracing::error!(peer, cause = %e, "could not read held"),
-                    }
-                }
-                Action::Send(body) => {
+            }
+        } else {
+            Default::default()
+        };
+        let mut sent_parts = 0usize;
+        for effect in step.effects {
+            match effect {
+                Effect::Send(body) => {
                     let el = self.wire_stanza(&to, &body, template, sent_parts);
                     sent_parts += 1;
                     out.push(Outgoing::ToServer(el));
                 }
-                Action::Deliver(d) => {
+                Effect::Deliver { slot, delivery } => {
                     let mut el = match template {
                         Some(t) => t.clone(),
                         None => Element::new("message", ns::CLIENT)
@@ -229,10 +262,14 @@ impl Router {
                             .with_attr("type", "chat"),
                     };
                     el.remove_children(|c| c.is("encryption", ns::EME));
-                    stanza::set_body(&mut el, &d.text);
+                    stanza::set_body(&mut el, &delivery.text);
                     out.push(Outgoing::ToClient(el));
+                    if let Some(id) = receipt.inbox_ids.get(slot) {
+                        self.handed.insert(*id);
+                        self.acks.push((peer.to_string(), *id));
+                    }
                 }
-                Action::Notify(n) => {
+                Effect::Notify(n) => {
                     let trust = match &n {
                         Notice::GoneSecure { fingerprint, .. } => {
                             Some(self.record_fingerprint(&account, peer, &fingerprint.0, now))
@@ -243,6 +280,9 @@ impl Router {
                     out.push(self.notice_to_client(peer, &text));
                 }
             }
+        }
+        if step.release_held > 0 {
+            self.releases.push((peer.to_string(), step.release_held));
         }
     }
 
@@ -459,6 +499,8 @@ impl StanzaHook for Router {
                     bare,
                     identity,
                 });
+                // Plaintexts committed before a crash go to the client first.
+                self.load_inbox();
             }
             Err(e) => {
                 tracing::error!(account = %bare, cause = %e, "no OTR identity: messages pass through unencrypted is NOT allowed; they will be dropped");
@@ -467,21 +509,36 @@ impl StanzaHook for Router {
     }
 
     fn from_client(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing> {
+        self.settle();
         let now = unix(now);
         if self.account.is_none() && stanza::body(&stanza).is_some() {
             // No identity: never let a body out in plaintext.
             return Vec::new();
         }
-        self.handle_client_message(stanza, now)
+        let mut out = Vec::new();
+        self.deliver_undelivered(&mut out);
+        out.extend(self.handle_client_message(stanza, now));
+        out
     }
 
     fn from_server(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing> {
+        self.settle();
         let now = unix(now);
-        self.handle_server_message(stanza, now)
+        let mut out = Vec::new();
+        self.deliver_undelivered(&mut out);
+        out.extend(self.handle_server_message(stanza, now));
+        out
     }
 
     fn tick(&mut self, _now: SystemTime) -> Vec<Outgoing> {
-        Vec::new()
+        self.settle();
+        let mut out = Vec::new();
+        self.deliver_undelivered(&mut out);
+        out
+    }
+
+    fn flushed(&mut self) {
+        self.settle();
     }
 
     fn disconnected(&mut self, now: SystemTime) {
