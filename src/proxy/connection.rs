@@ -151,8 +151,21 @@ fn redact(bytes: &[u8], plaintext: bool) -> String {
     }
 }
 
+/// OTR messages (data, fragments, queries, errors) are ciphertext or
+/// protocol text: safe to log, and what one wants to see when debugging.
+fn is_otr_text(text: &str) -> bool {
+    text.trim_start().starts_with("?OTR")
+}
+
 fn redact_el(el: &mut Element) {
-    let secret = matches!(el.name(), "body" | "subject")
+    let plaintext_carrier = match el.name() {
+        "body" | "subject" => !is_otr_text(&el.text()),
+        // XHTML-IM repeats the body; OOB carries a URL and description.
+        "html" => el.ns() == ns::XHTML_IM,
+        "x" => el.ns() == ns::OOB,
+        _ => false,
+    };
+    let secret = plaintext_carrier
         || (el.ns() == ns::SASL
             && matches!(el.name(), "auth" | "response" | "challenge" | "success"));
     if secret {
@@ -709,6 +722,10 @@ mod tests {
         assert!(!c.contains("inner"), "{c}");
         let p = redact(b"<message><body>shown</body></message>", true);
         assert!(p.contains("shown"));
+        let o = redact(b"<message><body>?OTR:AAMDabc.</body></message>", false);
+        assert!(o.contains("?OTR:AAMDabc."), "{o}");
+        let x = redact(b"<message><body>?OTR:AAMD.</body><html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>leak1</p></body></html><x xmlns='jabber:x:oob'><url>https://x/leak2</url></x></message>", false);
+        assert!(!x.contains("leak1") && !x.contains("leak2"), "{x}");
     }
 
     #[test]
