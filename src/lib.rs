@@ -18,7 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod otr;
-pub mod store;
 pub mod proxy;
 pub mod router;
+pub mod store;
 pub mod xmpp;

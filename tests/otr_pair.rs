@@ -198,7 +198,10 @@ fn bob_restarts_at_every_point_and_recovers_everything() {
         assert_eq!(p.alice.texts().last().map(String::as_str), Some("back"));
         let commits_after = p.alice.sent_log.iter().filter(|m| is_commit(m)).count()
             + p.bob.sent_log.iter().filter(|m| is_commit(m)).count();
-        assert_eq!(commits_after, commits_before, "no new AKE (crash at {crash_at})");
+        assert_eq!(
+            commits_after, commits_before,
+            "no new AKE (crash at {crash_at})"
+        );
         assert!(
             p.bob
                 .notices
@@ -244,9 +247,17 @@ fn outward_resumption_without_ake() {
     p.alice
         .restart("alice@example.test", ALICE_TAG, keys().0.clone());
     p.alice.send("I'm back", p.now);
-    assert!(!p.alice.outbox.iter().any(|m| is_commit(m) || m.starts_with("?OTRv")));
+    assert!(
+        !p.alice
+            .outbox
+            .iter()
+            .any(|m| is_commit(m) || m.starts_with("?OTRv"))
+    );
     p.run();
-    assert_eq!(p.bob.texts(), vec!["hi".to_string(), "I'm back".to_string()]);
+    assert_eq!(
+        p.bob.texts(),
+        vec!["hi".to_string(), "I'm back".to_string()]
+    );
 }
 
 /// Bound k: beyond k unanswered messages, further messages are held.

@@ -84,7 +84,10 @@ fn log_text() -> String {
 fn conn_lines(log: &str, conn: u64) -> Vec<String> {
     let tag = format!("conn={conn}");
     log.lines()
-        .filter(|l| l.split(|c: char| c == ' ' || c == ':' || c == '{' || c == '}').any(|w| w == tag))
+        .filter(|l| {
+            l.split(|c: char| c == ' ' || c == ':' || c == '{' || c == '}')
+                .any(|w| w == tag)
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -274,11 +277,12 @@ fn client_tls(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
     for c in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let cfg = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
@@ -397,7 +401,13 @@ fn header_to(domain: &str) -> String {
 
 /// Logs in through the proxy with SASL PLAIN, binds, sends presence and
 /// waits for its echo.
-async fn raw_login(addr: SocketAddr, ca: &std::path::Path, domain: &str, user: &str, pw: &str) -> Raw {
+async fn raw_login(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    domain: &str,
+    user: &str,
+    pw: &str,
+) -> Raw {
     use base64::Engine as _;
     let tcp = TcpStream::connect(addr).await.unwrap();
     let mut xs = Xs::new(tcp);
@@ -409,7 +419,10 @@ async fn raw_login(addr: SocketAddr, ca: &std::path::Path, domain: &str, user: &
         .await;
     assert!(xs.stanza().await.unwrap().is("proceed", ns::TLS));
     let tls = client_tls(ca)
-        .connect(ServerName::try_from(domain.to_owned()).unwrap(), xs.into_inner())
+        .connect(
+            ServerName::try_from(domain.to_owned()).unwrap(),
+            xs.into_inner(),
+        )
         .await
         .unwrap();
     let mut xs = Xs::new(tls);
@@ -429,7 +442,9 @@ async fn raw_login(addr: SocketAddr, ca: &std::path::Path, domain: &str, user: &
     xs.header().await;
     let post_auth = xs.stanza().await.unwrap();
     xs.send("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>raw</resource></bind></iq>").await;
-    let r = xs.until("bind result", |e| e.attr("id") == Some("bind1")).await;
+    let r = xs
+        .until("bind result", |e| e.attr("id") == Some("bind1"))
+        .await;
     assert_eq!(r.attr("type"), Some("result"), "{r:?}");
     let jid = r
         .get_child("bind", ns::BIND)
@@ -453,7 +468,9 @@ async fn raw_login(addr: SocketAddr, ca: &std::path::Path, domain: &str, user: &
 // ------------------------------------------------------------ tests
 
 fn bodies(msgs: &[common::xmpp_client::Message]) -> Vec<String> {
-    msgs.iter().map(|m| m.body.clone().unwrap_or_default()).collect()
+    msgs.iter()
+        .map(|m| m.body.clone().unwrap_or_default())
+        .collect()
 }
 
 /// slixmpp through the proxy (SCRAM, the best mechanism left once the
@@ -470,7 +487,11 @@ fn slixmpp_through_proxy_exchanges_with_direct_client_and_hook_rewrites() {
     let mut alice = plain.client(&ej, "alice", "pw-a");
     let mut carol = upper.client(&ej, "carol", "pw-c");
     let mut bob = XmppClient::direct(&ej, "bob", "pw-b");
-    assert!(alice.full_jid().starts_with("alice@example.test/"), "{}", alice.full_jid());
+    assert!(
+        alice.full_jid().starts_with("alice@example.test/"),
+        "{}",
+        alice.full_jid()
+    );
     assert!(carol.full_jid().starts_with("carol@example.test/"));
 
     let n = 10;
@@ -485,7 +506,11 @@ fn slixmpp_through_proxy_exchanges_with_direct_client_and_hook_rewrites() {
     assert_eq!(bodies(&at_bob), want_b);
     assert_eq!(bodies(&at_alice), want_a);
     assert!(at_bob.iter().all(|m| m.from == alice.full_jid()));
-    assert!(at_alice.iter().all(|m| m.from == bob.full_jid() && m.mtype == "chat"));
+    assert!(
+        at_alice
+            .iter()
+            .all(|m| m.from == bob.full_jid() && m.mtype == "chat")
+    );
 
     // The hook: carol's outgoing bodies are uppercased, incoming untouched.
     carol.send(&ej.jid("bob"), &format!("shout {tok}"));
@@ -504,7 +529,10 @@ fn slixmpp_through_proxy_exchanges_with_direct_client_and_hook_rewrites() {
     );
     for line in log.lines().filter(|l| l.contains("P→C")) {
         assert!(!line.contains("-PLUS"), "-PLUS offered to a client: {line}");
-        assert!(!line.contains("urn:xmpp:sm:"), "SM reached a client: {line}");
+        assert!(
+            !line.contains("urn:xmpp:sm:"),
+            "SM reached a client: {line}"
+        );
     }
 
     alice.quit();
@@ -526,14 +554,20 @@ fn plain_login_features_filtered_and_chat() {
     let tok = token();
     let domain = ej.domain.clone();
     let bob_jid = bob.full_jid().to_string();
-    let mut raw = p
-        .rt
-        .block_on(raw_login(p.addr, &p.pki.ca(), &domain, "alice", "pw-a"));
-    let (mechs, post, jid) = (raw.mechanisms.clone(), raw.post_auth.clone(), raw.jid.clone());
+    let mut raw =
+        p.rt.block_on(raw_login(p.addr, &p.pki.ca(), &domain, "alice", "pw-a"));
+    let (mechs, post, jid) = (
+        raw.mechanisms.clone(),
+        raw.post_auth.clone(),
+        raw.jid.clone(),
+    );
     assert!(!mechs.is_empty());
     assert!(mechs.iter().all(|m| !m.ends_with("-PLUS")), "{mechs:?}");
     assert!(mechs.iter().any(|m| m == "PLAIN"), "{mechs:?}");
-    assert!(mechs.iter().any(|m| m.starts_with("SCRAM-SHA-")), "{mechs:?}");
+    assert!(
+        mechs.iter().any(|m| m.starts_with("SCRAM-SHA-")),
+        "{mechs:?}"
+    );
     assert!(post.has_child("bind", ns::BIND), "{post:?}");
     assert!(
         !post.has_child("sm", ns::SM2) && !post.has_child("sm", ns::SM3),
@@ -541,24 +575,28 @@ fn plain_login_features_filtered_and_chat() {
     );
     assert!(jid.starts_with("alice@example.test/raw"), "{jid}");
 
+    // Whitespace keepalives (RFC 6120 §4.6.1) pass, before and between stanzas.
     p.rt.block_on(raw.xs.send(&format!(
-        "<message to='{bob_jid}' type='chat' id='m1'><body>raw {tok} &amp; more</body></message>"
+        " \n\t<message to='{bob_jid}' type='chat' id='m1'><body>raw {tok} &amp; more</body></message>\n"
     )));
     let got = bob.recv_until(1, T);
     assert_eq!(bodies(&got), [format!("raw {tok} & more")]);
     assert_eq!(got[0].from, jid);
     bob.send(&jid, &format!("back {tok}"));
-    let reply = p.rt.block_on(
-        raw.xs
-            .until("reply", |e| e.name() == "message" && stanza::body(e).is_some()),
-    );
+    let reply = p.rt.block_on(raw.xs.until("reply", |e| {
+        e.name() == "message" && stanza::body(e).is_some()
+    }));
     assert_eq!(stanza::body(&reply).unwrap(), format!("back {tok}"));
-    // A clean close is answered by the server's close through the proxy.
+    // A clean close: a stanza the server sends meanwhile still arrives, then
+    // the server's close comes through the proxy.
+    bob.send(&jid, &format!("late {tok}"));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut late = false;
     p.rt.block_on(async {
         raw.xs.send("</stream:stream>").await;
         loop {
             match raw.xs.stanza().await {
-                Ok(_) => {}
+                Ok(el) => late |= stanza::body(&el) == Some(format!("late {tok}")),
                 Err(e) => {
                     assert_eq!(e, End::StreamEnd);
                     break;
@@ -566,6 +604,7 @@ fn plain_login_features_filtered_and_chat() {
             }
         }
     });
+    assert!(late, "the stanza sent before the close was lost");
     bob.quit();
     p.shutdown();
 }
@@ -679,18 +718,25 @@ fn client_disconnect_closes_upstream() {
     let mut bob = p.client(&ej, "bob", "pw-b");
     assert_eq!(sessions(&ej, "bob"), 1);
     bob.close();
-    eventually("bob's session to end after close", || sessions(&ej, "bob") == 0);
+    eventually("bob's session to end after close", || {
+        sessions(&ej, "bob") == 0
+    });
 
     bob.reconnect();
     assert_eq!(sessions(&ej, "bob"), 1);
     bob.kill();
-    eventually("bob's session to end after kill", || sessions(&ej, "bob") == 0);
+    eventually("bob's session to end after kill", || {
+        sessions(&ej, "bob") == 0
+    });
     alice.send(&ej.jid("bob"), &format!("after {tok}"));
     eventually("offline storage", || ej.offline_count("bob") == 1);
 
     // The proxy logged a clean end for both connections.
     let log = log_text();
-    assert!(log.contains("client closed the stream"), "no clean close logged");
+    assert!(
+        log.contains("client closed the stream"),
+        "no clean close logged"
+    );
     assert!(p.is_running());
     alice.quit();
     p.shutdown();
@@ -705,9 +751,8 @@ fn server_crash_then_restart() {
     ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b")]);
     let p = Proxy::start(&ej, |_| {});
     let domain = ej.domain.clone();
-    let mut raw = p
-        .rt
-        .block_on(raw_login(p.addr, &p.pki.ca(), &domain, "alice", "pw-a"));
+    let mut raw =
+        p.rt.block_on(raw_login(p.addr, &p.pki.ca(), &domain, "alice", "pw-a"));
     let mut bob = p.client(&ej, "bob", "pw-b");
     ej.kill();
     let err = p.rt.block_on(raw.xs.stream_error());
@@ -755,11 +800,20 @@ fn bad_client_input_ends_only_that_connection() {
     let bob_jid = bob.full_jid().to_string();
     let cases = [
         (
-            format!("<message to='{bob_jid}'><body>{}</body></message>", "x".repeat(40 * 1024)),
+            format!(
+                "<message to='{bob_jid}'><body>{}</body></message>",
+                "x".repeat(40 * 1024)
+            ),
             "policy-violation",
         ),
-        (format!("<message to='{bob_jid}'><body>x</message>"), "not-well-formed"),
-        ("<!DOCTYPE x [<!ENTITY a 'b'>]>".to_string(), "restricted-xml"),
+        (
+            format!("<message to='{bob_jid}'><body>x</message>"),
+            "not-well-formed",
+        ),
+        (
+            "<!DOCTYPE x [<!ENTITY a 'b'>]>".to_string(),
+            "restricted-xml",
+        ),
         (
             format!("<message to='{bob_jid}'><body>&a;</body></message>"),
             "restricted-xml",
@@ -773,7 +827,10 @@ fn bad_client_input_ends_only_that_connection() {
             raw.xs.stream_error().await
         });
         let err = err.unwrap_or_else(|| panic!("case {i}: no stream error"));
-        assert!(err.has_child(condition, ns::STREAM_ERRORS), "case {i}: {err:?}");
+        assert!(
+            err.has_child(condition, ns::STREAM_ERRORS),
+            "case {i}: {err:?}"
+        );
         alice.send(&bob_jid, &format!("still here {tok} #{i}"));
         let got = bob.recv_until(i + 1, T);
         assert_eq!(bodies(&got), [format!("still here {tok} #{i}")]);
@@ -807,25 +864,31 @@ fn debug_packets_log_redacts_plaintext_but_shows_ciphertext() {
     let secret = format!("secret-{}", token());
     let cipher = format!("?OTR:{}.", hex(&secret.to_uppercase()));
     let reply = format!("reply-{}", token());
-    let mut alice = redacting
-        .rt
-        .block_on(raw_login(redacting.addr, &redacting.pki.ca(), &domain, "alice", "pw-a"));
+    let mut alice = redacting.rt.block_on(raw_login(
+        redacting.addr,
+        &redacting.pki.ca(),
+        &domain,
+        "alice",
+        "pw-a",
+    ));
     redacting.rt.block_on(alice.xs.send(&format!(
         "<message to='{bob_jid}' type='chat'><body>{secret}</body></message>"
     )));
     assert_eq!(bodies(&bob.recv_until(1, T)), [cipher.clone()]);
     bob.send(&alice.jid, &reply);
-    redacting.rt.block_on(
-        alice
-            .xs
-            .until("reply", |e| stanza::body(e).as_deref() == Some(reply.as_str())),
-    );
+    redacting.rt.block_on(alice.xs.until("reply", |e| {
+        stanza::body(e).as_deref() == Some(reply.as_str())
+    }));
 
     let verbose_secret = format!("verbose-{}", token());
     let verbose_cipher = format!("?OTR:{}.", hex(&verbose_secret.to_uppercase()));
-    let mut carol = verbose
-        .rt
-        .block_on(raw_login(verbose.addr, &verbose.pki.ca(), &domain, "carol", "pw-c"));
+    let mut carol = verbose.rt.block_on(raw_login(
+        verbose.addr,
+        &verbose.pki.ca(),
+        &domain,
+        "carol",
+        "pw-c",
+    ));
     verbose.rt.block_on(carol.xs.send(&format!(
         "<message to='{bob_jid}' type='chat'><body>{verbose_secret}</body></message>"
     )));
@@ -835,11 +898,19 @@ fn debug_packets_log_redacts_plaintext_but_shows_ciphertext() {
     let with = |needle: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(needle)).collect() };
     // Redacting proxy: the plaintext never appears, the ciphertext does on
     // the server leg, the reply from the server is redacted, SASL too.
-    assert!(with(&secret).is_empty(), "plaintext logged: {:?}", with(&secret));
+    assert!(
+        with(&secret).is_empty(),
+        "plaintext logged: {:?}",
+        with(&secret)
+    );
     let c = with(&cipher);
     assert_eq!(c.len(), 1, "{c:?}");
     assert!(c[0].contains("P→S") && c[0].contains("conn="), "{}", c[0]);
-    assert!(with(&reply).is_empty(), "incoming plaintext logged: {:?}", with(&reply));
+    assert!(
+        with(&reply).is_empty(),
+        "incoming plaintext logged: {:?}",
+        with(&reply)
+    );
     use base64::Engine as _;
     let plain_auth = base64::engine::general_purpose::STANDARD.encode("\0alice\0pw-a");
     assert!(with(&plain_auth).is_empty(), "SASL payload logged");

@@ -14,8 +14,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::codec::{Reader, Writer};
 use super::crypto::{
-    DhKeyPair, DhPublicKey, DsaPrivateKey, DsaPublicKey, SharedSecret, aes128_ctr, ct_eq,
-    h2, hmac_sha256, hmac_sha256_160, sha256,
+    DhKeyPair, DhPublicKey, DsaPrivateKey, DsaPublicKey, SharedSecret, aes128_ctr, ct_eq, h2,
+    hmac_sha256, hmac_sha256_160, sha256,
 };
 use super::error::{Error, PeerMisbehaved};
 use super::message::{
@@ -320,18 +320,14 @@ impl AuthState {
                     Err(e) => return Err((AuthState::AwaitingDhKey(st), Error::Crypto(e))),
                 };
                 let AwaitingDhKey {
-                    version,
-                    our_dh,
-                    r,
-                    ..
+                    version, our_dh, r, ..
                 } = *st;
                 let s = our_dh.shared_secret(&their_dh);
                 let keys = AkeKeys::derive(&s);
                 let gx = our_dh.public().to_mpi();
                 let gy = their_dh.to_mpi();
-                let (enc, mac) = sign_and_encrypt(
-                    &keys.m1, &keys.m2, &keys.c, &gx, &gy, our_long_term, rng,
-                );
+                let (enc, mac) =
+                    sign_and_encrypt(&keys.m1, &keys.m2, &keys.c, &gx, &gy, our_long_term, rng);
                 let reveal_sig = EncodedMessage {
                     header: header(version, tags),
                     body: Body::RevealSignature(RevealSignature {

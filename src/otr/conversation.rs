@@ -338,7 +338,11 @@ impl Conversation {
                 },
                 MsgState::Encrypted(s) => InstanceStatus {
                     instance: *tag,
-                    state: if s.suspended { "suspended" } else { "encrypted" },
+                    state: if s.suspended {
+                        "suspended"
+                    } else {
+                        "encrypted"
+                    },
                     version: Some(s.version),
                     fingerprint: Some(s.fingerprint()),
                     keyids: Some((s.ratchet.our_keyid(), s.ratchet.their_keyid())),
@@ -354,7 +358,8 @@ impl Conversation {
 
     /// The secure session id of the selected session, as the spec shows it.
     pub fn ssid(&self) -> Option<String> {
-        self.selected_session().map(|s| format_ssid(&s.ssid, s.we_initiated))
+        self.selected_session()
+            .map(|s| format_ssid(&s.ssid, s.we_initiated))
     }
 
     fn selected_session(&self) -> Option<&EncryptedSession> {
@@ -893,9 +898,10 @@ impl Conversation {
             }
         };
         let disconnected = tlvs.iter().any(|t| t.typ == tlv::types::DISCONNECTED);
-        let smp = tlvs
-            .iter()
-            .any(|t| (tlv::types::SMP1..=tlv::types::SMP1Q).contains(&t.typ) && t.typ != tlv::types::SMP_ABORT);
+        let smp = tlvs.iter().any(|t| {
+            (tlv::types::SMP1..=tlv::types::SMP1Q).contains(&t.typ)
+                && t.typ != tlv::types::SMP_ABORT
+        });
         let extra = tlvs
             .iter()
             .find(|t| t.typ == tlv::types::EXTRA_SYMMETRIC_KEY)

@@ -389,8 +389,16 @@ impl KeyRatchet {
     /// Whether the session keys a message with these keyids needs are
     /// already derived (the O2TR "non-first offline message" case).
     pub fn has_cached_keys(&self, sender_keyid: u32, recipient_keyid: u32) -> bool {
-        let i = if recipient_keyid == self.our_keyid { 1 } else { 0 };
-        let j = if sender_keyid == self.their_keyid { 1 } else { 0 };
+        let i = if recipient_keyid == self.our_keyid {
+            1
+        } else {
+            0
+        };
+        let j = if sender_keyid == self.their_keyid {
+            1
+        } else {
+            0
+        };
         self.cache[i][j].is_some()
     }
 

@@ -483,18 +483,23 @@ impl Relay<'_> {
     async fn cleanup(&mut self, e: &ConnError) {
         let end = b"</stream:stream>";
         match e {
-            ConnError::ClientGone | ConnError::ClientIo(_) => self.server.close_with(end).await,
+            ConnError::ClientGone | ConnError::ClientIo(_) => {
+                self.ctx.log_frame("P→S", end);
+                self.server.close_with(end).await;
+            }
             ConnError::ClientProtocol(_, cond) => {
                 let se = stream_error(cond, None);
                 self.ctx.log_frame("P→C", se.as_bytes());
                 self.client.close_with(se.as_bytes()).await;
+                self.ctx.log_frame("P→S", end);
                 self.server.close_with(end).await;
             }
             ConnError::ServerProtocol(_, cond) => {
-                self.server
-                    .close_with(stream_error(cond, None).as_bytes())
-                    .await;
+                let to_server = stream_error(cond, None);
+                self.ctx.log_frame("P→S", to_server.as_bytes());
+                self.server.close_with(to_server.as_bytes()).await;
                 let se = stream_error("remote-connection-failed", None);
+                self.ctx.log_frame("P→C", se.as_bytes());
                 self.client.close_with(se.as_bytes()).await;
             }
             _ => {
@@ -557,12 +562,46 @@ impl Relay<'_> {
                 }
                 _ = shutdown.recv() => {
                     let se = stream_error("system-shutdown", None);
+                    self.ctx.log_frame("P→C", se.as_bytes());
                     self.client.close_with(se.as_bytes()).await;
+                    self.ctx.log_frame("P→S", b"</stream:stream>");
                     self.server.close_with(b"</stream:stream>").await;
                     return Ok("proxy shutdown");
                 }
             }
         }
+    }
+
+    /// The client closed its stream (RFC 6120 §4.4): the server may still
+    /// send stanzas until it closes too. Relay them (hook included) until
+    /// the server's `</stream:stream>`, EOF or a short timeout, then close
+    /// both legs.
+    async fn drain_server_after_client_close(&mut self) {
+        let drained = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            loop {
+                let f = match self.server.next_frame().await {
+                    Ok(f) => f,
+                    Err(_) => return,
+                };
+                self.ctx.log_frame_of("S→P", &f);
+                if let Frame::StreamEnd(b) = f {
+                    self.ctx.log_frame("P→C", &b);
+                    let _ = self.client.send(&b).await;
+                    return;
+                }
+                if self.on_server(f).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!("server did not close its stream in time");
+            self.ctx.log_frame("P→C", b"</stream:stream>");
+            let _ = self.client.send(b"</stream:stream>").await;
+        }
+        self.server.close_with(b"").await;
+        self.client.close_with(b"").await;
     }
 
     async fn send_server(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
@@ -603,9 +642,8 @@ impl Relay<'_> {
             Frame::StreamHeader(h) => self.client_header(&h).await?,
             Frame::Whitespace(b) => self.send_server(&b).await?,
             Frame::StreamEnd(_) => {
-                self.ctx.log_frame("P→S", b"</stream:stream>");
-                self.server.close_with(b"</stream:stream>").await;
-                self.client.close_with(b"</stream:stream>").await;
+                self.send_server(b"</stream:stream>").await?;
+                self.drain_server_after_client_close().await;
                 return Ok(Flow::Stop("client closed the stream"));
             }
             Frame::Stanza(raw) => {
@@ -651,6 +689,7 @@ impl Relay<'_> {
             }
             Frame::Whitespace(b) => self.send_client(&b).await?,
             Frame::StreamEnd(b) => {
+                self.ctx.log_frame("P→C", &b);
                 self.client.close_with(&b).await;
                 self.server.close_with(b"</stream:stream>").await;
                 return Ok(Flow::Stop("server closed the stream"));
