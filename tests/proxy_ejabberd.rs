@@ -84,10 +84,7 @@ fn log_text() -> String {
 fn conn_lines(log: &str, conn: u64) -> Vec<String> {
     let tag = format!("conn={conn}");
     log.lines()
-        .filter(|l| {
-            l.split(|c: char| c == ' ' || c == ':' || c == '{' || c == '}')
-                .any(|w| w == tag)
-        })
+        .filter(|l| l.split([' ', ':', '{', '}']).any(|w| w == tag))
         .map(str::to_owned)
         .collect()
 }
@@ -874,7 +871,7 @@ fn debug_packets_log_redacts_plaintext_but_shows_ciphertext() {
     redacting.rt.block_on(alice.xs.send(&format!(
         "<message to='{bob_jid}' type='chat'><body>{secret}</body></message>"
     )));
-    assert_eq!(bodies(&bob.recv_until(1, T)), [cipher.clone()]);
+    assert_eq!(bodies(&bob.recv_until(1, T)), [cipher.as_str()]);
     bob.send(&alice.jid, &reply);
     redacting.rt.block_on(alice.xs.until("reply", |e| {
         stanza::body(e).as_deref() == Some(reply.as_str())
@@ -892,7 +889,7 @@ fn debug_packets_log_redacts_plaintext_but_shows_ciphertext() {
     verbose.rt.block_on(carol.xs.send(&format!(
         "<message to='{bob_jid}' type='chat'><body>{verbose_secret}</body></message>"
     )));
-    assert_eq!(bodies(&bob.recv_until(2, T)), [verbose_cipher.clone()]);
+    assert_eq!(bodies(&bob.recv_until(2, T)), [verbose_cipher.as_str()]);
 
     let log = log_text();
     let with = |needle: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(needle)).collect() };
