@@ -936,3 +936,144 @@ fn debug_packets_log_redacts_plaintext_but_shows_ciphertext() {
     redacting.shutdown();
     verbose.shutdown();
 }
+
+/// A TCP relay between the proxy and ejabberd that can freeze (stop
+/// reading either side: what the server writes sits unread, as in a link
+/// cut without a FIN) and then drop the frozen connections (the server
+/// gets a reset, the proxy an EOF).
+struct Blackhole {
+    port: u16,
+    state: tokio::sync::watch::Sender<u8>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Blackhole {
+    fn start(upstream: SocketAddr) -> Blackhole {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (state, _) = tokio::sync::watch::channel(0u8);
+        let tx = state.clone();
+        rt.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let mut st = tx.subscribe();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let (mut b1, mut b2) = (vec![0u8; 16384], vec![0u8; 16384]);
+                    loop {
+                        tokio::select! {
+                            r = cr.read(&mut b1) => match r {
+                                Ok(n) if n > 0 => if sw.write_all(&b1[..n]).await.is_err() { break },
+                                _ => break,
+                            },
+                            r = sr.read(&mut b2) => match r {
+                                Ok(n) if n > 0 => if cw.write_all(&b2[..n]).await.is_err() { break },
+                                _ => break,
+                            },
+                            c = st.changed() => {
+                                if c.is_err() { break }
+                                if *st.borrow() == 1 {
+                                    // Frozen until told otherwise, then dropped.
+                                    let _ = st.changed().await;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Blackhole {
+            port,
+            state,
+            _rt: rt,
+        }
+    }
+    fn freeze(&self) {
+        self.state.send_replace(1);
+    }
+    fn drop_frozen(&self) {
+        self.state.send_replace(0);
+    }
+}
+
+/// XEP-0198 terminated on the upstream leg: messages ejabberd wrote into
+/// a connection that died without a FIN were never acknowledged by the
+/// proxy, so ejabberd sends them to offline storage after the resumption
+/// window, and they reach the client on its next login. The control
+/// (SM stripped, the old behaviour) loses them.
+#[test]
+fn upstream_sm_recovers_stanzas_written_into_a_dead_link() {
+    let ej = Ejabberd::start_with(common::ejabberd::EjabberdOptions {
+        sm_resume_timeout: 2,
+        ..Default::default()
+    });
+    ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b"), ("carol", "pw-c")]);
+    let mut bob = XmppClient::direct(&ej, "bob", "pw-b");
+    let tok = token();
+    let mut run = |user: &str, pw: &str, sm: bool| -> (usize, Option<XmppClient>) {
+        let hole = Blackhole::start(ej.addr());
+        let p = Proxy::start(&ej, |c| {
+            c.upstream_sm = sm;
+            c.upstream = Some(("127.0.0.1".into(), hole.port));
+        });
+        let mut client = p.client(&ej, user, pw);
+        // Traffic before the cut is delivered and acknowledged.
+        bob.send(client.full_jid(), &format!("before {tok}"));
+        assert_eq!(bodies(&client.recv_until(1, T)), [format!("before {tok}")]);
+        std::thread::sleep(Duration::from_millis(500));
+        hole.freeze();
+        let sent: Vec<String> = (0..3)
+            .map(|i| format!("into the void {sm} {tok} #{i}"))
+            .collect();
+        for b in &sent {
+            bob.send_with(&ej.jid(user), b, &["nopermstore"]);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        hole.drop_frozen();
+        eventually("the client to lose its connection", || {
+            !client.is_connected()
+        });
+        // The resumption window (2 s) passes; ejabberd decides.
+        std::thread::sleep(Duration::from_secs(4));
+        let stored = ej.offline_count(user);
+        if stored == 0 {
+            client.quit();
+            p.shutdown();
+            return (0, None);
+        }
+        client.reconnect();
+        let got = client.recv_until(1 + stored, T);
+        assert_eq!(bodies(&got), sent, "recovered messages");
+        assert!(got.iter().all(|m| m.stamp.is_some()), "{got:?}");
+        p.shutdown();
+        (stored, Some(client))
+    };
+    let (with_sm, client) = run("alice", "pw-a", true);
+    assert_eq!(
+        with_sm, 3,
+        "with upstream SM the cut messages are stored offline"
+    );
+    client.unwrap().quit();
+    let (without, _) = run("carol", "pw-c", false);
+    assert_eq!(without, 0, "control: without SM they are lost");
+    let log = log_text();
+    assert!(log.contains("upstream stream management enabled"));
+    for line in log.lines().filter(|l| l.contains("P→C")) {
+        assert!(
+            !line.contains("urn:xmpp:sm:"),
+            "SM reached a client: {line}"
+        );
+    }
+    bob.quit();
+}

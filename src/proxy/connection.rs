@@ -290,6 +290,9 @@ pub(crate) async fn handle(
                         to_client_scope: NsScope::client_stream(),
                         bind_ids: Vec::new(),
                         bound: None,
+                        want_sm: shared.config.upstream_sm,
+                        sm_offered: false,
+                        sm: None,
                     };
                     relay.run(pending, &mut shutdown).await
                 }
@@ -460,6 +463,30 @@ struct Relay<'a> {
     to_client_scope: NsScope,
     bind_ids: Vec<String>,
     bound: Option<Jid>,
+    /// `ProxyConfig::upstream_sm`.
+    want_sm: bool,
+    /// The server's post-auth features offered `urn:xmpp:sm:3`.
+    sm_offered: bool,
+    /// Upstream SM state once the proxy sent `<enable/>`.
+    sm: Option<UpstreamSm>,
+}
+
+/// XEP-0198 counters of the upstream leg (the proxy is the SM client).
+#[derive(Debug, Default)]
+struct UpstreamSm {
+    /// The server answered `<enabled/>`.
+    enabled: bool,
+    /// Stanzas received from the server since `<enabled/>` (mod 2^32).
+    h_in: u32,
+    /// Stanzas sent to the server since `<enable/>` (mod 2^32).
+    h_out: u32,
+    /// The server's last acknowledged count.
+    acked_out: u32,
+}
+
+/// True for a stanza XEP-0198 counts.
+fn is_counted_stanza(el: &Element) -> bool {
+    el.ns() == ns::CLIENT && matches!(el.name(), "message" | "presence" | "iq")
 }
 
 enum Flow {
@@ -484,6 +511,8 @@ impl Relay<'_> {
         let end = b"</stream:stream>";
         match e {
             ConnError::ClientGone | ConnError::ClientIo(_) => {
+                // What the proxy received was written to the client.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.send_ack()).await;
                 self.ctx.log_frame("P→S", end);
                 self.server.close_with(end).await;
             }
@@ -604,6 +633,73 @@ impl Relay<'_> {
         self.client.close_with(b"").await;
     }
 
+    fn count_out(&mut self, el: &Element) {
+        if is_counted_stanza(el) {
+            if let Some(sm) = self.sm.as_mut() {
+                sm.h_out = sm.h_out.wrapping_add(1);
+            }
+        }
+    }
+
+    /// After bind: enable XEP-0198 upstream if configured and offered.
+    async fn enable_upstream_sm(&mut self) -> Result<(), ConnError> {
+        if !self.want_sm || !self.sm_offered || self.sm.is_some() {
+            return Ok(());
+        }
+        let enable = format!("<enable xmlns='{}' resume='true'/>", ns::SM3);
+        self.send_server(enable.as_bytes()).await?;
+        self.sm = Some(UpstreamSm::default());
+        Ok(())
+    }
+
+    /// Sends `<a h/>` with the inbound count, if SM is on.
+    async fn send_ack(&mut self) -> Result<(), ConnError> {
+        let Some(h) = self.sm.as_ref().filter(|sm| sm.enabled).map(|sm| sm.h_in) else {
+            return Ok(());
+        };
+        let a = format!("<a xmlns='{}' h='{h}'/>", ns::SM3);
+        self.send_server(a.as_bytes()).await
+    }
+
+    /// Consumes the server's XEP-0198 nonzas (they never reach the client,
+    /// which is not offered SM). `Some` if `el` was one.
+    async fn on_server_sm(&mut self, el: &Element) -> Result<Option<Flow>, ConnError> {
+        if el.ns() != ns::SM3 && el.ns() != ns::SM2 {
+            return Ok(None);
+        }
+        match (el.name(), self.sm.as_mut()) {
+            ("enabled", Some(sm)) => {
+                sm.enabled = true;
+                tracing::info!(
+                    resume = el.attr("resume").unwrap_or("false"),
+                    max = el.attr("max").unwrap_or("-"),
+                    "upstream stream management enabled"
+                );
+            }
+            ("failed", Some(_)) => {
+                tracing::warn!("the server refused stream management");
+                self.sm = None;
+            }
+            ("r", Some(_)) => self.send_ack().await?,
+            ("a", Some(sm)) => {
+                match el.attr("h").and_then(|h| h.parse::<u32>().ok()) {
+                    // h may not run ahead of what we sent (mod 2^32).
+                    Some(h) if sm.h_out.wrapping_sub(h) <= sm.h_out.wrapping_sub(sm.acked_out) => {
+                        sm.acked_out = h;
+                    }
+                    _ => {
+                        return Err(ConnError::ServerProtocol(
+                            "bad stream management ack".into(),
+                            "undefined-condition",
+                        ));
+                    }
+                }
+            }
+            _ => tracing::debug!(name = el.name(), "stream management nonza dropped"),
+        }
+        Ok(Some(Flow::Go))
+    }
+
     async fn send_server(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
         self.ctx.log_frame("P→S", bytes);
         self.server.send(bytes).await.map_err(ConnError::ServerIo)
@@ -623,6 +719,7 @@ impl Relay<'_> {
                 }
                 Outgoing::ToServer(el) => {
                     let xml = el.to_xml(&NsScope::client_stream());
+                    self.count_out(&el);
                     self.send_server(xml.as_bytes()).await?;
                 }
             }
@@ -642,6 +739,9 @@ impl Relay<'_> {
             Frame::StreamHeader(h) => self.client_header(&h).await?,
             Frame::Whitespace(b) => self.send_server(&b).await?,
             Frame::StreamEnd(_) => {
+                // A clean end: acknowledge everything first, so the server
+                // does not re-route what the client already got.
+                self.send_ack().await?;
                 self.send_server(b"</stream:stream>").await?;
                 self.drain_server_after_client_close().await;
                 return Ok(Flow::Stop("client closed the stream"));
@@ -673,6 +773,7 @@ impl Relay<'_> {
                     let outs = self.hook.from_client(el, SystemTime::now());
                     self.dispatch(outs).await?;
                 } else {
+                    self.count_out(&el);
                     self.send_server(&raw).await?;
                 }
             }
@@ -697,7 +798,16 @@ impl Relay<'_> {
             Frame::Stanza(raw) => {
                 let el = Element::parse(&raw, &self.to_client_scope)
                     .map_err(|e| ConnError::ServerProtocol(e.to_string(), e.condition()))?;
+                if let Some(flow) = self.on_server_sm(&el).await? {
+                    return Ok(flow);
+                }
+                if self.sm.as_ref().is_some_and(|sm| sm.enabled) && is_counted_stanza(&el) {
+                    if let Some(sm) = self.sm.as_mut() {
+                        sm.h_in = sm.h_in.wrapping_add(1);
+                    }
+                }
                 if features::is_features(&el) {
+                    self.sm_offered = el.has_child("sm", ns::SM3);
                     let mut el = el;
                     if features::filter_features(&mut el) {
                         let xml = el.to_xml(&self.to_client_scope);
@@ -725,6 +835,8 @@ impl Relay<'_> {
                             tracing::info!(%jid, "resource bound");
                             self.hook.bound(&jid);
                             self.bound = Some(jid);
+                            self.send_client(&raw).await?;
+                            return self.enable_upstream_sm().await.map(|()| Flow::Go);
                         }
                     }
                     self.send_client(&raw).await?;
