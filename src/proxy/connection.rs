@@ -151,8 +151,21 @@ fn redact(bytes: &[u8], plaintext: bool) -> String {
     }
 }
 
+/// OTR messages (data, fragments, queries, errors) are ciphertext or
+/// protocol text: safe to log, and what one wants to see when debugging.
+fn is_otr_text(text: &str) -> bool {
+    text.trim_start().starts_with("?OTR")
+}
+
 fn redact_el(el: &mut Element) {
-    let secret = matches!(el.name(), "body" | "subject")
+    let plaintext_carrier = match el.name() {
+        "body" | "subject" => !is_otr_text(&el.text()),
+        // XHTML-IM repeats the body; OOB carries a URL and description.
+        "html" => el.ns() == ns::XHTML_IM,
+        "x" => el.ns() == ns::OOB,
+        _ => false,
+    };
+    let secret = plaintext_carrier
         || (el.ns() == ns::SASL
             && matches!(el.name(), "auth" | "response" | "challenge" | "success"));
     if secret {
@@ -277,6 +290,9 @@ pub(crate) async fn handle(
                         to_client_scope: NsScope::client_stream(),
                         bind_ids: Vec::new(),
                         bound: None,
+                        want_sm: shared.config.upstream_sm,
+                        sm_offered: false,
+                        sm: None,
                     };
                     relay.run(pending, &mut shutdown).await
                 }
@@ -447,6 +463,30 @@ struct Relay<'a> {
     to_client_scope: NsScope,
     bind_ids: Vec<String>,
     bound: Option<Jid>,
+    /// `ProxyConfig::upstream_sm`.
+    want_sm: bool,
+    /// The server's post-auth features offered `urn:xmpp:sm:3`.
+    sm_offered: bool,
+    /// Upstream SM state once the proxy sent `<enable/>`.
+    sm: Option<UpstreamSm>,
+}
+
+/// XEP-0198 counters of the upstream leg (the proxy is the SM client).
+#[derive(Debug, Default)]
+struct UpstreamSm {
+    /// The server answered `<enabled/>`.
+    enabled: bool,
+    /// Stanzas received from the server since `<enabled/>` (mod 2^32).
+    h_in: u32,
+    /// Stanzas sent to the server since `<enable/>` (mod 2^32).
+    h_out: u32,
+    /// The server's last acknowledged count.
+    acked_out: u32,
+}
+
+/// True for a stanza XEP-0198 counts.
+fn is_counted_stanza(el: &Element) -> bool {
+    el.ns() == ns::CLIENT && matches!(el.name(), "message" | "presence" | "iq")
 }
 
 enum Flow {
@@ -470,18 +510,25 @@ impl Relay<'_> {
     async fn cleanup(&mut self, e: &ConnError) {
         let end = b"</stream:stream>";
         match e {
-            ConnError::ClientGone | ConnError::ClientIo(_) => self.server.close_with(end).await,
+            ConnError::ClientGone | ConnError::ClientIo(_) => {
+                // What the proxy received was written to the client.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.send_ack()).await;
+                self.ctx.log_frame("P→S", end);
+                self.server.close_with(end).await;
+            }
             ConnError::ClientProtocol(_, cond) => {
                 let se = stream_error(cond, None);
                 self.ctx.log_frame("P→C", se.as_bytes());
                 self.client.close_with(se.as_bytes()).await;
+                self.ctx.log_frame("P→S", end);
                 self.server.close_with(end).await;
             }
             ConnError::ServerProtocol(_, cond) => {
-                self.server
-                    .close_with(stream_error(cond, None).as_bytes())
-                    .await;
+                let to_server = stream_error(cond, None);
+                self.ctx.log_frame("P→S", to_server.as_bytes());
+                self.server.close_with(to_server.as_bytes()).await;
                 let se = stream_error("remote-connection-failed", None);
+                self.ctx.log_frame("P→C", se.as_bytes());
                 self.client.close_with(se.as_bytes()).await;
             }
             _ => {
@@ -544,12 +591,113 @@ impl Relay<'_> {
                 }
                 _ = shutdown.recv() => {
                     let se = stream_error("system-shutdown", None);
+                    self.ctx.log_frame("P→C", se.as_bytes());
                     self.client.close_with(se.as_bytes()).await;
+                    self.ctx.log_frame("P→S", b"</stream:stream>");
                     self.server.close_with(b"</stream:stream>").await;
                     return Ok("proxy shutdown");
                 }
             }
         }
+    }
+
+    /// The client closed its stream (RFC 6120 §4.4): the server may still
+    /// send stanzas until it closes too. Relay them (hook included) until
+    /// the server's `</stream:stream>`, EOF or a short timeout, then close
+    /// both legs.
+    async fn drain_server_after_client_close(&mut self) {
+        let drained = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            loop {
+                let f = match self.server.next_frame().await {
+                    Ok(f) => f,
+                    Err(_) => return,
+                };
+                self.ctx.log_frame_of("S→P", &f);
+                if let Frame::StreamEnd(b) = f {
+                    self.ctx.log_frame("P→C", &b);
+                    let _ = self.client.send(&b).await;
+                    return;
+                }
+                if self.on_server(f).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!("server did not close its stream in time");
+            self.ctx.log_frame("P→C", b"</stream:stream>");
+            let _ = self.client.send(b"</stream:stream>").await;
+        }
+        self.server.close_with(b"").await;
+        self.client.close_with(b"").await;
+    }
+
+    fn count_out(&mut self, el: &Element) {
+        if is_counted_stanza(el) {
+            if let Some(sm) = self.sm.as_mut() {
+                sm.h_out = sm.h_out.wrapping_add(1);
+            }
+        }
+    }
+
+    /// After bind: enable XEP-0198 upstream if configured and offered.
+    async fn enable_upstream_sm(&mut self) -> Result<(), ConnError> {
+        if !self.want_sm || !self.sm_offered || self.sm.is_some() {
+            return Ok(());
+        }
+        let enable = format!("<enable xmlns='{}' resume='true'/>", ns::SM3);
+        self.send_server(enable.as_bytes()).await?;
+        self.sm = Some(UpstreamSm::default());
+        Ok(())
+    }
+
+    /// Sends `<a h/>` with the inbound count, if SM is on.
+    async fn send_ack(&mut self) -> Result<(), ConnError> {
+        let Some(h) = self.sm.as_ref().filter(|sm| sm.enabled).map(|sm| sm.h_in) else {
+            return Ok(());
+        };
+        let a = format!("<a xmlns='{}' h='{h}'/>", ns::SM3);
+        self.send_server(a.as_bytes()).await
+    }
+
+    /// Consumes the server's XEP-0198 nonzas (they never reach the client,
+    /// which is not offered SM). `Some` if `el` was one.
+    async fn on_server_sm(&mut self, el: &Element) -> Result<Option<Flow>, ConnError> {
+        if el.ns() != ns::SM3 && el.ns() != ns::SM2 {
+            return Ok(None);
+        }
+        match (el.name(), self.sm.as_mut()) {
+            ("enabled", Some(sm)) => {
+                sm.enabled = true;
+                tracing::info!(
+                    resume = el.attr("resume").unwrap_or("false"),
+                    max = el.attr("max").unwrap_or("-"),
+                    "upstream stream management enabled"
+                );
+            }
+            ("failed", Some(_)) => {
+                tracing::warn!("the server refused stream management");
+                self.sm = None;
+            }
+            ("r", Some(_)) => self.send_ack().await?,
+            ("a", Some(sm)) => {
+                match el.attr("h").and_then(|h| h.parse::<u32>().ok()) {
+                    // h may not run ahead of what we sent (mod 2^32).
+                    Some(h) if sm.h_out.wrapping_sub(h) <= sm.h_out.wrapping_sub(sm.acked_out) => {
+                        sm.acked_out = h;
+                    }
+                    _ => {
+                        return Err(ConnError::ServerProtocol(
+                            "bad stream management ack".into(),
+                            "undefined-condition",
+                        ));
+                    }
+                }
+            }
+            _ => tracing::debug!(name = el.name(), "stream management nonza dropped"),
+        }
+        Ok(Some(Flow::Go))
     }
 
     async fn send_server(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
@@ -571,6 +719,7 @@ impl Relay<'_> {
                 }
                 Outgoing::ToServer(el) => {
                     let xml = el.to_xml(&NsScope::client_stream());
+                    self.count_out(&el);
                     self.send_server(xml.as_bytes()).await?;
                 }
             }
@@ -591,9 +740,11 @@ impl Relay<'_> {
             Frame::StreamHeader(h) => self.client_header(&h).await?,
             Frame::Whitespace(b) => self.send_server(&b).await?,
             Frame::StreamEnd(_) => {
-                self.ctx.log_frame("P→S", b"</stream:stream>");
-                self.server.close_with(b"</stream:stream>").await;
-                self.client.close_with(b"</stream:stream>").await;
+                // A clean end: acknowledge everything first, so the server
+                // does not re-route what the client already got.
+                self.send_ack().await?;
+                self.send_server(b"</stream:stream>").await?;
+                self.drain_server_after_client_close().await;
                 return Ok(Flow::Stop("client closed the stream"));
             }
             Frame::Stanza(raw) => {
@@ -623,6 +774,7 @@ impl Relay<'_> {
                     let outs = self.hook.from_client(el, SystemTime::now());
                     self.dispatch(outs).await?;
                 } else {
+                    self.count_out(&el);
                     self.send_server(&raw).await?;
                 }
             }
@@ -639,6 +791,7 @@ impl Relay<'_> {
             }
             Frame::Whitespace(b) => self.send_client(&b).await?,
             Frame::StreamEnd(b) => {
+                self.ctx.log_frame("P→C", &b);
                 self.client.close_with(&b).await;
                 self.server.close_with(b"</stream:stream>").await;
                 return Ok(Flow::Stop("server closed the stream"));
@@ -646,7 +799,16 @@ impl Relay<'_> {
             Frame::Stanza(raw) => {
                 let el = Element::parse(&raw, &self.to_client_scope)
                     .map_err(|e| ConnError::ServerProtocol(e.to_string(), e.condition()))?;
+                if let Some(flow) = self.on_server_sm(&el).await? {
+                    return Ok(flow);
+                }
+                if self.sm.as_ref().is_some_and(|sm| sm.enabled) && is_counted_stanza(&el) {
+                    if let Some(sm) = self.sm.as_mut() {
+                        sm.h_in = sm.h_in.wrapping_add(1);
+                    }
+                }
                 if features::is_features(&el) {
+                    self.sm_offered = el.has_child("sm", ns::SM3);
                     let mut el = el;
                     if features::filter_features(&mut el) {
                         let xml = el.to_xml(&self.to_client_scope);
@@ -674,6 +836,8 @@ impl Relay<'_> {
                             tracing::info!(%jid, "resource bound");
                             self.hook.bound(&jid);
                             self.bound = Some(jid);
+                            self.send_client(&raw).await?;
+                            return self.enable_upstream_sm().await.map(|()| Flow::Go);
                         }
                     }
                     self.send_client(&raw).await?;
@@ -710,6 +874,10 @@ mod tests {
         assert!(!c.contains("inner"), "{c}");
         let p = redact(b"<message><body>shown</body></message>", true);
         assert!(p.contains("shown"));
+        let o = redact(b"<message><body>?OTR:AAMDabc.</body></message>", false);
+        assert!(o.contains("?OTR:AAMDabc."), "{o}");
+        let x = redact(b"<message><body>?OTR:AAMD.</body><html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>leak1</p></body></html><x xmlns='jabber:x:oob'><url>https://x/leak2</url></x></message>", false);
+        assert!(!x.contains("leak1") && !x.contains("leak2"), "{x}");
     }
 
     #[test]

@@ -13,7 +13,11 @@
 //! the domain on 5222), STARTTLS upstream with verification, offer STARTTLS
 //! to the client with our certificate, then relay frames both ways,
 //! filtering stream features, restarting both framers at SASL success, and
-//! handing `<message>` stanzas after bind to the hook.
+//! handing `<message>` stanzas after bind to the hook. XEP-0198 is never
+//! offered to the client; with [`ProxyConfig::upstream_sm`] the proxy
+//! enables it with the server after bind and acknowledges what it received,
+//! so stanzas lost in a link that died without a FIN are not acknowledged
+//! and the server re-routes them (offline storage on ejabberd).
 
 mod connection;
 mod hook;
@@ -58,6 +62,15 @@ pub struct ProxyConfig {
     pub debug_packets: bool,
     /// With `debug_packets`, do not redact bodies and SASL payloads.
     pub log_plaintext: bool,
+    /// Terminate XEP-0198 stream management on the upstream leg: after
+    /// bind the proxy enables SM (with resumption) with the server itself,
+    /// answers its `<r/>` with its own count and sends a final `<a/>`
+    /// before a clean close. The server then knows which stanzas never
+    /// reached the proxy when the link dies without a FIN, and (ejabberd
+    /// `resend_on_timeout: if_offline`) sends them to offline storage
+    /// instead of losing them. The proxy does not resume sessions (that
+    /// would need the password). SM is never offered to the client.
+    pub upstream_sm: bool,
     /// Makes the per-connection message hook.
     pub hooks: Arc<dyn HookFactory>,
 }
@@ -79,6 +92,7 @@ impl ProxyConfig {
             max_connections: 256,
             debug_packets: false,
             log_plaintext: false,
+            upstream_sm: false,
             hooks: Arc::new(PassThrough),
         }
     }
@@ -107,6 +121,7 @@ impl std::fmt::Debug for ProxyConfig {
             .field("max_connections", &self.max_connections)
             .field("debug_packets", &self.debug_packets)
             .field("log_plaintext", &self.log_plaintext)
+            .field("upstream_sm", &self.upstream_sm)
             .finish_non_exhaustive()
     }
 }

@@ -9,11 +9,11 @@
 //! * stream compression (XEP-0138);
 //! * SASL2 (XEP-0388) and Bind 2 (XEP-0386), which would carry
 //!   authentication and binding inline where the proxy does not look;
-//! * stream management (XEP-0198, `sm:2` and `sm:3`). This first version
-//!   strips SM rather than terminating it per leg: the proxy swallows and
-//!   injects stanzas, so end-to-end SM counters would be wrong. The cost is
-//!   no SM resumption; the proxy answers a stray client `<enable/>` itself
-//!   with `<failed/>`.
+//! * stream management (XEP-0198, `sm:2` and `sm:3`): the proxy swallows
+//!   and injects stanzas, so end-to-end SM counters would be wrong. SM is
+//!   never offered to the client (the proxy answers a stray client
+//!   `<enable/>` itself with `<failed/>`); the proxy can terminate it on
+//!   the upstream leg itself (`proxy::ProxyConfig::upstream_sm`).
 //!
 //! Everything else is kept; when nothing is removed the original bytes are
 //! forwarded unchanged.
