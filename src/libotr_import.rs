@@ -440,7 +440,8 @@ impl LibotrFingerprint {
 fn lines(text: &str) -> impl Iterator<Item = (usize, Vec<&str>)> {
     text.lines().enumerate().filter_map(|(n, l)| {
         let l = l.trim_end_matches('\r');
-        (!l.trim().is_empty()).then(|| (n + 1, l.split('\t').collect()))
+        // libotr writes a `# WARNING! ...` comment line into otr.instance_tags.
+        (!l.trim().is_empty() && !l.starts_with('#')).then(|| (n + 1, l.split('\t').collect()))
     })
 }
 
@@ -573,7 +574,11 @@ mod tests {
         assert!(!f[2].is_verified());
         assert_eq!(f[0].fingerprint, f[1].fingerprint);
         assert!(parse_fingerprints("a\tb\tc\tnothex\t\n").is_err());
-        let t = parse_instance_tags("alice@example.org\tprpl-jabber\t8a3c1f02\n").unwrap();
+        let t = parse_instance_tags(
+            "# WARNING! You shouldn't copy this file to another computer.\n\
+             alice@example.org\tprpl-jabber\t8a3c1f02\n",
+        )
+        .unwrap();
         assert_eq!(t[0].tag, 0x8a3c_1f02);
         assert!(parse_instance_tags("alice\txmpp\t00000001\n").is_err());
         assert!(parse_instance_tags("alice\txmpp\n").is_err());

@@ -39,6 +39,9 @@ fn open(config_flag: Option<&Path>, arg: &StateArg) -> Result<SqliteStore, Failu
 /// rather than created.
 fn open_existing(config_flag: Option<&Path>, arg: &StateArg) -> Result<SqliteStore, Failure> {
     let dir = state_dir(config_flag, arg)?;
+    o2tr_proxy::config::check_state_dir(&dir).map_err(|m| {
+        Failure::usage(format!("state directory: refusing to use {}: {m}", dir.display()))
+    })?;
     if !dir.join(o2tr_proxy::store::DB_FILE_NAME).exists() {
         return Err(Failure::failed(format!(
             "no store in {} (create a key with `o2tr-proxy keygen --account JID`, or pass --state-dir)",
