@@ -17,8 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use zeroize::Zeroizing;
 
@@ -118,8 +118,10 @@ pub fn generate(domain: &str, now: time::OffsetDateTime) -> Result<Generated, Ce
     let mut ca = CertificateParams::default();
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.distinguished_name = DistinguishedName::new();
-    ca.distinguished_name
-        .push(DnType::CommonName, format!("o2tr-proxy local CA for {domain}"));
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        format!("o2tr-proxy local CA for {domain}"),
+    );
     ca.distinguished_name
         .push(DnType::OrganizationName, "o2tr-proxy (local)");
     ca.key_usages = vec![
@@ -247,7 +249,10 @@ mod tests {
     fn rejects_bad_domains() {
         let now = time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
         for d in ["", "a b", "-x.org", "x..org", "user@x.org"] {
-            assert!(matches!(generate(d, now), Err(CertError::BadDomain(_))), "{d}");
+            assert!(
+                matches!(generate(d, now), Err(CertError::BadDomain(_))),
+                "{d}"
+            );
         }
     }
 

@@ -233,9 +233,7 @@ pub enum ConfigError {
         origin: String,
     },
     /// The state directory is not a private directory.
-    #[error(
-        "state_dir ({origin}): refusing to use {path}: {message}"
-    )]
+    #[error("state_dir ({origin}): refusing to use {path}: {message}")]
     StateDir {
         /// The directory.
         path: PathBuf,
@@ -663,7 +661,14 @@ pub fn resolve(layers: &Layers) -> Result<Config, ConfigError> {
                 "must be a bare JID like control@o2tr.localhost".into(),
             ));
         }
-        Err(e) => return Err(invalid("control_jid", &control_jid, &sources, e.to_string())),
+        Err(e) => {
+            return Err(invalid(
+                "control_jid",
+                &control_jid,
+                &sources,
+                e.to_string(),
+            ));
+        }
     }
     let debug_packets = get!(debug_packets, false);
     let log_plaintext = get!(log_plaintext, false);
@@ -740,10 +745,13 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
         h.parse::<IpAddr>().map_err(|_| HINT.to_owned())?;
         (h, p)
     } else {
-        s.rsplit_once(':').ok_or(HINT)?
+        let (h, p) = s.rsplit_once(':').ok_or(HINT)?;
+        if h.contains(':') {
+            return Err(HINT.to_owned());
+        }
+        (h, p)
     };
     if host.is_empty()
-        || host.contains(':')
         || host
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || c == '/' || c == '@')
@@ -891,7 +899,10 @@ impl Config {
                     .map(|(h, p)| toml_str(&join_host_port(h, *p))),
             ),
             ("upstream_ca", opt_path(&self.upstream_ca)),
-            ("upstream_insecure", Some(self.upstream_insecure.to_string())),
+            (
+                "upstream_insecure",
+                Some(self.upstream_insecure.to_string()),
+            ),
             ("tls_cert", cert),
             ("tls_key", key),
             (
@@ -922,7 +933,13 @@ impl Config {
                 .map_or_else(|| "default".to_owned(), |s| s.describe(key));
             if matches!(
                 (key, &self.client_tls),
-                ("tls_cert" | "tls_key", ClientTls::Files { from_state_dir: true, .. })
+                (
+                    "tls_cert" | "tls_key",
+                    ClientTls::Files {
+                        from_state_dir: true,
+                        ..
+                    }
+                )
             ) {
                 src = "found in state_dir/certs".into();
             }

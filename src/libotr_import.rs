@@ -347,7 +347,8 @@ impl std::fmt::Debug for LibotrKey {
 }
 
 fn utf8(bytes: &[u8], what: &str) -> Result<String, ImportError> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| ImportError::Layout(format!("{what} is not UTF-8")))
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| ImportError::Layout(format!("{what} is not UTF-8")))
 }
 
 fn strip_zeros(b: &[u8]) -> &[u8] {
@@ -369,9 +370,9 @@ pub fn parse_private_keys(text: &[u8]) -> Result<Vec<LibotrKey>, ImportError> {
         .ok_or_else(|| ImportError::Layout("the file does not start with (privkeys".into()))?;
     let mut out = Vec::new();
     for acc in accounts {
-        let items = acc
-            .tagged("account")
-            .ok_or_else(|| ImportError::Layout("an entry of privkeys is not (account ...)".into()))?;
+        let items = acc.tagged("account").ok_or_else(|| {
+            ImportError::Layout("an entry of privkeys is not (account ...)".into())
+        })?;
         let field = |name: &str| -> Result<String, ImportError> {
             let v = Sexp::child(items, name)
                 .and_then(|r| r.first())
@@ -384,7 +385,9 @@ pub fn parse_private_keys(text: &[u8]) -> Result<Vec<LibotrKey>, ImportError> {
         let dsa = Sexp::child(items, "private-key")
             .and_then(|pk| Sexp::child(pk, "dsa"))
             .ok_or_else(|| {
-                ImportError::Layout(format!("account {account:?} has no (private-key (dsa ...))"))
+                ImportError::Layout(format!(
+                    "account {account:?} has no (private-key (dsa ...))"
+                ))
             })?;
         let part = |name: &str| -> Result<&[u8], ImportError> {
             Sexp::child(dsa, name)
@@ -551,8 +554,20 @@ mod tests {
 
     #[test]
     fn sexp_errors() {
-        for bad in [&b"(a"[..], b")", b"(\"abc)", b"(#0#)", b"(#zz#)", b"(9:ab)", b"(|!!|)"] {
-            assert!(parse_sexp(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"(a"[..],
+            b")",
+            b"(\"abc)",
+            b"(#0#)",
+            b"(#zz#)",
+            b"(9:ab)",
+            b"(|!!|)",
+        ] {
+            assert!(
+                parse_sexp(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let deep = "(".repeat(100) + &")".repeat(100);
         assert!(parse_sexp(deep.as_bytes()).is_err());
@@ -590,7 +605,10 @@ mod tests {
             bare_jid("Alice@Example.org/Gajim").as_deref(),
             Some("alice@example.org")
         );
-        assert_eq!(bare_jid("alice@example.org/").as_deref(), Some("alice@example.org"));
+        assert_eq!(
+            bare_jid("alice@example.org/").as_deref(),
+            Some("alice@example.org")
+        );
         assert_eq!(bare_jid("example.org"), None);
         assert!(is_xmpp_protocol("prpl-jabber"));
         assert!(!is_xmpp_protocol("prpl-irc"));

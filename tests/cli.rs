@@ -3,7 +3,6 @@
 //! configuration precedence, and interop with libotr's key files.
 
 #[path = "common/pair.rs"]
-#[allow(dead_code)]
 mod pair;
 
 use std::io::{BufRead, BufReader};
@@ -73,7 +72,11 @@ fn stdout_of(c: &mut Command) -> String {
 fn fails(c: &mut Command, code: i32, needles: &[&str]) {
     let out = c.assert().code(code).get_output().clone();
     let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "{n:?} not in {err:?}");
     }
@@ -124,13 +127,31 @@ fn precedence_flag_env_file_default() {
         e.cmd()
             .env("O2TR_LISTEN", "127.0.0.1:1002")
             .env("O2TR_POLICY", "opportunistic")
-            .args(["run", "--check-config", "--listen", "127.0.0.1:1003", "--config"])
+            .args([
+                "run",
+                "--check-config",
+                "--listen",
+                "127.0.0.1:1003",
+                "--config",
+            ])
             .arg(&file),
     );
-    assert!(out.contains("listen = \"127.0.0.1:1003\"  # --listen"), "{out}");
-    assert!(out.contains("policy = \"opportunistic\"  # O2TR_POLICY"), "{out}");
-    assert!(out.contains("fragment_size = 300  # fragment_size in"), "{out}");
-    assert!(out.contains("max_stanza_bytes = 1048576  # default"), "{out}");
+    assert!(
+        out.contains("listen = \"127.0.0.1:1003\"  # --listen"),
+        "{out}"
+    );
+    assert!(
+        out.contains("policy = \"opportunistic\"  # O2TR_POLICY"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fragment_size = 300  # fragment_size in"),
+        "{out}"
+    );
+    assert!(
+        out.contains("max_stanza_bytes = 1048576  # default"),
+        "{out}"
+    );
     assert!(out.contains("# configuration OK"));
 
     // Without the flag the variable wins; without both, the file.
@@ -140,9 +161,15 @@ fn precedence_flag_env_file_default() {
             .env("O2TR_CONFIG", &file)
             .args(["run", "--check-config"]),
     );
-    assert!(out.contains("listen = \"127.0.0.1:1002\"  # O2TR_LISTEN"), "{out}");
+    assert!(
+        out.contains("listen = \"127.0.0.1:1002\"  # O2TR_LISTEN"),
+        "{out}"
+    );
     let out = stdout_of(e.cmd().env("O2TR_CONFIG", &file).args(["run", "--dry-run"]));
-    assert!(out.contains("listen = \"127.0.0.1:1001\"  # listen in"), "{out}");
+    assert!(
+        out.contains("listen = \"127.0.0.1:1001\"  # listen in"),
+        "{out}"
+    );
 
     // Boolean flags can be switched off explicitly over the file.
     let out = stdout_of(
@@ -150,10 +177,18 @@ fn precedence_flag_env_file_default() {
             .args(["run", "--check-config", "--debug-packets", "--config"])
             .arg(&file),
     );
-    assert!(out.contains("debug_packets = true  # --debug-packets"), "{out}");
+    assert!(
+        out.contains("debug_packets = true  # --debug-packets"),
+        "{out}"
+    );
     fails(
         e.cmd()
-            .args(["run", "--check-config", "--allow-plaintext-client=false", "--config"])
+            .args([
+                "run",
+                "--check-config",
+                "--allow-plaintext-client=false",
+                "--config",
+            ])
             .arg(&file),
         2,
         &["o2tr-proxy certs"],
@@ -173,9 +208,15 @@ fn config_errors_are_one_line_and_exit_2() {
     let st = e.state();
     let st = st.to_str().unwrap();
     let file = e.path().join("bad.toml");
-    std::fs::write(&file, "listen = \"127.0.0.1:5222\"\nlisten_address = \"x\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:5222\"\nlisten_address = \"x\"\n",
+    )
+    .unwrap();
     fails(
-        e.cmd().args(["run", "--check-config", "--config"]).arg(&file),
+        e.cmd()
+            .args(["run", "--check-config", "--config"])
+            .arg(&file),
         2,
         &["listen_address", "bad.toml"],
     );
@@ -222,7 +263,9 @@ fn config_errors_are_one_line_and_exit_2() {
         &["non-loopback", "0.0.0.0:5222"],
     );
     fails(
-        e.cmd().args(plain).args(["--tls-cert", "/nonexistent/cert.pem"]),
+        e.cmd()
+            .args(plain)
+            .args(["--tls-cert", "/nonexistent/cert.pem"]),
         2,
         &["--tls-cert", "--tls-key"],
     );
@@ -237,7 +280,9 @@ fn config_errors_are_one_line_and_exit_2() {
         &["/nonexistent/cert.pem"],
     );
     fails(
-        e.cmd().args(plain).args(["--upstream-ca", "/nonexistent/ca.pem"]),
+        e.cmd()
+            .args(plain)
+            .args(["--upstream-ca", "/nonexistent/ca.pem"]),
         2,
         &["upstream_ca", "/nonexistent/ca.pem"],
     );
@@ -251,11 +296,7 @@ fn config_errors_are_one_line_and_exit_2() {
     std::fs::create_dir_all(e.state()).unwrap();
     set_mode(&e.state(), 0o777);
     fails(e.cmd().args(plain), 2, &["state_dir", "0777"]);
-    fails(
-        &mut e.state_cmd(&["fingerprint"]),
-        2,
-        &["0777"],
-    );
+    fails(&mut e.state_cmd(&["fingerprint"]), 2, &["0777"]);
 }
 
 fn set_mode(p: &Path, mode: u32) {
@@ -397,7 +438,9 @@ fn keygen_fingerprint_trust_sessions_forget() {
     assert!(out.contains("verified"), "{out}");
     let peers = stdout_of(&mut e.state_cmd(&["fingerprint", "--peers"]));
     assert!(
-        peers.contains(&format!("alice@example.test\tbob@example.test\t{bob}\tverified")),
+        peers.contains(&format!(
+            "alice@example.test\tbob@example.test\t{bob}\tverified"
+        )),
         "{peers}"
     );
     fails(
@@ -473,14 +516,19 @@ fn keygen_fingerprint_trust_sessions_forget() {
     assert_eq!(out.trim(), "no sessions");
 
     // --force replaces the key.
-    let out = stdout_of(&mut e.state_cmd(&["keygen", "--account", "alice@example.test", "--force"]));
+    let out =
+        stdout_of(&mut e.state_cmd(&["keygen", "--account", "alice@example.test", "--force"]));
     assert!(!out.contains(fpr), "{out}");
 }
 
 #[test]
 fn read_commands_do_not_create_a_state_dir() {
     let e = Env::new();
-    fails(&mut e.state_cmd(&["fingerprint"]), 1, &["no store", "keygen"]);
+    fails(
+        &mut e.state_cmd(&["fingerprint"]),
+        1,
+        &["no store", "keygen"],
+    );
     fails(&mut e.state_cmd(&["sessions"]), 1, &["no store"]);
     assert!(!e.state().exists());
     // O2TR_STATE_DIR is honoured by every subcommand.
@@ -505,10 +553,17 @@ fn decode_real_messages() {
     assert!(out.contains("Data message"), "{out}");
     assert!(!out.contains("hello bob"));
     // From stdin.
-    let out = stdout_of(e.cmd().args(["decode", "-"]).write_stdin(format!("{data}\n")));
+    let out = stdout_of(
+        e.cmd()
+            .args(["decode", "-"])
+            .write_stdin(format!("{data}\n")),
+    );
     assert!(out.contains("Data message"), "{out}");
     let out = stdout_of(e.cmd().args(["decode", "?OTRv23?"]));
-    assert!(out.contains("Query message") && out.contains("v2, v3"), "{out}");
+    assert!(
+        out.contains("Query message") && out.contains("v2, v3"),
+        "{out}"
+    );
     // The first message of the AKE (DH commit).
     let q = pair::Pair::new();
     let mut bob = q.bob;
@@ -645,7 +700,8 @@ ee1112131415161718191a1b1c1d1e1f20212223\t\n";
 /// tag and trust against `fpr` / `tag`.
 fn check_import(e: &Env, dir: &Path, fpr: &str, tag: u32) {
     let out = stdout_of(
-        &mut e.state_cmd(&["import-libotr", "--private-key"]).arg(dir.join("otr.private_key")),
+        e.state_cmd(&["import-libotr", "--private-key"])
+            .arg(dir.join("otr.private_key")),
     );
     assert_eq!(out.trim(), format!("alice@example.test\t{fpr}"));
     let out = stdout_of(&mut e.state_cmd(&["fingerprint", "--account", "alice@example.test"]));
@@ -690,20 +746,30 @@ fn import_libotr_fixture() {
     );
     // --account filters.
     fails(
-        e2.state_cmd(&["import-libotr", "--account", "zed@example.test", "--private-key"])
-            .arg(dir.join("otr.private_key")),
+        e2.state_cmd(&[
+            "import-libotr",
+            "--account",
+            "zed@example.test",
+            "--private-key",
+        ])
+        .arg(dir.join("otr.private_key")),
         1,
         &["no XMPP key for zed@example.test"],
     );
     // Bad input.
     std::fs::write(dir.join("broken"), "(privkeys (account (name \"a@b\")").unwrap();
     fails(
-        e2.state_cmd(&["import-libotr", "--private-key"]).arg(dir.join("broken")),
+        e2.state_cmd(&["import-libotr", "--private-key"])
+            .arg(dir.join("broken")),
         1,
         &["broken", "S-expression"],
     );
     fails(
-        &mut e2.state_cmd(&["import-libotr", "--private-key", "/nonexistent/otr.private_key"]),
+        &mut e2.state_cmd(&[
+            "import-libotr",
+            "--private-key",
+            "/nonexistent/otr.private_key",
+        ]),
         2,
         &["/nonexistent/otr.private_key"],
     );
@@ -783,7 +849,10 @@ fn import_libotr_fresh_key_matches_libotr_fingerprint() {
     };
     let dir = e.path().join("libotr");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = std::process::Command::new(gen_bin).arg(&dir).output().unwrap();
+    let out = std::process::Command::new(gen_bin)
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let out = String::from_utf8(out.stdout).unwrap();
     let mut lines = out.lines();

@@ -11,7 +11,7 @@ use o2tr_proxy::otr::offline::SnapshotInfo;
 use o2tr_proxy::store::{SessionState, SqliteStore, Store, Trust};
 
 use super::{
-    FingerprintArgs, ForgetArgs, ImportArgs, KeygenArgs, StateArg, TrustArgs, Failure, state_dir,
+    Failure, FingerprintArgs, ForgetArgs, ImportArgs, KeygenArgs, StateArg, TrustArgs, state_dir,
 };
 
 fn now() -> u64 {
@@ -40,7 +40,10 @@ fn open(config_flag: Option<&Path>, arg: &StateArg) -> Result<SqliteStore, Failu
 fn open_existing(config_flag: Option<&Path>, arg: &StateArg) -> Result<SqliteStore, Failure> {
     let dir = state_dir(config_flag, arg)?;
     o2tr_proxy::config::check_state_dir(&dir).map_err(|m| {
-        Failure::usage(format!("state directory: refusing to use {}: {m}", dir.display()))
+        Failure::usage(format!(
+            "state directory: refusing to use {}: {m}",
+            dir.display()
+        ))
     })?;
     if !dir.join(o2tr_proxy::store::DB_FILE_NAME).exists() {
         return Err(Failure::failed(format!(
@@ -250,7 +253,14 @@ pub fn sessions(config_flag: Option<&Path>, a: &StateArg) -> Result<(), Failure>
             }
             None => {
                 let q = || "?".to_owned();
-                (q(), q(), q(), "(unreadable snapshot)".into(), q(), s.updated_at)
+                (
+                    q(),
+                    q(),
+                    q(),
+                    "(unreadable snapshot)".into(),
+                    q(),
+                    s.updated_at,
+                )
             }
         };
         rows.push([
@@ -377,7 +387,11 @@ pub fn import_libotr(config_flag: Option<&Path>, a: &ImportArgs) -> Result<(), F
         }
         None => Vec::new(),
     };
-    let tag_path = sibling(a.instance_tags.as_ref(), &a.private_key, "otr.instance_tags");
+    let tag_path = sibling(
+        a.instance_tags.as_ref(),
+        &a.private_key,
+        "otr.instance_tags",
+    );
     let tags = match &tag_path {
         Some(p) => {
             let text = read_file(p, "instance tags file")?;

@@ -34,20 +34,26 @@ pub fn certs(config_flag: Option<&Path>, a: &CertsArgs) -> Result<(), Failure> {
         Some(d) => d.clone(),
         None => state_dir(config_flag, &a.state)?.join(certs::CERTS_DIR),
     };
-    let generated = certs::generate(&a.domain, time::OffsetDateTime::now_utc()).map_err(|e| {
-        match e {
+    let generated =
+        certs::generate(&a.domain, time::OffsetDateTime::now_utc()).map_err(|e| match e {
             certs::CertError::BadDomain(_) => Failure::usage(e.to_string()),
             other => Failure::failed(other.to_string()),
-        }
-    })?;
+        })?;
     let w = certs::write(&dir, &generated, a.force).map_err(|e| Failure::failed(e.to_string()))?;
     let sha: Vec<String> = generated
         .ca_sha256
         .iter()
         .map(|b| format!("{b:02X}"))
         .collect();
-    println!("wrote {}  (the CA: trust this one in your client)", w.ca.display());
-    println!("wrote {}  (certificate for {} and localhost)", w.cert.display(), a.domain.trim());
+    println!(
+        "wrote {}  (the CA: trust this one in your client)",
+        w.ca.display()
+    );
+    println!(
+        "wrote {}  (certificate for {} and localhost)",
+        w.cert.display(),
+        a.domain.trim()
+    );
     println!("wrote {}  (its private key, mode 0600)", w.key.display());
     println!("CA SHA-256 fingerprint: {}", sha.join(":"));
     println!();

@@ -104,11 +104,7 @@ impl Side {
         for snap in self.snapshots.values() {
             conv.restore(snap).expect("snapshot restores");
         }
-        conv.restore_held(
-            self.held
-                .iter()
-                .map(|t| zeroize::Zeroizing::new(t.clone())),
-        );
+        conv.restore_held(self.held.iter().map(|t| zeroize::Zeroizing::new(t.clone())));
         self.conv = conv;
         self.outbox.clear();
     }
