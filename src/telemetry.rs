@@ -6,6 +6,7 @@
 //! the proxy redacts bodies and credentials in them unless `--log-plaintext`.
 
 use std::fmt;
+use std::io::IsTerminal as _;
 use std::str::FromStr;
 
 use tracing_subscriber::EnvFilter;
@@ -71,13 +72,14 @@ pub fn filter(
     (f, warning)
 }
 
-/// Installs the global subscriber writing to stderr. A second call does
-/// nothing.
+/// Installs the global subscriber writing to stderr (colours only when
+/// stderr is a terminal). A second call does nothing.
 pub fn init(format: LogFormat, default_level: &str, debug_packets: bool) {
     let rust_log = std::env::var("RUST_LOG").ok();
     let (filter, warning) = filter(rust_log.as_deref(), default_level, debug_packets);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

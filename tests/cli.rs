@@ -313,6 +313,13 @@ fn mode_of(p: &Path) -> u32 {
 
 /// Starts `run`, waits for "listening on", sends SIGTERM, expects exit 0.
 fn run_until_listening(e: &Env, extra: &[&str]) -> String {
+    run_with_client(e, extra, None)
+}
+
+/// Like [`run_until_listening`]; with `client = Some(bytes)`, connects once
+/// listening, sends the bytes and waits for the `C→P` log line of the
+/// stream header.
+fn run_with_client(e: &Env, extra: &[&str], client: Option<&[u8]>) -> String {
     let mut child = std::process::Command::new(BIN)
         .env_remove("RUST_LOG")
         .env("XDG_DATA_HOME", e.path().join("data"))
@@ -345,7 +352,14 @@ fn run_until_listening(e: &Env, extra: &[&str]) -> String {
             });
         log.push_str(&line);
         log.push('\n');
-        if line.contains("listening on 127.0.0.1:") {
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            let Some(bytes) = client else { break };
+            let addr = addr.trim().to_owned();
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            std::io::Write::write_all(&mut s, bytes).unwrap();
+            std::mem::forget(s); // keep it open until the process ends
+        }
+        if client.is_some() && line.contains("C→P") && line.contains("stream:stream") {
             break;
         }
     }
@@ -388,6 +402,36 @@ fn run_starts_and_stops_on_sigterm() {
         .success();
     let log = run_until_listening(&e, &["--debug-packets"]);
     assert!(log.contains("STARTTLS"), "{log}");
+}
+
+#[test]
+fn debug_packets_logs_frames_of_the_proxy_only() {
+    let e = Env::new();
+    let header = b"<?xml version='1.0'?><stream:stream to='example.test' version='1.0' \
+        xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+    let log = run_with_client(
+        &e,
+        &[
+            "--allow-plaintext-client",
+            "--debug-packets",
+            "--upstream",
+            "127.0.0.1:9",
+        ],
+        Some(header),
+    );
+    let frame = log
+        .lines()
+        .find(|l| l.contains("C→P") && l.contains("stream:stream"))
+        .unwrap();
+    assert!(
+        frame.contains("DEBUG") && frame.contains("o2tr_proxy::proxy"),
+        "{frame}"
+    );
+    assert!(!log.contains('\u{1b}'), "no colours when not a terminal");
+    // Nothing else is raised to debug.
+    for l in log.lines().filter(|l| l.contains("DEBUG")) {
+        assert!(l.contains("o2tr_proxy::proxy"), "{l}");
+    }
 }
 
 // ---------------------------------------------------------------- keys, trust, sessions
