@@ -17,8 +17,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod certs;
+pub mod config;
+pub mod libotr_import;
 pub mod otr;
 pub mod proxy;
 pub mod router;
 pub mod store;
+pub mod telemetry;
 pub mod xmpp;

@@ -360,7 +360,7 @@ impl Router {
         let Some(to) = stanza::to(&el) else {
             return vec![Outgoing::ToServer(el)];
         };
-        let peer = to.bare().to_string();
+        let peer = to.bare().to_string().to_lowercase();
         if peer == self.shared.cfg.control_jid {
             let text = stanza::body(&el).unwrap_or_default();
             let reply = command::control(self, &text, now);
@@ -445,7 +445,7 @@ impl Router {
         if from.local().is_none() {
             return vec![Outgoing::ToClient(el)];
         }
-        let peer = from.bare().to_string();
+        let peer = from.bare().to_string().to_lowercase();
         let mut rng = std::mem::replace(&mut self.rng, rand::make_rng());
         let actions = match self.peer(&peer, now) {
             Some(p) => {
@@ -484,7 +484,8 @@ fn replace_forwarded_body(el: &mut Element, text: &str) {
 
 impl StanzaHook for Router {
     fn bound(&mut self, jid: &Jid) {
-        let bare = jid.bare().to_string();
+        // The same key form the CLI uses: lowercase bare JIDs.
+        let bare = jid.bare().to_string().to_lowercase();
         let mut rng = std::mem::replace(&mut self.rng, rand::make_rng());
         let identity = {
             let mut store = self.shared.store();
