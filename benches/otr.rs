@@ -103,8 +103,13 @@ fn perform(side: &Side, actions: Vec<Action>, store: Option<&mut SqliteStore>) -
             Action::Deliver(_) => fx.delivered += 1,
             Action::Persist(p) => {
                 if let Some(st) = store.as_deref_mut() {
-                    st.save_snapshot(&side.store_key(p.instance), SessionState::Live, &p.snapshot, NOW)
-                        .expect("snapshot saved");
+                    st.save_snapshot(
+                        &side.store_key(p.instance),
+                        SessionState::Live,
+                        &p.snapshot,
+                        NOW,
+                    )
+                    .expect("snapshot saved");
                 }
             }
             _ => {}
@@ -222,7 +227,6 @@ fn bench_data<M: Measurement + 'static>(c: &mut Criterion<M>, keys: &Keys) {
             bench.iter(|| one_message(&mut a, &mut b, &text, None, None))
         });
     }
-
 }
 
 fn bench_persisted<M: Measurement + 'static>(c: &mut Criterion<M>, keys: &Keys) {
@@ -235,9 +239,21 @@ fn bench_persisted<M: Measurement + 'static>(c: &mut Criterion<M>, keys: &Keys) 
         bench.iter(|| {
             turn = !turn;
             if turn {
-                one_message(&mut a, &mut b, &text, Some(&mut store_a), Some(&mut store_b));
+                one_message(
+                    &mut a,
+                    &mut b,
+                    &text,
+                    Some(&mut store_a),
+                    Some(&mut store_b),
+                );
             } else {
-                one_message(&mut b, &mut a, &text, Some(&mut store_b), Some(&mut store_a));
+                one_message(
+                    &mut b,
+                    &mut a,
+                    &text,
+                    Some(&mut store_b),
+                    Some(&mut store_a),
+                );
             }
         })
     });
@@ -319,7 +335,9 @@ impl Offline {
     }
 
     fn receive_to(&mut self, bob: &mut Side, i: usize, durable: bool) -> Vec<String> {
-        let acts = bob.conv.handle_incoming(&self.offline[i], NOW, &mut bob.rng);
+        let acts = bob
+            .conv
+            .handle_incoming(&self.offline[i], NOW, &mut bob.rng);
         let store = if durable { Some(&mut self.store) } else { None };
         let fx = perform(bob, acts, store);
         assert_eq!(fx.delivered, 1, "offline message delivered");

@@ -11,7 +11,7 @@
 # includes waiting for fsync. --quick shortens everything (a smoke run).
 #
 # Needs: cargo, gcc, libotr5-dev (scripts/install-test-deps.sh), python3.
-# Takes about 5 minutes. Criterion's full reports stay in target/criterion/.
+# Takes a few minutes. Criterion's full reports stay in target/criterion/.
 set -eu
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -63,7 +63,8 @@ import json, os, sys
 crit, libotr_file, clock = sys.argv[1:4]
 
 def ours(bench_id):
-    path = os.path.join(crit, bench_id, "new", "estimates.json")
+    # Criterion names the directory after the id with "/" replaced by "_".
+    path = os.path.join(crit, bench_id.replace("/", "_"), "new", "estimates.json")
     try:
         with open(path) as f:
             return json.load(f)["median"]["point_estimate"]
