@@ -66,8 +66,24 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         Notice::HeldQueueFull => {
             format!("Too many held messages for {peer}: this message was NOT kept.")
         }
-        Notice::SmpUnsupported => format!(
-            "{peer} asked to verify you with a shared secret (SMP); this proxy answered that SMP is not available. Compare fingerprints instead (/otr fingerprint)."
+        Notice::SmpRequested { question: Some(q) } => format!(
+            "{peer} asks you to verify: {q} — answer with /otr smp <answer> (or /otr smp abort)"
+        ),
+        Notice::SmpRequested { question: None } => format!(
+            "{peer} wants to verify you with a shared secret (SMP) — answer with /otr smp <secret> (or /otr smp abort)"
+        ),
+        Notice::SmpInProgress => {
+            format!("{peer} answered your SMP request; checking the secrets…")
+        }
+        Notice::SmpSucceeded { fingerprint } => format!(
+            "{peer} verified with SMP: both sides entered the same secret. Fingerprint {fingerprint} is now marked verified."
+        ),
+        Notice::SmpFailed => format!(
+            "SMP failed: the secrets differ. {peer} is NOT verified (the conversation stays private but may be intercepted)."
+        ),
+        Notice::SmpAborted => format!("{peer} aborted SMP verification."),
+        Notice::SmpError { reason } => format!(
+            "SMP with {peer} was aborted: their SMP message was invalid ({reason})."
         ),
         Notice::ExtraKeyRequested { usage } => format!(
             "{peer} wants to use the OTR extra symmetric key (use {usage:#x}); this proxy does not use it."
