@@ -17,7 +17,8 @@ fn version(v: Version) -> &'static str {
 
 /// Render a core notice for the conversation with `peer`. `trust` is the
 /// text describing the fingerprint's trust, supplied by the router for
-/// [`Notice::GoneSecure`].
+/// [`Notice::GoneSecure`]; for [`Notice::SmpSucceeded`] it is the error
+/// text if saving the verification failed.
 pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
     let body = match n {
         Notice::GoneSecure {
@@ -75,9 +76,14 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         Notice::SmpInProgress => {
             format!("{peer} answered your SMP request; checking the secrets…")
         }
-        Notice::SmpSucceeded { fingerprint } => format!(
-            "{peer} verified with SMP: both sides entered the same secret. Fingerprint {fingerprint} is now marked verified."
-        ),
+        Notice::SmpSucceeded { fingerprint } => match trust {
+            None => format!(
+                "{peer} verified with SMP: both sides entered the same secret. Fingerprint {fingerprint} is now marked verified."
+            ),
+            Some(err) => format!(
+                "{peer} verified with SMP: both sides entered the same secret, but marking fingerprint {fingerprint} verified failed ({err})."
+            ),
+        },
         Notice::SmpFailed => format!(
             "SMP failed: the secrets differ. {peer} is NOT verified (the conversation stays private but may be intercepted)."
         ),
