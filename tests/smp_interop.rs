@@ -89,7 +89,12 @@ impl Us {
 
 /// Carry messages both ways until both sides are quiet; returns what the
 /// peer reported.
-fn ferry(us: &mut Us, peer: &mut PeerProcess, to_peer: Vec<String>, to_us: Vec<String>) -> PeerOutput {
+fn ferry(
+    us: &mut Us,
+    peer: &mut PeerProcess,
+    to_peer: Vec<String>,
+    to_us: Vec<String>,
+) -> PeerOutput {
     let mut to_peer: VecDeque<String> = to_peer.into();
     let mut to_us: VecDeque<String> = to_us.into();
     let mut out = PeerOutput::default();
@@ -110,8 +115,14 @@ fn ferry(us: &mut Us, peer: &mut PeerProcess, to_peer: Vec<String>, to_us: Vec<S
 }
 
 fn spawn(kind: PeerKind) -> PeerProcess {
-    PeerProcess::spawn_cached(kind, &format!("smp-{kind}-bob"), THEM, US, &PeerOptions::default())
-        .unwrap_or_else(|e| panic!("spawning {kind}: {e}"))
+    PeerProcess::spawn_cached(
+        kind,
+        &format!("smp-{kind}-bob"),
+        THEM,
+        US,
+        &PeerOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("spawning {kind}: {e}"))
 }
 
 /// Start a session (we query) and check both sides are private.
@@ -134,7 +145,9 @@ fn establish(kind: PeerKind, seed: u64) -> (Us, PeerProcess) {
 
 /// Both directions still carry text after SMP.
 fn still_private(us: &mut Us, peer: &mut PeerProcess) {
-    let a = us.conv.handle_outgoing("after smp, to them", NOW, &mut us.rng);
+    let a = us
+        .conv
+        .handle_outgoing("after smp, to them", NOW, &mut us.rng);
     let w = us.apply(a);
     let out = ferry(us, peer, w, Vec::new());
     assert_eq!(out.plain, vec!["after smp, to them".to_owned()]);
@@ -220,7 +233,13 @@ fn run_all(kind: PeerKind, seed: u64) {
     assert!(succeeded(&us, &peer), "{kind}: {:?}", us.notices);
 
     // They initiate, same secret, with and without a question.
-    let out = they_start(&mut us, &mut peer, Some("favourite colour?"), "blue", "blue");
+    let out = they_start(
+        &mut us,
+        &mut peer,
+        Some("favourite colour?"),
+        "blue",
+        "blue",
+    );
     assert!(out.has_event("smp_success"), "{kind}: {out:?}");
     assert!(succeeded(&us, &peer), "{kind}: {:?}", us.notices);
     let out = they_start(&mut us, &mut peer, None, "s3cret", "s3cret");
@@ -260,7 +279,9 @@ fn run_all(kind: PeerKind, seed: u64) {
 
     // We abort mid-way (after the peer got SMP1).
     us.notices.clear();
-    let a = us.conv.handle_smp_start("x", Some("abort test?"), NOW, &mut us.rng);
+    let a = us
+        .conv
+        .handle_smp_start("x", Some("abort test?"), NOW, &mut us.rng);
     let w = us.apply(a);
     let out = ferry(&mut us, &mut peer, w, Vec::new());
     assert!(out.has_event("smp_request"), "{out:?}");

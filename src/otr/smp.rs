@@ -281,7 +281,12 @@ impl Smp {
             self.reset();
             out.push(abort_tlv());
         }
-        let x = combined_secret(&ctx.our_fingerprint, &ctx.their_fingerprint, &ctx.ssid, secret);
+        let x = combined_secret(
+            &ctx.our_fingerprint,
+            &ctx.their_fingerprint,
+            &ctx.ssid,
+            secret,
+        );
         let a2 = random_exponent(rng);
         let a3 = random_exponent(rng);
         let (g2a, c2, d2) = dh_half_with_proof(1, &a2, rng);
@@ -321,7 +326,12 @@ impl Smp {
             return Err(SmpError::NoRequest);
         };
         // The peer initiated: their fingerprint comes first.
-        let y = combined_secret(&ctx.their_fingerprint, &ctx.our_fingerprint, &ctx.ssid, secret);
+        let y = combined_secret(
+            &ctx.their_fingerprint,
+            &ctx.our_fingerprint,
+            &ctx.ssid,
+            secret,
+        );
         let b2 = random_exponent(rng);
         let b3 = random_exponent(rng);
         let (g2b, c2, d2) = dh_half_with_proof(3, &b2, rng);
@@ -333,11 +343,7 @@ impl Smp {
         let r6 = random_exponent(rng);
         let pb = g3.pow(&*r4);
         let qb = g1().pow(&*r4).mul(&g2.pow_bounded_exp(&*y, SECRET_BITS));
-        let cp = hash2(
-            5,
-            &g3.pow(&*r5),
-            &g1().pow(&*r5).mul(&g2.pow(&*r6)),
-        );
+        let cp = hash2(5, &g3.pow(&*r5), &g1().pow(&*r5).mul(&g2.pow(&*r6)));
         let d5 = proof_d(&r5, &r4, &cp);
         let d6 = proof_d(&r6, &y, &cp);
         let value = encode(&[
@@ -467,11 +473,7 @@ impl Smp {
         let r7 = random_exponent(rng);
         let pa = g3.pow(&*r4);
         let qa = g1().pow(&*r4).mul(&g2.pow_bounded_exp(&s.x, SECRET_BITS));
-        let cp = hash2(
-            6,
-            &g3.pow(&*r5),
-            &g1().pow(&*r5).mul(&g2.pow(&*r6)),
-        );
+        let cp = hash2(6, &g3.pow(&*r5), &g1().pow(&*r5).mul(&g2.pow(&*r6)));
         let d5 = proof_d(&r5, &r4, &cp);
         let d6 = proof_d(&r6, &s.x, &cp);
         let qa_qb = divide(&qa, &qb)?;
@@ -837,7 +839,14 @@ mod tests {
 
     #[test]
     fn question_is_delivered() {
-        let (a, b) = run("blue", "blue", Some("favourite colour?"), ctx_alice(), ctx_bob(), 3);
+        let (a, b) = run(
+            "blue",
+            "blue",
+            Some("favourite colour?"),
+            ctx_alice(),
+            ctx_bob(),
+            3,
+        );
         assert_eq!(a, Some(SmpEvent::Succeeded));
         assert_eq!(b, Some(SmpEvent::Succeeded));
     }
@@ -871,14 +880,20 @@ mod tests {
         assert_eq!(a.phase(), SmpPhase::Expect1);
         // A late message 3 is now unexpected: Bob answers with an abort.
         let s = b.handle_tlv(&m3, &mut rng);
-        assert_eq!(s.event, Some(SmpEvent::Invalid(SmpError::Unexpected(types::SMP3))));
+        assert_eq!(
+            s.event,
+            Some(SmpEvent::Invalid(SmpError::Unexpected(types::SMP3)))
+        );
         assert_eq!(one(s.reply).typ, types::SMP_ABORT);
         // An abort while idle is silent.
         let s = a.handle_tlv(&abort, &mut rng);
         assert!(s.event.is_none() && s.reply.is_empty());
         // And a new exchange works.
         let (ea, eb) = run("again", "again", None, ca, cb, 6);
-        assert_eq!((ea, eb), (Some(SmpEvent::Succeeded), Some(SmpEvent::Succeeded)));
+        assert_eq!(
+            (ea, eb),
+            (Some(SmpEvent::Succeeded), Some(SmpEvent::Succeeded))
+        );
     }
 
     #[test]
@@ -905,7 +920,9 @@ mod tests {
     }
 
     fn p_minus(k: u64) -> Vec<u8> {
-        let p = U1536::from_be_hex(Q_HEX).shl_vartime(1).wrapping_add(&U1536::ONE);
+        let p = U1536::from_be_hex(Q_HEX)
+            .shl_vartime(1)
+            .wrapping_add(&U1536::ONE);
         uint_to_minimal_be(&p.wrapping_sub(&U1536::from_u64(k))).to_vec()
     }
 
@@ -931,20 +948,29 @@ mod tests {
         ] {
             let mut b = Smp::new();
             let s = b.handle_tlv(&tamper(&m1, 0, &bad), &mut rng);
-            assert_eq!(s.event, Some(SmpEvent::Invalid(SmpError::GroupElement(name))));
+            assert_eq!(
+                s.event,
+                Some(SmpEvent::Invalid(SmpError::GroupElement(name)))
+            );
             assert_eq!(one(s.reply).typ, types::SMP_ABORT);
             assert_eq!(b.phase(), SmpPhase::Expect1);
         }
         let mut b = Smp::new();
         let s = b.handle_tlv(&tamper(&m1, 3, &[1]), &mut rng);
-        assert_eq!(s.event, Some(SmpEvent::Invalid(SmpError::GroupElement("g3a"))));
+        assert_eq!(
+            s.event,
+            Some(SmpEvent::Invalid(SmpError::GroupElement("g3a")))
+        );
 
         // Message 2 with Pb = p - 1.
         let mut b = Smp::new();
         b.handle_tlv(&m1, &mut rng);
         let m2 = one(b.answer(&ctx_bob(), b"s", &mut rng).unwrap());
         let s = a.handle_tlv(&tamper(&m2, 6, &p_minus(1)), &mut rng);
-        assert_eq!(s.event, Some(SmpEvent::Invalid(SmpError::GroupElement("Pb"))));
+        assert_eq!(
+            s.event,
+            Some(SmpEvent::Invalid(SmpError::GroupElement("Pb")))
+        );
         assert_eq!(a.phase(), SmpPhase::Expect1);
     }
 

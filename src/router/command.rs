@@ -122,7 +122,10 @@ pub(crate) fn run(
             let account = r.account.as_ref().map(|a| a.bare.clone());
             match (fpr, account) {
                 (Some(f), Some(acc)) => {
-                    let res = r.shared.store().set_fingerprint(&acc, peer, &f.0, trust, now);
+                    let res = r
+                        .shared
+                        .store()
+                        .set_fingerprint(&acc, peer, &f.0, trust, now);
                     match res {
                         Ok(()) => say(
                             r,
@@ -138,7 +141,17 @@ pub(crate) fn run(
                         Err(e) => say(r, format!("could not save trust: {e}")),
                     }
                 }
-                _ => say(r, format!("no private session with {peer}: nothing to {}.", if trust == Trust::Verified { "trust" } else { "distrust" })),
+                _ => say(
+                    r,
+                    format!(
+                        "no private session with {peer}: nothing to {}.",
+                        if trust == Trust::Verified {
+                            "trust"
+                        } else {
+                            "distrust"
+                        }
+                    ),
+                ),
             }
         }
         Command::Smp(args) => return smp(r, peer, &args, now, &mut say),
@@ -148,7 +161,10 @@ pub(crate) fn run(
                 if let Some(c) = r.peer(peer, now) {
                     c.conv.set_policy(policy);
                 }
-                say(r, format!("policy for {peer} is now {policy} (until this connection ends)."));
+                say(
+                    r,
+                    format!("policy for {peer} is now {policy} (until this connection ends)."),
+                );
             }
             Err(e) => say(r, e.to_string()),
         },
@@ -231,7 +247,9 @@ fn smp(
     if !private && req != SmpRequest::Abort {
         say(
             r,
-            format!("no private conversation with {peer}: start one with /otr start before verifying."),
+            format!(
+                "no private conversation with {peer}: start one with /otr start before verifying."
+            ),
         );
         return None;
     }
@@ -252,7 +270,12 @@ fn smp(
         (SmpRequest::Answer(_), true) => {
             format!("answer sent; waiting for {peer}'s SMP result…")
         }
-        (SmpRequest::Start { question: Some(q), .. }, true) => {
+        (
+            SmpRequest::Start {
+                question: Some(q), ..
+            },
+            true,
+        ) => {
             format!("asked {peer} to verify: {q} (waiting for their answer)")
         }
         (SmpRequest::Start { question: None, .. }, true) => {

@@ -88,9 +88,9 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
             "SMP failed: the secrets differ. {peer} is NOT verified (the conversation stays private but may be intercepted)."
         ),
         Notice::SmpAborted => format!("{peer} aborted SMP verification."),
-        Notice::SmpError { reason } => format!(
-            "SMP with {peer} was aborted: their SMP message was invalid ({reason})."
-        ),
+        Notice::SmpError { reason } => {
+            format!("SMP with {peer} was aborted: their SMP message was invalid ({reason}).")
+        }
         Notice::ExtraKeyRequested { usage } => format!(
             "{peer} wants to use the OTR extra symmetric key (use {usage:#x}); this proxy does not use it."
         ),
@@ -99,4 +99,46 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         ),
     };
     format!("{PREFIX} {body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otr::crypto::Fingerprint;
+
+    #[test]
+    fn renders_smp_notices() {
+        let ask = render(
+            &Notice::SmpRequested {
+                question: Some("Where did we meet?".into()),
+            },
+            "bob@example.org",
+            None,
+        );
+        assert_eq!(
+            ask,
+            "[o2tr] bob@example.org asks you to verify: Where did we meet? — answer with /otr smp <answer> (or /otr smp abort)"
+        );
+        let ok = render(
+            &Notice::SmpSucceeded {
+                fingerprint: Fingerprint([0xab; 20]),
+            },
+            "bob",
+            None,
+        );
+        assert!(
+            ok.contains("verified with SMP") && ok.contains("abab"),
+            "{ok}"
+        );
+        let ok_unsaved = render(
+            &Notice::SmpSucceeded {
+                fingerprint: Fingerprint([0xab; 20]),
+            },
+            "bob",
+            Some("disk full"),
+        );
+        assert!(ok_unsaved.contains("failed (disk full)"), "{ok_unsaved}");
+        assert!(render(&Notice::SmpFailed, "bob", None).contains("SMP failed: the secrets differ"));
+        assert!(render(&Notice::SmpAborted, "bob", None).contains("aborted"));
+    }
 }
