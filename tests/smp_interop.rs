@@ -333,3 +333,77 @@ fn smp_with_libotr_v3_both_roles() {
 fn smp_with_potr_v2_both_roles() {
     run_all(PeerKind::Potr, 2);
 }
+
+/// Rust ↔ Rust through two conversations: SMP over real encrypted data
+/// messages, both outcomes, and the session keeps working.
+#[test]
+fn smp_between_two_rust_conversations() {
+    let mut rng = ChaCha20Rng::seed_from_u64(77);
+    let bob_key = Arc::new(DsaPrivateKey::generate(&mut rng));
+    let mut a = Us::new(3);
+    let mut b = Us {
+        conv: Conversation::new(Config::new(THEM, 0x8765_4321), bob_key),
+        rng: ChaCha20Rng::seed_from_u64(4),
+        notices: Vec::new(),
+        texts: Vec::new(),
+    };
+    // Deliver until quiet.
+    fn pump(a: &mut Us, b: &mut Us, mut to_b: Vec<String>) {
+        let mut to_a: Vec<String> = Vec::new();
+        for _ in 0..100 {
+            if to_b.is_empty() && to_a.is_empty() {
+                return;
+            }
+            for m in std::mem::take(&mut to_b) {
+                let x = b.conv.handle_incoming(&m, NOW, &mut b.rng);
+                to_a.extend(b.apply(x));
+            }
+            for m in std::mem::take(&mut to_a) {
+                let x = a.conv.handle_incoming(&m, NOW, &mut a.rng);
+                to_b.extend(a.apply(x));
+            }
+        }
+        panic!("ping-pong");
+    }
+    let q = a.conv.handle_start(NOW);
+    let q = a.apply(q);
+    pump(&mut a, &mut b, q);
+    assert!(a.conv.is_private() && b.conv.is_private());
+
+    for (sa, sb, ok) in [("same", "same", true), ("one", "two", false)] {
+        a.notices.clear();
+        b.notices.clear();
+        let x = a.conv.handle_smp_start(sa, Some("q?"), NOW, &mut a.rng);
+        let w = a.apply(x);
+        pump(&mut a, &mut b, w);
+        assert_eq!(
+            b.smp_notices(),
+            vec![&Notice::SmpRequested {
+                question: Some("q?".into())
+            }]
+        );
+        let x = b.conv.handle_smp_answer(sb, NOW, &mut b.rng);
+        let w = b.apply(x);
+        pump(&mut b, &mut a, w);
+        let a_fpr = our_key().public_key().fingerprint();
+        if ok {
+            assert!(
+                b.notices
+                    .contains(&Notice::SmpSucceeded { fingerprint: a_fpr })
+            );
+            assert!(
+                a.notices
+                    .iter()
+                    .any(|n| matches!(n, Notice::SmpSucceeded { .. }))
+            );
+        } else {
+            assert!(b.notices.contains(&Notice::SmpFailed), "{:?}", b.notices);
+            assert!(a.notices.contains(&Notice::SmpFailed), "{:?}", a.notices);
+        }
+        assert!(!a.conv.smp_in_progress() && !b.conv.smp_in_progress());
+    }
+    let x = a.conv.handle_outgoing("still private", NOW, &mut a.rng);
+    let w = a.apply(x);
+    pump(&mut a, &mut b, w);
+    assert_eq!(b.texts, vec!["still private".to_owned()]);
+}

@@ -127,7 +127,7 @@ mod tests {
             None,
         );
         assert!(
-            ok.contains("verified with SMP") && ok.contains("abab"),
+            ok.contains("verified with SMP") && ok.contains("ABABABAB"),
             "{ok}"
         );
         let ok_unsaved = render(
