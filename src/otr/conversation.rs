@@ -23,6 +23,7 @@ use super::message::{
 };
 use super::offline::EncryptedSession;
 use super::policy::Policy;
+use super::smp::{Smp, SmpContext, SmpEvent};
 use super::tlv::{self, Tlv};
 
 /// Text libotr sends for an unreadable data message.
@@ -181,9 +182,30 @@ pub enum Notice {
     },
     /// The held-message queue is full; the message was dropped.
     HeldQueueFull,
-    /// The peer asked for SMP verification, which this build answers with
-    /// an abort.
-    SmpUnsupported,
+    /// The peer asks to verify us with a shared secret (SMP); answer with
+    /// [`Conversation::handle_smp_answer`].
+    SmpRequested {
+        /// The peer's question, if they sent one (SMP message 1Q).
+        question: Option<String>,
+    },
+    /// The peer answered our SMP request; the exchange continues.
+    SmpInProgress,
+    /// SMP succeeded: both sides entered the same secret, so this
+    /// fingerprint belongs to the person who knows it.
+    SmpSucceeded {
+        /// The peer's fingerprint that is now verified.
+        fingerprint: Fingerprint,
+    },
+    /// SMP completed and the secrets differ.
+    SmpFailed,
+    /// The peer aborted SMP.
+    SmpAborted,
+    /// The peer's SMP message was invalid or unexpected; we answered with
+    /// an abort. The session itself is unaffected.
+    SmpError {
+        /// What was wrong.
+        reason: String,
+    },
     /// The peer announced use of the extra symmetric key.
     ExtraKeyRequested {
         /// The 4-byte use indicator.
@@ -204,6 +226,9 @@ enum MsgState {
 struct Instance {
     ake: AuthState,
     msg: MsgState,
+    /// SMP on the encrypted session (reset whenever `msg` changes; never
+    /// persisted).
+    smp: Smp,
 }
 
 impl Instance {
@@ -211,6 +236,7 @@ impl Instance {
         Instance {
             ake: AuthState::None,
             msg: MsgState::Plaintext,
+            smp: Smp::new(),
         }
     }
 }
@@ -285,6 +311,7 @@ impl Conversation {
         let tag = session.their_tag;
         let inst = self.instances.entry(tag).or_insert_with(Instance::new);
         inst.msg = MsgState::Encrypted(Box::new(session));
+        inst.smp.reset();
         self.select_best();
         Ok(tag)
     }
@@ -301,6 +328,7 @@ impl Conversation {
         self.reassembly.clear();
         for inst in self.instances.values_mut() {
             inst.ake = AuthState::None;
+            inst.smp.reset();
             if let MsgState::Encrypted(s) = &mut inst.msg {
                 s.suspended = true;
             }
@@ -439,6 +467,7 @@ impl Conversation {
             let Some(inst) = self.instances.get_mut(&tag) else {
                 continue;
             };
+            inst.smp.reset();
             match std::mem::replace(&mut inst.msg, MsgState::Plaintext) {
                 MsgState::Encrypted(mut s) => {
                     let body = tlv::join_plaintext(
@@ -472,6 +501,7 @@ impl Conversation {
             }
             inst.msg = MsgState::Plaintext;
             inst.ake = AuthState::None;
+            inst.smp.reset();
         }
         self.selected = None;
         out
@@ -843,6 +873,7 @@ impl Conversation {
             snapshot: session.snapshot(),
         }));
         inst.msg = MsgState::Encrypted(Box::new(session));
+        inst.smp.reset();
         self.selected = Some(tag);
         out.push(Action::Notify(Notice::GoneSecure {
             instance: tag,
@@ -864,11 +895,15 @@ impl Conversation {
         out: &mut Out,
     ) {
         let ignore_unreadable = d.flags & FLAG_IGNORE_UNREADABLE != 0;
-        let result = match self.instances.get_mut(&tag).map(|i| &mut i.msg) {
-            Some(MsgState::Encrypted(s)) => s.ratchet.decrypt(h, d, rng).map(|r| (r, s)),
+        let result = match self.instances.get_mut(&tag) {
+            Some(Instance {
+                msg: MsgState::Encrypted(s),
+                smp,
+                ..
+            }) => s.ratchet.decrypt(h, d, rng).map(|r| (r, s, smp)),
             _ => Err(Error::Peer(PeerMisbehaved::NotEncrypted)),
         };
-        let (received, session) = match result {
+        let (received, session, smp_state) = match result {
             Ok(x) => x,
             Err(e) => {
                 if !ignore_unreadable {
@@ -905,10 +940,26 @@ impl Conversation {
             }
         };
         let disconnected = tlvs.iter().any(|t| t.typ == tlv::types::DISCONNECTED);
-        let smp = tlvs.iter().any(|t| {
-            (tlv::types::SMP1..=tlv::types::SMP1Q).contains(&t.typ)
-                && t.typ != tlv::types::SMP_ABORT
-        });
+        // SMP TLVs drive the SMP state machine; its replies go out in one
+        // data message (empty human part, IGNORE_UNREADABLE).
+        let mut smp_reply = Vec::new();
+        let mut smp_notices = Vec::new();
+        if !disconnected {
+            let theirs = session.fingerprint();
+            for t in tlvs
+                .iter()
+                .filter(|t| (tlv::types::SMP1..=tlv::types::SMP1Q).contains(&t.typ))
+            {
+                let step = smp_state.handle_tlv(t, rng);
+                smp_reply.extend(step.reply);
+                if let Some(ev) = step.event {
+                    smp_notices.push(smp_notice(ev, &theirs));
+                }
+            }
+        } else {
+            smp_state.reset();
+        }
+        let smp = !smp_reply.is_empty();
         let extra = tlvs
             .iter()
             .find(|t| t.typ == tlv::types::EXTRA_SYMMETRIC_KEY)
@@ -923,13 +974,7 @@ impl Conversation {
         let mut replies = Vec::new();
         if !disconnected {
             if smp {
-                let body = tlv::join_plaintext(
-                    b"",
-                    &[Tlv {
-                        typ: tlv::types::SMP_ABORT,
-                        value: Vec::new(),
-                    }],
-                );
+                let body = tlv::join_plaintext(b"", &smp_reply);
                 replies.push(encrypt(session, FLAG_IGNORE_UNREADABLE, &body, now));
             } else if self.cfg.heartbeat_secs > 0
                 && now.saturating_sub(session.last_sent) >= self.cfg.heartbeat_secs
@@ -959,9 +1004,7 @@ impl Conversation {
         for r in &replies {
             self.push_encoded(r, out);
         }
-        if smp {
-            out.push(Action::Notify(Notice::SmpUnsupported));
-        }
+        out.extend(smp_notices.into_iter().map(Action::Notify));
         if let Some(usage) = extra {
             out.push(Action::Notify(Notice::ExtraKeyRequested { usage }));
         }
@@ -977,6 +1020,171 @@ impl Conversation {
                 self.flush_held(now, out);
             }
         }
+    }
+}
+
+/// SMP (spec §"The SMP state machine"): user requests. Each runs on one
+/// encrypted instance; its messages go out as data messages with an empty
+/// human part and IGNORE_UNREADABLE, after an [`Action::Persist`]. The SMP
+/// state is not part of the EKM snapshot: an exchange in progress is
+/// abandoned when the session is suspended, restored, refreshed or ended.
+impl Conversation {
+    /// The user starts SMP on the selected encrypted session with `secret`
+    /// (and optionally a question shown to the peer). Sends SMP message 1
+    /// (or 1Q), preceded by an abort if an exchange was under way. Returns
+    /// nothing if no session is private.
+    pub fn handle_smp_start<R: CryptoRng + ?Sized>(
+        &mut self,
+        secret: &str,
+        question: Option<&str>,
+        now: u64,
+        rng: &mut R,
+    ) -> Out {
+        let mut out = Vec::new();
+        let Some(tag) = self.selected else {
+            return out;
+        };
+        let Some(ctx) = self.smp_context(tag) else {
+            return out;
+        };
+        let Some(inst) = self.instances.get_mut(&tag) else {
+            return out;
+        };
+        let tlvs = inst.smp.start(&ctx, secret.as_bytes(), question, rng);
+        self.send_smp(tag, &tlvs, now, &mut out);
+        out
+    }
+
+    /// The user answers the peer's SMP request with `secret`: sends SMP
+    /// message 2. Returns nothing if no request waits for an answer (see
+    /// [`Self::smp_pending_request`]).
+    pub fn handle_smp_answer<R: CryptoRng + ?Sized>(
+        &mut self,
+        secret: &str,
+        now: u64,
+        rng: &mut R,
+    ) -> Out {
+        let mut out = Vec::new();
+        let Some(tag) = self.smp_request_instance() else {
+            return out;
+        };
+        let Some(ctx) = self.smp_context(tag) else {
+            return out;
+        };
+        let Some(inst) = self.instances.get_mut(&tag) else {
+            return out;
+        };
+        match inst.smp.answer(&ctx, secret.as_bytes(), rng) {
+            Ok(tlvs) => self.send_smp(tag, &tlvs, now, &mut out),
+            Err(e) => tracing::debug!(cause = %e, "SMP answer refused"),
+        }
+        out
+    }
+
+    /// The user aborts SMP: sends an SMP abort on every encrypted instance
+    /// with an exchange under way (or, if none, on the selected one) and
+    /// resets their SMP state.
+    pub fn handle_smp_abort<R: CryptoRng + ?Sized>(&mut self, now: u64, rng: &mut R) -> Out {
+        let _ = rng;
+        let mut out = Vec::new();
+        let mut tags: Vec<u32> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| {
+                matches!(i.msg, MsgState::Encrypted(_))
+                    && i.smp.phase() != super::smp::SmpPhase::Expect1
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        if tags.is_empty() {
+            tags.extend(self.selected);
+        }
+        for tag in tags {
+            let Some(inst) = self.instances.get_mut(&tag) else {
+                continue;
+            };
+            let tlvs = inst.smp.abort();
+            self.send_smp(tag, &tlvs, now, &mut out);
+        }
+        out
+    }
+
+    /// Whether a peer's SMP request waits for our answer, and its question
+    /// (`Some(None)`: a request without a question).
+    pub fn smp_pending_request(&self) -> Option<Option<String>> {
+        let tag = self.smp_request_instance()?;
+        let smp = &self.instances.get(&tag)?.smp;
+        Some(smp.pending_question().map(str::to_owned))
+    }
+
+    /// Whether an SMP exchange is under way on any instance.
+    pub fn smp_in_progress(&self) -> bool {
+        self.instances
+            .values()
+            .any(|i| i.smp.phase() != super::smp::SmpPhase::Expect1)
+    }
+
+    /// The instance whose SMP request awaits an answer: the selected one
+    /// if it has one, else any.
+    fn smp_request_instance(&self) -> Option<u32> {
+        let waiting = |tag: &u32| {
+            self.instances.get(tag).is_some_and(|i| {
+                matches!(i.msg, MsgState::Encrypted(_)) && i.smp.is_awaiting_secret()
+            })
+        };
+        self.selected
+            .filter(waiting)
+            .or_else(|| self.instances.keys().copied().find(waiting))
+    }
+
+    /// Fingerprints and ssid of the encrypted session on `tag`.
+    fn smp_context(&self, tag: u32) -> Option<SmpContext> {
+        let MsgState::Encrypted(s) = &self.instances.get(&tag)?.msg else {
+            return None;
+        };
+        Some(SmpContext {
+            our_fingerprint: self.long_term.public_key().fingerprint().0,
+            their_fingerprint: s.fingerprint().0,
+            ssid: s.ssid,
+        })
+    }
+
+    /// Encrypt `tlvs` (empty human part, IGNORE_UNREADABLE) on `tag`:
+    /// persist, then send.
+    fn send_smp(&mut self, tag: u32, tlvs: &[Tlv], now: u64, out: &mut Out) {
+        let Some(inst) = self.instances.get_mut(&tag) else {
+            return;
+        };
+        let MsgState::Encrypted(s) = &mut inst.msg else {
+            return;
+        };
+        let resumed = std::mem::replace(&mut s.suspended, false);
+        let body = tlv::join_plaintext(b"", tlvs);
+        let msg = encrypt(s, FLAG_IGNORE_UNREADABLE, &body, now);
+        out.push(Action::Persist(Persist {
+            instance: tag,
+            snapshot: s.snapshot(),
+        }));
+        if resumed {
+            out.push(Action::Notify(Notice::Resumed { instance: tag }));
+        }
+        self.push_encoded(&msg, out);
+    }
+}
+
+/// The user-facing notice for an SMP event on a session with `theirs`.
+fn smp_notice(ev: SmpEvent, theirs: &Fingerprint) -> Notice {
+    match ev {
+        SmpEvent::Requested { question } => Notice::SmpRequested { question },
+        SmpEvent::InProgress => Notice::SmpInProgress,
+        SmpEvent::Succeeded => Notice::SmpSucceeded {
+            fingerprint: *theirs,
+        },
+        SmpEvent::Failed => Notice::SmpFailed,
+        SmpEvent::Aborted => Notice::SmpAborted,
+        SmpEvent::Invalid(e) => Notice::SmpError {
+            reason: e.to_string(),
+        },
     }
 }
 

@@ -10,6 +10,7 @@
 //!   HMAC, fingerprints.
 //! * [`ake`] — the authenticated key exchange.
 //! * [`keys`] — the data-message key ratchet.
+//! * [`smp`] — the Socialist Millionaires' Protocol.
 //! * [`offline`] — O2TR: the EKM snapshot of an encrypted session.
 //! * [`conversation`] — the message state machine per peer; the API the
 //!   proxy uses.
@@ -27,3 +28,4 @@ pub mod error;
 pub mod keys;
 pub mod offline;
 pub mod policy;
+pub mod smp;

@@ -3,6 +3,7 @@
 //! leave the proxy.
 
 use crate::otr::conversation::Action;
+use crate::otr::crypto::Fingerprint;
 use crate::otr::policy::Policy;
 use crate::proxy::Outgoing;
 use crate::store::Trust;
@@ -35,7 +36,7 @@ pub enum Command {
     Unknown(String),
 }
 
-const HELP: &str = "commands: /otr start | end | status | fingerprint | trust | distrust | policy manual|opportunistic|always | help (also !otr …)";
+const HELP: &str = "commands: /otr start | end | status | fingerprint | trust | distrust | smp [<question>?] <secret> | smp abort | policy manual|opportunistic|always | help (also !otr …)";
 
 impl Command {
     /// Parse a message body; `None` if it is not a command.
@@ -121,7 +122,10 @@ pub(crate) fn run(
             let account = r.account.as_ref().map(|a| a.bare.clone());
             match (fpr, account) {
                 (Some(f), Some(acc)) => {
-                    let res = r.shared.store().set_fingerprint(&acc, peer, &f.0, trust, now);
+                    let res = r
+                        .shared
+                        .store()
+                        .set_fingerprint(&acc, peer, &f.0, trust, now);
                     match res {
                         Ok(()) => say(
                             r,
@@ -137,25 +141,172 @@ pub(crate) fn run(
                         Err(e) => say(r, format!("could not save trust: {e}")),
                     }
                 }
-                _ => say(r, format!("no private session with {peer}: nothing to {}.", if trust == Trust::Verified { "trust" } else { "distrust" })),
+                _ => say(
+                    r,
+                    format!(
+                        "no private session with {peer}: nothing to {}.",
+                        if trust == Trust::Verified {
+                            "trust"
+                        } else {
+                            "distrust"
+                        }
+                    ),
+                ),
             }
         }
-        Command::Smp(_) => say(
-            r,
-            "SMP verification is not available in this version; compare fingerprints (/otr fingerprint) over another channel, then /otr trust.".into(),
-        ),
+        Command::Smp(args) => return smp(r, peer, &args, now, &mut say),
         Command::Policy(p) => match p.parse::<Policy>() {
             Ok(policy) => {
                 r.policies.insert(peer.to_string(), policy);
                 if let Some(c) = r.peer(peer, now) {
                     c.conv.set_policy(policy);
                 }
-                say(r, format!("policy for {peer} is now {policy} (until this connection ends)."));
+                say(
+                    r,
+                    format!("policy for {peer} is now {policy} (until this connection ends)."),
+                );
             }
             Err(e) => say(r, e.to_string()),
         },
     }
     None
+}
+
+/// What `/otr smp …` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmpRequest {
+    /// `/otr smp abort`.
+    Abort,
+    /// Answer the peer's pending request with this secret.
+    Answer(String),
+    /// Start SMP with this secret and optional question.
+    Start {
+        /// The question shown to the peer (up to and including the first
+        /// '?').
+        question: Option<String>,
+        /// The secret.
+        secret: String,
+    },
+}
+
+impl SmpRequest {
+    /// Interpret the arguments of `/otr smp`. With a request from the peer
+    /// pending, everything typed is the answer; otherwise `<question>?
+    /// <secret>` (the question ends at the first '?') or `<secret>`.
+    /// `None` for empty arguments.
+    pub fn parse(args: &str, answering: bool) -> Option<SmpRequest> {
+        let args = args.trim();
+        if args.is_empty() {
+            return None;
+        }
+        if args.eq_ignore_ascii_case("abort") {
+            return Some(SmpRequest::Abort);
+        }
+        if answering {
+            return Some(SmpRequest::Answer(args.to_string()));
+        }
+        if let Some(i) = args.find('?') {
+            let (q, rest) = args.split_at(i + 1);
+            let secret = rest.trim();
+            if !secret.is_empty() {
+                return Some(SmpRequest::Start {
+                    question: Some(q.trim().to_string()),
+                    secret: secret.to_string(),
+                });
+            }
+        }
+        Some(SmpRequest::Start {
+            question: None,
+            secret: args.to_string(),
+        })
+    }
+}
+
+/// `/otr smp …`: start, answer or abort SMP with `peer`.
+fn smp(
+    r: &mut Router,
+    peer: &str,
+    args: &str,
+    now: u64,
+    say: &mut impl FnMut(&mut Router, String),
+) -> Option<Vec<Action>> {
+    let (private, pending) = match r.peer(peer, now) {
+        Some(p) => (p.conv.is_private(), p.conv.smp_pending_request()),
+        None => {
+            say(r, format!("{peer}: not logged in"));
+            return None;
+        }
+    };
+    let Some(req) = SmpRequest::parse(args, pending.is_some()) else {
+        say(
+            r,
+            "usage: /otr smp <secret> | /otr smp <question>? <secret> | /otr smp <answer> (to a question) | /otr smp abort".into(),
+        );
+        return None;
+    };
+    if !private && req != SmpRequest::Abort {
+        say(
+            r,
+            format!(
+                "no private conversation with {peer}: start one with /otr start before verifying."
+            ),
+        );
+        return None;
+    }
+    let mut rng = std::mem::replace(&mut r.rng, rand::make_rng());
+    let actions = r.peer(peer, now).map(|p| match &req {
+        SmpRequest::Abort => p.conv.handle_smp_abort(now, &mut rng),
+        SmpRequest::Answer(secret) => p.conv.handle_smp_answer(secret, now, &mut rng),
+        SmpRequest::Start { question, secret } => {
+            p.conv
+                .handle_smp_start(secret, question.as_deref(), now, &mut rng)
+        }
+    });
+    r.rng = rng;
+    let sent = actions.as_ref().is_some_and(|a| !a.is_empty());
+    let text = match (&req, sent) {
+        (SmpRequest::Abort, true) => format!("SMP with {peer} aborted."),
+        (SmpRequest::Abort, false) => format!("no SMP with {peer} to abort."),
+        (SmpRequest::Answer(_), true) => {
+            format!("answer sent; waiting for {peer}'s SMP result…")
+        }
+        (
+            SmpRequest::Start {
+                question: Some(q), ..
+            },
+            true,
+        ) => {
+            format!("asked {peer} to verify: {q} (waiting for their answer)")
+        }
+        (SmpRequest::Start { question: None, .. }, true) => {
+            format!("SMP verification started; {peer} must type the same secret.")
+        }
+        (_, false) => format!("could not start SMP with {peer}."),
+    };
+    say(r, text);
+    actions
+}
+
+/// SMP succeeded with `peer`: mark `fpr` verified in the store, like
+/// `/otr trust`. Returns the error text if that failed.
+pub(crate) fn smp_verified(
+    r: &mut Router,
+    account: &str,
+    peer: &str,
+    fpr: &Fingerprint,
+    now: u64,
+) -> Option<String> {
+    let res = r
+        .shared
+        .store()
+        .set_fingerprint(account, peer, &fpr.0, Trust::Verified, now);
+    match res {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::error!(peer, cause = %e, "could not save SMP verification");
+            Some(e.to_string())
+        }
+    }
 }
 
 fn status_text(r: &mut Router, peer: &str, now: u64) -> String {
@@ -285,5 +436,43 @@ mod tests {
         );
         assert_eq!(Command::parse("/otrx"), None);
         assert_eq!(Command::parse("hello /otr start"), None);
+        assert_eq!(
+            Command::parse("/otr smp where did we meet? Paris"),
+            Some(Command::Smp("where did we meet? Paris".into()))
+        );
+    }
+
+    #[test]
+    fn parses_smp_arguments() {
+        assert_eq!(SmpRequest::parse("  ", false), None);
+        assert_eq!(SmpRequest::parse("Abort", false), Some(SmpRequest::Abort));
+        assert_eq!(SmpRequest::parse("abort", true), Some(SmpRequest::Abort));
+        assert_eq!(
+            SmpRequest::parse("correct horse", false),
+            Some(SmpRequest::Start {
+                question: None,
+                secret: "correct horse".into()
+            })
+        );
+        assert_eq!(
+            SmpRequest::parse("where did we meet? in Paris? yes", false),
+            Some(SmpRequest::Start {
+                question: Some("where did we meet?".into()),
+                secret: "in Paris? yes".into()
+            })
+        );
+        // A '?' with nothing after it is part of the secret.
+        assert_eq!(
+            SmpRequest::parse("really?", false),
+            Some(SmpRequest::Start {
+                question: None,
+                secret: "really?".into()
+            })
+        );
+        // Answering: everything typed is the answer.
+        assert_eq!(
+            SmpRequest::parse("Paris? yes", true),
+            Some(SmpRequest::Answer("Paris? yes".into()))
+        );
     }
 }

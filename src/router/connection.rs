@@ -274,6 +274,9 @@ impl Router {
                         Notice::GoneSecure { fingerprint, .. } => {
                             Some(self.record_fingerprint(&account, peer, &fingerprint.0, now))
                         }
+                        Notice::SmpSucceeded { fingerprint } => {
+                            command::smp_verified(self, &account, peer, fingerprint, now)
+                        }
                         _ => None,
                     };
                     let text = notice::render(&n, peer, trust.as_deref());

@@ -17,7 +17,8 @@ fn version(v: Version) -> &'static str {
 
 /// Render a core notice for the conversation with `peer`. `trust` is the
 /// text describing the fingerprint's trust, supplied by the router for
-/// [`Notice::GoneSecure`].
+/// [`Notice::GoneSecure`]; for [`Notice::SmpSucceeded`] it is the error
+/// text if saving the verification failed.
 pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
     let body = match n {
         Notice::GoneSecure {
@@ -66,9 +67,30 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         Notice::HeldQueueFull => {
             format!("Too many held messages for {peer}: this message was NOT kept.")
         }
-        Notice::SmpUnsupported => format!(
-            "{peer} asked to verify you with a shared secret (SMP); this proxy answered that SMP is not available. Compare fingerprints instead (/otr fingerprint)."
+        Notice::SmpRequested { question: Some(q) } => format!(
+            "{peer} asks you to verify: {q} — answer with /otr smp <answer> (or /otr smp abort)"
         ),
+        Notice::SmpRequested { question: None } => format!(
+            "{peer} wants to verify you with a shared secret (SMP) — answer with /otr smp <secret> (or /otr smp abort)"
+        ),
+        Notice::SmpInProgress => {
+            format!("{peer} answered your SMP request; checking the secrets…")
+        }
+        Notice::SmpSucceeded { fingerprint } => match trust {
+            None => format!(
+                "{peer} verified with SMP: both sides entered the same secret. Fingerprint {fingerprint} is now marked verified."
+            ),
+            Some(err) => format!(
+                "{peer} verified with SMP: both sides entered the same secret, but marking fingerprint {fingerprint} verified failed ({err})."
+            ),
+        },
+        Notice::SmpFailed => format!(
+            "SMP failed: the secrets differ. {peer} is NOT verified (the conversation stays private but may be intercepted)."
+        ),
+        Notice::SmpAborted => format!("{peer} aborted SMP verification."),
+        Notice::SmpError { reason } => {
+            format!("SMP with {peer} was aborted: their SMP message was invalid ({reason}).")
+        }
         Notice::ExtraKeyRequested { usage } => format!(
             "{peer} wants to use the OTR extra symmetric key (use {usage:#x}); this proxy does not use it."
         ),
@@ -77,4 +99,46 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         ),
     };
     format!("{PREFIX} {body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otr::crypto::Fingerprint;
+
+    #[test]
+    fn renders_smp_notices() {
+        let ask = render(
+            &Notice::SmpRequested {
+                question: Some("Where did we meet?".into()),
+            },
+            "bob@example.org",
+            None,
+        );
+        assert_eq!(
+            ask,
+            "[o2tr] bob@example.org asks you to verify: Where did we meet? — answer with /otr smp <answer> (or /otr smp abort)"
+        );
+        let ok = render(
+            &Notice::SmpSucceeded {
+                fingerprint: Fingerprint([0xab; 20]),
+            },
+            "bob",
+            None,
+        );
+        assert!(
+            ok.contains("verified with SMP") && ok.contains("ABABABAB"),
+            "{ok}"
+        );
+        let ok_unsaved = render(
+            &Notice::SmpSucceeded {
+                fingerprint: Fingerprint([0xab; 20]),
+            },
+            "bob",
+            Some("disk full"),
+        );
+        assert!(ok_unsaved.contains("failed (disk full)"), "{ok_unsaved}");
+        assert!(render(&Notice::SmpFailed, "bob", None).contains("SMP failed: the secrets differ"));
+        assert!(render(&Notice::SmpAborted, "bob", None).contains("aborted"));
+    }
 }

@@ -785,11 +785,16 @@ pub fn scenario_smp_refused(kind: PeerKind) {
     l.to_us.extend(w);
     l.pump();
     assert!(
-        l.ours.noticed(|n| *n == Notice::SmpUnsupported),
+        l.ours
+            .noticed(|n| matches!(n, Notice::SmpRequested { question: None })),
         "{:?}",
         l.ours.notices
     );
     assert!(l.ours.delivered.is_empty(), "{:?}", l.ours.delivered);
+    // The user declines: we abort, the peer sees it, the session goes on.
+    let a = l.ours.conv.handle_smp_abort(l.ours.now, &mut l.ours.rng);
+    l.ours.apply(a);
+    l.pump();
     let seen = l.take_peer_seen();
     assert!(seen.has_event("smp_abort"), "{seen:?}");
     assert!(seen.plain.is_empty(), "{seen:?}");

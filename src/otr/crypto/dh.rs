@@ -52,6 +52,18 @@ const P: U1536 = U1536::from_be_hex(P_HEX);
 /// p - 2, the largest acceptable public value.
 const P_MINUS_2: U1536 = P.wrapping_sub(&U1536::from_u8(2));
 
+/// The group arithmetic type, for the Socialist Millionaires' Protocol
+/// (spec §"Socialist Millionaires' Protocol (SMP)"), which works in the same
+/// group with 1536-bit exponents.
+pub(crate) type GroupElement = Fe;
+
+/// Whether `v` is an acceptable received group element: `2 <= v <= p-2`
+/// (the check the spec asks for on every SMP value). Variable-time: the
+/// values checked are public.
+pub(crate) fn in_group_range(v: &U1536) -> bool {
+    !(v.cmp_vartime(&U1536::from_u8(2)).is_lt() || v.cmp_vartime(&P_MINUS_2).is_gt())
+}
+
 /// A Diffie-Hellman public value `g^x mod p`, known to lie in `2 ..= p-2`.
 ///
 /// Ordered numerically (the data-key derivation compares public values).
