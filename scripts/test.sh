@@ -12,7 +12,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --locked --all-targets -- --test-threads="${O2TR_TEST_THREADS:-2}"
+RUST_TEST_THREADS="${O2TR_TEST_THREADS:-2}" cargo test --locked --all-targets
 echo "== cargo test --doc"
 cargo test --locked --doc
 echo "== docker deployment checks (offline: compose config, hadolint, rendered ejabberd.yml)"
