@@ -774,7 +774,7 @@ fn server_crash_then_restart() {
 
     ej.start_again();
     let tok = token();
-    bob.reconnect();
+    bob.reconnect_retrying(10);
     let mut alice = p.client(&ej, "alice", "pw-a");
     alice.send(bob.full_jid(), &format!("back {tok}"));
     assert_eq!(bodies(&bob.recv_until(1, T)), [format!("back {tok}")]);
