@@ -13,43 +13,11 @@ use o2tr_proxy::store::{SqliteStore, Store};
 use super::ejabberd::Ejabberd;
 use super::xmpp_client::{ClientOptions, Message, XmppClient};
 
-/// CA + leaf for the proxy's client leg.
-pub struct ClientLegPki {
-    pub dir: PathBuf,
-}
-
-impl ClientLegPki {
-    pub fn new(dir: &Path, domain: &str) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        std::fs::create_dir_all(dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        // Distinct names: OpenSSL takes a leaf whose issuer equals its
-        // subject for self-signed.
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "o2tr-proxy test CA");
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().unwrap();
-        let mut leaf_params = CertificateParams::new(vec![
-            domain.to_string(),
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-        ])
-        .unwrap();
-        leaf_params
-            .distinguished_name
-            .push(DnType::CommonName, domain);
-        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-        std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
-        ClientLegPki {
-            dir: dir.to_path_buf(),
-        }
-    }
+/// CA + leaf for the proxy's client leg, made by the same code as
+/// `o2tr-proxy certs` (`ca.pem`, `cert.pem`, `key.pem` in `dir`).
+fn client_leg_pki(dir: &Path, domain: &str) {
+    let generated = o2tr_proxy::certs::generate(domain, time::OffsetDateTime::now_utc()).unwrap();
+    o2tr_proxy::certs::write(dir, &generated, true).unwrap();
 }
 
 /// A proxy instance. Dropping it stops it abruptly (like a crash: no
@@ -65,7 +33,7 @@ impl TestProxy {
     pub fn start(ej: &Ejabberd, state_dir: &Path, policy: Policy) -> Self {
         let pki_dir = state_dir.with_extension("pki");
         if !pki_dir.join("ca.pem").exists() {
-            ClientLegPki::new(&pki_dir, &ej.domain);
+            client_leg_pki(&pki_dir, &ej.domain);
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
