@@ -491,6 +491,7 @@ impl Client {
 #[derive(Default)]
 struct Figures {
     login: Vec<Duration>,
+    relogin: Vec<Duration>,
     setup: Vec<Duration>,
     alt: Vec<Duration>,
     alt_rate: f64,
@@ -529,6 +530,25 @@ async fn login_pairs(
         });
     }
     Ok(pairs)
+}
+
+/// Logs in each pair's users once more (accounts known to the proxy),
+/// one after the other, with another resource; closes those sessions.
+async fn relogin(
+    n: usize,
+    a_end: (u16, &Path),
+    b_end: (u16, &Path),
+    times: &mut Vec<Duration>,
+) -> Result<()> {
+    for i in 0..n {
+        for (end, user) in [(a_end, format!("alice{i}")), (b_end, format!("bob{i}"))] {
+            let t = Instant::now();
+            let mut c = login(end.0, end.1, &user, "again").await?;
+            times.push(t.elapsed());
+            c.xs.send("</stream:stream>").await?;
+        }
+    }
+    Ok(())
 }
 
 /// Alternating a→b, b→a… then a one-way burst a→b, all pairs in parallel.
@@ -671,6 +691,7 @@ async fn run(args: &Args, ej: &Ejabberd, work: &Path) -> Result<(Figures, Figure
     let ej_end = (ej.port, ej.ca.as_path());
     let pairs = login_pairs(n, ej_end, ej_end, &mut direct.login).await?;
     drop(exchange(pairs, m, &mut direct).await?);
+    relogin(n, ej_end, ej_end, &mut direct.relogin).await?;
 
     eprintln!("through two proxies: {n} pairs × {m} messages…");
     let pa = Proxy::start(ej, &work.join("proxy-a")).await?;
@@ -691,6 +712,13 @@ async fn run(args: &Args, ej: &Ejabberd, work: &Path) -> Result<(Figures, Figure
         proxied.setup.push(t.elapsed());
     }
     drop(exchange(pairs, m, &mut proxied).await?);
+    relogin(
+        n,
+        (pa.port, pa.ca.as_path()),
+        (pb.port, pb.ca.as_path()),
+        &mut proxied.relogin,
+    )
+    .await?;
 
     let mut mem = Vec::new();
     if args.idle > 0 {
@@ -759,9 +787,14 @@ fn report(args: &Args, mut d: Figures, mut p: Figures, mem: Mem, total: Duration
     row("burst latency p50", d50, p50);
     row("burst latency p99", d99, p99);
     row(
-        "login (connection set-up) median",
+        "login, first of the account (proxy: + OTR key generation), median",
         pct(&mut d.login, 0.5),
         pct(&mut p.login, 0.5),
+    );
+    row(
+        "login, account known, median",
+        pct(&mut d.relogin, 0.5),
+        pct(&mut p.relogin, 0.5),
     );
     println!(
         "| alternating throughput ({n} pairs in parallel) | {:.0} msg/s | {:.0} msg/s | |",
