@@ -497,6 +497,8 @@ struct Figures {
     alt_rate: f64,
     burst: Vec<Duration>,
     burst_rate: f64,
+    burst_elapsed: Duration,
+    burst_sent: Vec<Duration>,
 }
 
 struct Pair {
@@ -587,6 +589,7 @@ async fn exchange(pairs: Vec<Pair>, m: usize, fig: &mut Figures) -> Result<Vec<P
 
     // Burst: a sends m messages back to back while b receives.
     let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
     for mut p in pairs {
         tasks.spawn(async move {
             let Pair { a, b, b_jid, .. } = &mut p;
@@ -594,7 +597,7 @@ async fn exchange(pairs: Vec<Pair>, m: usize, fig: &mut Figures) -> Result<Vec<P
                 for i in 0..m {
                     a.send_stamped(b_jid, "burst", i).await?;
                 }
-                Ok::<_, anyhow::Error>(())
+                Ok::<_, anyhow::Error>(t0.elapsed())
             };
             let recv = async {
                 let mut lat = Vec::with_capacity(m);
@@ -608,19 +611,20 @@ async fn exchange(pairs: Vec<Pair>, m: usize, fig: &mut Figures) -> Result<Vec<P
                 Ok(lat)
             };
             let (s, lat) = tokio::join!(send, recv);
-            s?;
-            Ok((p, lat?))
+            Ok::<_, anyhow::Error>((p, lat?, s?))
         });
     }
     let mut pairs = Vec::new();
     let mut total = 0;
     while let Some(r) = tasks.join_next().await {
-        let (p, lat) = r??;
+        let (p, lat, sent) = r??;
         total += lat.len();
         fig.burst.extend(lat);
+        fig.burst_sent.push(sent);
         pairs.push(p);
     }
-    fig.burst_rate = total as f64 / t0.elapsed().as_secs_f64();
+    fig.burst_elapsed = t0.elapsed();
+    fig.burst_rate = total as f64 / fig.burst_elapsed.as_secs_f64();
     Ok(pairs)
 }
 
@@ -803,6 +807,13 @@ fn report(args: &Args, mut d: Figures, mut p: Figures, mem: Mem, total: Duration
     println!(
         "| burst throughput ({n} pairs in parallel) | {:.0} msg/s | {:.0} msg/s | |",
         d.burst_rate, p.burst_rate
+    );
+    println!(
+        "| burst: last message sent / last received (after burst start) | {} / {} | {} / {} | |",
+        ms(pct(&mut d.burst_sent, 1.0)),
+        ms(d.burst_elapsed),
+        ms(pct(&mut p.burst_sent, 1.0)),
+        ms(p.burst_elapsed)
     );
     println!(
         "| OTR set-up: AKE + first message, median / max of {} | | {} / {} | |",
