@@ -534,7 +534,7 @@ async fn login_pairs(
     Ok(pairs)
 }
 
-/// Logs in each pair's users once more (accounts known to the proxy),
+/// Logs in each pair's users three times more (accounts known to the proxy),
 /// one after the other, with another resource; closes those sessions.
 async fn relogin(
     n: usize,
@@ -542,7 +542,7 @@ async fn relogin(
     b_end: (u16, &Path),
     times: &mut Vec<Duration>,
 ) -> Result<()> {
-    for i in 0..n {
+    for i in (0..n).cycle().take(3 * n) {
         for (end, user) in [(a_end, format!("alice{i}")), (b_end, format!("bob{i}"))] {
             let t = Instant::now();
             let mut c = login(end.0, end.1, &user, "again").await?;
@@ -639,6 +639,10 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn signed_ms(s: f64) -> String {
+    format!("{:+.2} ms", s * 1e3)
 }
 
 fn vm_rss_kib() -> Result<u64> {
@@ -779,7 +783,7 @@ fn report(args: &Args, mut d: Figures, mut p: Figures, mem: Mem, total: Duration
             "| {name} | {} | {} | {} |",
             ms(a),
             ms(b),
-            ms(b.saturating_sub(a))
+            signed_ms(b.as_secs_f64() - a.as_secs_f64())
         );
     };
     let (d50, p50) = (pct(&mut d.alt, 0.5), pct(&mut p.alt, 0.5));
@@ -834,10 +838,13 @@ fn report(args: &Args, mut d: Figures, mut p: Figures, mem: Mem, total: Duration
     }
     println!();
     println!(
-        "samples: {} latencies per cell; logins: {} direct, {} proxied; run took {:.1} s",
+        "samples: {} latencies per cell; first logins: {} direct, {} proxied; \
+         repeat logins: {} direct, {} proxied; run took {:.1} s",
         n * m,
         d.login.len(),
         p.login.len(),
+        d.relogin.len(),
+        p.relogin.len(),
         total.as_secs_f64()
     );
 }
