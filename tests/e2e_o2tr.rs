@@ -6,8 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::ejabberd::Ejabberd;
+use common::ejabberd::free_port;
 use common::peer::{PeerKind, PeerOptions, PeerPolicy, PeerProcess};
-use common::proxy::{TestProxy, bodies, collect, temp_dir};
+use common::proxy::{ProxyProcess, TestProxy, bodies, collect, temp_dir};
 use common::xmpp_client::XmppClient;
 use o2tr_proxy::otr::policy::Policy;
 
@@ -290,4 +291,134 @@ fn always_policy_holds_until_peer_runs_otr() {
         !ej.log_contents().contains(&secret),
         "never in plaintext on the server"
     );
+}
+
+/// The binary itself, killed with SIGKILL between (and during) messages:
+/// after a restart over the same state directory bob reads everything alice
+/// wrote meanwhile, and the conversation goes on without a new AKE.
+#[test]
+fn proxy_binary_killed_with_sigkill_recovers_offline_messages() {
+    let ej = Ejabberd::start_debug();
+    ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b")]);
+    let pa = TestProxy::start(&ej, &temp_dir("alice-proxy"), Policy::Always);
+    let bob_dir = temp_dir("bob-proxy-bin");
+    let port = free_port();
+    let pb = ProxyProcess::start(&ej, &bob_dir, port);
+    let mut alice = pa.client(&ej, "alice", "pw-a");
+    let mut bob = pb.client(&ej, "bob", "pw-b");
+    let tok = token();
+    alice.send(&ej.jid("bob"), &format!("hello {tok}"));
+    assert_eq!(collect(&mut bob, 1, T).0.len(), 1);
+    bob.send(&ej.jid("alice"), &format!("hi {tok}"));
+    assert_eq!(collect(&mut alice, 1, T).0.len(), 1);
+    let commits = commits_in_log(&ej);
+
+    let mut pb = pb;
+    for round in 0..3 {
+        // SIGKILL while alice keeps writing: some messages reach the dying
+        // connection, the rest go to offline storage.
+        alice.send(&ej.jid("bob"), &format!("r{round} before {tok}"));
+        std::thread::sleep(Duration::from_millis(150));
+        pb.kill9();
+        let seen_before = bodies(&collect(&mut bob, 0, Duration::from_millis(300)).0);
+        drop(bob);
+        for i in 0..5 {
+            alice.send(&ej.jid("bob"), &format!("r{round} offline {i} {tok}"));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        pb = ProxyProcess::start(&ej, &bob_dir, port);
+        bob = pb.client(&ej, "bob", "pw-b");
+        let (got, notices) = collect(&mut bob, 5, T);
+        let got = bodies(&got);
+        let want: Vec<String> = (0..5)
+            .map(|i| format!("r{round} offline {i} {tok}"))
+            .collect();
+        // "before" was either shown before the kill or is recovered now.
+        let tail: Vec<String> = got
+            .iter()
+            .filter(|b| !b.contains("before"))
+            .cloned()
+            .collect();
+        assert_eq!(tail, want, "round {round}; notices {notices:?}");
+        let before = format!("r{round} before {tok}");
+        assert!(
+            seen_before.contains(&before) || got.contains(&before),
+            "round {round}: the message sent just before the kill was lost"
+        );
+        bob.send(&ej.jid("alice"), &format!("r{round} back {tok}"));
+        assert_eq!(
+            bodies(&collect(&mut alice, 1, T).0),
+            vec![format!("r{round} back {tok}")]
+        );
+    }
+    let mut direct = XmppClient::direct(&ej, "alice", "pw-a");
+    let marker = format!("marker {tok}");
+    direct.send(&ej.jid("alice"), &marker);
+    assert!(ej.wait_log_contains(&marker, T));
+    assert_eq!(
+        commits_in_log(&ej),
+        commits,
+        "no D-H Commit after any restart"
+    );
+    drop(pb);
+}
+
+/// Commands and the control contact are answered by the proxy and never
+/// reach the server.
+#[test]
+fn commands_and_control_contact_stay_local() {
+    let ej = Ejabberd::start_debug();
+    ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b")]);
+    let pa = TestProxy::start(&ej, &temp_dir("alice-proxy"), Policy::Always);
+    let pb = TestProxy::start(&ej, &temp_dir("bob-proxy"), Policy::Always);
+    let mut alice = pa.client(&ej, "alice", "pw-a");
+    let mut bob = pb.client(&ej, "bob", "pw-b");
+    let tok = token();
+    alice.send("control@o2tr.localhost", &format!("status {tok}"));
+    let (replies, _) = collect(&mut alice, 1, Duration::from_secs(5));
+    assert!(
+        replies
+            .iter()
+            .any(|m| m.from.starts_with("control@o2tr.localhost")
+                && m.body
+                    .as_deref()
+                    .is_some_and(|b| b.contains("account alice@example.test"))),
+        "{replies:?}"
+    );
+    alice.send(&ej.jid("bob"), "/otr start");
+    alice.send(&ej.jid("bob"), &format!("after start {tok}"));
+    assert_eq!(
+        bodies(&collect(&mut bob, 1, T).0),
+        vec![format!("after start {tok}")]
+    );
+    alice.send(&ej.jid("bob"), &format!("!otr status {tok}"));
+    alice.send(&ej.jid("bob"), "/otr fingerprint");
+    let mut notices = Vec::new();
+    let deadline = std::time::Instant::now() + T;
+    while !notices
+        .iter()
+        .any(|n: &String| n.contains("your fingerprint"))
+        && std::time::Instant::now() < deadline
+    {
+        notices.extend(collect(&mut alice, 0, Duration::ZERO).1);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        notices.iter().any(|n| n.contains("encrypted")),
+        "{notices:?}"
+    );
+    assert!(
+        notices.iter().any(|n| n.contains("your fingerprint")),
+        "{notices:?}"
+    );
+    let mut direct = XmppClient::direct(&ej, "alice", "pw-a");
+    let marker = format!("marker {tok}");
+    direct.send(&ej.jid("alice"), &marker);
+    assert!(ej.wait_log_contains(&marker, T));
+    let log = ej.log_contents();
+    assert!(
+        !log.contains(&format!("status {tok}")),
+        "a command reached the server"
+    );
+    assert!(!log.contains("/otr fingerprint"));
 }

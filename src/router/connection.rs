@@ -60,6 +60,8 @@ pub struct Router {
     undelivered: Vec<InboxMessage>,
     /// Inbox ids already handed over on this connection.
     handed: HashSet<i64>,
+    /// Whether the control contact's presence was sent to the client.
+    control_announced: bool,
 }
 
 impl Router {
@@ -75,6 +77,7 @@ impl Router {
             releases: Vec::new(),
             undelivered: Vec::new(),
             handed: HashSet::new(),
+            control_announced: false,
         }
     }
 
@@ -537,6 +540,23 @@ impl StanzaHook for Router {
     fn tick(&mut self, _now: SystemTime) -> Vec<Outgoing> {
         self.settle();
         let mut out = Vec::new();
+        if !self.control_announced {
+            if let Some(acc) = &self.account {
+                // The control contact shows as online (DESIGN §6).
+                let presence = Element::new("presence", ns::CLIENT)
+                    .with_attr(
+                        "from",
+                        &format!("{}/o2tr-proxy", self.shared.cfg.control_jid),
+                    )
+                    .with_attr("to", &acc.jid.to_string())
+                    .with_child(
+                        Element::new("status", ns::CLIENT)
+                            .with_text("o2tr-proxy control: send `help`"),
+                    );
+                out.push(Outgoing::ToClient(presence));
+                self.control_announced = true;
+            }
+        }
         self.deliver_undelivered(&mut out);
         out
     }

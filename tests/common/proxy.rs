@@ -133,3 +133,82 @@ fn nanos() -> u128 {
         .unwrap()
         .as_nanos()
 }
+
+/// The `o2tr-proxy run` binary as a child process (for SIGKILL tests).
+pub struct ProxyProcess {
+    pub port: u16,
+    pub pki_dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl ProxyProcess {
+    pub fn start(ej: &Ejabberd, state_dir: &Path, port: u16) -> Self {
+        use std::io::{BufRead, BufReader};
+        let pki_dir = state_dir.with_extension("pki");
+        if !pki_dir.join("ca.pem").exists() {
+            client_leg_pki(&pki_dir, &ej.domain);
+        }
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_o2tr-proxy"))
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", &format!("127.0.0.1:{}", ej.port)])
+            .arg("--upstream-ca")
+            .arg(&ej.ca_pem)
+            .arg("--tls-cert")
+            .arg(pki_dir.join("cert.pem"))
+            .arg("--tls-key")
+            .arg(pki_dir.join("key.pem"))
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--policy", "always", "--log-format", "human"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn o2tr-proxy");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains("listening on") => break,
+                Ok(_) => {}
+                Err(_) => panic!("o2tr-proxy did not log `listening on` within 30 s"),
+            }
+        }
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        ProxyProcess {
+            port,
+            pki_dir,
+            child,
+        }
+    }
+
+    pub fn client(&self, ej: &Ejabberd, user: &str, password: &str) -> XmppClient {
+        let mut o = ClientOptions::direct(ej, user, password);
+        o.host = "127.0.0.1".into();
+        o.port = self.port;
+        o.ca = Some(self.pki_dir.join("ca.pem"));
+        XmppClient::connect(o)
+    }
+
+    /// SIGKILL: no stream close, no store flush, nothing.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
