@@ -433,25 +433,6 @@ impl XmppClient {
         self.full_jid.clone()
     }
 
-    /// Like [`reconnect`](Self::reconnect), retried while a just-restarted
-    /// server is still starting (it may accept streams before it offers
-    /// SASL mechanisms).
-    pub fn reconnect_retrying(&mut self, tries: usize) -> String {
-        for _ in 1..tries {
-            match self.try_command("CONNECT", LOGIN_TIMEOUT) {
-                Ok((_, jid)) => {
-                    self.full_jid = jid.trim().to_string();
-                    return self.full_jid.clone();
-                }
-                Err(e) => {
-                    eprintln!("[xmpp client] reconnect failed ({e}); retrying");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        }
-        self.reconnect()
-    }
-
     /// Disconnect and end the process.
     pub fn quit(mut self) {
         self.shutdown();
