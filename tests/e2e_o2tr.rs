@@ -28,6 +28,17 @@ fn commits_in_log(ej: &Ejabberd) -> usize {
     log.matches("?OTR:AAMC").count() + log.matches("?OTR:AAIC").count()
 }
 
+/// Send a plaintext marker directly (no proxy) and wait until the server's
+/// debug log shows it: the log is written late and in chunks, so only after
+/// this does "not in the log" mean anything. It is also the control that a
+/// plaintext *is* found when present.
+fn flush_server_log(ej: &Ejabberd, user: &str, password: &str, tok: &str) {
+    let mut direct = XmppClient::direct(ej, user, password);
+    let marker = format!("plain-marker {tok}");
+    direct.send(&ej.jid(user), &marker);
+    assert!(ej.wait_log_contains(&marker, T), "control marker logged");
+}
+
 #[test]
 fn private_conversation_through_two_proxies_leaks_nothing() {
     let ej = Ejabberd::start_debug();
@@ -66,10 +77,7 @@ fn private_conversation_through_two_proxies_leaks_nothing() {
 
     // A marker in plaintext, sent directly, proves the log is complete
     // enough that "not found" means something.
-    let mut direct = XmppClient::direct(&ej, "alice", "pw-a");
-    let marker = format!("plain-marker {tok}");
-    direct.send(&ej.jid("alice"), &marker);
-    assert!(ej.wait_log_contains(&marker, T), "control marker logged");
+    flush_server_log(&ej, "alice", "pw-a", &tok);
     let log = ej.log_contents();
     let db = ej.dump_db();
     for i in 0..n {
@@ -150,10 +158,7 @@ fn offline_messages_are_recovered_without_new_ake() {
         vec![format!("welcome {tok}")]
     );
     // Make sure the log has caught up, then: no new AKE.
-    let mut direct = XmppClient::direct(&ej, "alice", "pw-a");
-    let marker = format!("marker {tok}");
-    direct.send(&ej.jid("alice"), &marker);
-    assert!(ej.wait_log_contains(&marker, T));
+    flush_server_log(&ej, "alice", "pw-a", &tok);
     assert_eq!(
         commits_in_log(&ej),
         commits,
@@ -283,10 +288,7 @@ fn always_policy_holds_until_peer_runs_otr() {
         queue.extend(bob.recv().into_iter().filter_map(|m| m.body));
     }
     assert_eq!(plain, vec![secret.clone()]);
-    let mut direct = XmppClient::direct(&ej, "bob", "pw-b");
-    let marker = format!("marker {tok}");
-    direct.send(&ej.jid("bob"), &marker);
-    assert!(ej.wait_log_contains(&marker, T));
+    flush_server_log(&ej, "bob", "pw-b", &tok);
     assert!(
         !ej.log_contents().contains(&secret),
         "never in plaintext on the server"
@@ -351,10 +353,7 @@ fn proxy_binary_killed_with_sigkill_recovers_offline_messages() {
             vec![format!("r{round} back {tok}")]
         );
     }
-    let mut direct = XmppClient::direct(&ej, "alice", "pw-a");
-    let marker = format!("marker {tok}");
-    direct.send(&ej.jid("alice"), &marker);
-    assert!(ej.wait_log_contains(&marker, T));
+    flush_server_log(&ej, "alice", "pw-a", &tok);
     assert_eq!(
         commits_in_log(&ej),
         commits,
@@ -411,10 +410,7 @@ fn commands_and_control_contact_stay_local() {
         notices.iter().any(|n| n.contains("your fingerprint")),
         "{notices:?}"
     );
-    let mut direct = XmppClient::direct(&ej, "alice", "pw-a");
-    let marker = format!("marker {tok}");
-    direct.send(&ej.jid("alice"), &marker);
-    assert!(ej.wait_log_contains(&marker, T));
+    flush_server_log(&ej, "alice", "pw-a", &tok);
     let log = ej.log_contents();
     assert!(
         !log.contains(&format!("status {tok}")),
