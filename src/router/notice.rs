@@ -8,6 +8,11 @@ use crate::otr::message::Version;
 /// Prefix of every notice the proxy injects.
 pub const PREFIX: &str = "[o2tr]";
 
+/// Prefix of a plaintext shown while encryption was expected (the server
+/// or anyone on the path could have written it, DESIGN §6): it can never
+/// pass for a decrypted message or for an `[o2tr]` notice.
+pub const UNENCRYPTED_MARK: &str = "[UNENCRYPTED]";
+
 fn version(v: Version) -> &'static str {
     match v {
         Version::V2 => "OTR v2",
@@ -47,8 +52,14 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         Notice::ReceivedUnencrypted => {
             format!("The next message from {peer} was received UNENCRYPTED.")
         }
-        Notice::Unreadable { reason } => format!(
+        Notice::Unreadable { replayed: true, .. } => format!(
+            "An encrypted message from {peer} arrived a second time or out of order (a duplicate, or replayed or held back by the server) and was not shown."
+        ),
+        Notice::Unreadable { reason, .. } => format!(
             "An encrypted message from {peer} could not be read and was not shown ({reason})."
+        ),
+        Notice::Missing { count } => format!(
+            "{count} encrypted message(s) from {peer} sent before the following one are missing (lost, or withheld or delayed by the server)."
         ),
         Notice::PeerError(text) => format!("{peer}'s OTR software reported an error: {text}"),
         Notice::Malformed(e) => format!("A malformed OTR message from {peer} was ignored ({e})."),
