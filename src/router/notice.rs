@@ -152,4 +152,34 @@ mod tests {
         assert!(render(&Notice::SmpFailed, "bob", None).contains("SMP failed: the secrets differ"));
         assert!(render(&Notice::SmpAborted, "bob", None).contains("aborted"));
     }
+
+    #[test]
+    fn renders_tampering_notices() {
+        let replay = render(
+            &Notice::Unreadable {
+                reason: "counter did not increase".into(),
+                replayed: true,
+            },
+            "bob",
+            None,
+        );
+        assert!(replay.contains("a second time or out of order"), "{replay}");
+        let bad = render(
+            &Notice::Unreadable {
+                reason: "bad MAC".into(),
+                replayed: false,
+            },
+            "bob",
+            None,
+        );
+        assert!(
+            bad.contains("could not be read") && bad.contains("bad MAC"),
+            "{bad}"
+        );
+        let gap = render(&Notice::Missing { count: 2 }, "bob", None);
+        assert_eq!(
+            gap,
+            "[o2tr] 2 encrypted message(s) from bob sent before the following one are missing (lost, or withheld or delayed by the server)."
+        );
+    }
 }
