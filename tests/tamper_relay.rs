@@ -320,6 +320,19 @@ fn tampered_replayed_dropped_reordered_and_injected_messages() {
     // injections and AKE replays do not need one).
     assert_eq!(akes(&p.relay), akes_now, "no new AKE");
 
+    // A forged OTR error "from alice": bob is told, with the warning that
+    // such errors are unauthenticated; nothing is shown as a message. (OTR's
+    // ERROR_START_AKE makes bob's side refresh the session: allowed.)
+    let fake_error = format!("?OTR Error: forged by the server {tok}");
+    p.relay
+        .inject(Dir::ToClient, &forged(&template, &fake_error));
+    let seen = until_notice(&mut p.bob, "unauthenticated");
+    check_step(&seen, &[], &["forged by the server"]);
+    quiet(&p.relay);
+    let after_error = format!("after forged error {tok}");
+    deliver(&mut p.alice, &mut p.bob, &bj, &after_error);
+    deliver(&mut p.bob, &mut p.alice, &aj, &format!("still here {tok}"));
+
     // 9. Bob's proxy restarts (resuming from EKM, no AKE); the server then
     // resends data messages from before the restart and from the first
     // session: neither is shown, bob is told.

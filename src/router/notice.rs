@@ -61,7 +61,10 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         Notice::Missing { count } => format!(
             "{count} encrypted message(s) from {peer} sent before the following one are missing (lost, or withheld or delayed by the server)."
         ),
-        Notice::PeerError(text) => format!("{peer}'s OTR software reported an error: {text}"),
+        // OTR error messages are plaintext: say who could have written it.
+        Notice::PeerError(text) => format!(
+            "{peer}'s OTR software reported an error (unauthenticated: the server could also have sent it): {text}"
+        ),
         Notice::Malformed(e) => format!("A malformed OTR message from {peer} was ignored ({e})."),
         Notice::Held { waiting } => format!(
             "Message held: the conversation with {peer} is not private yet ({waiting} waiting). It will be sent encrypted once it is."
