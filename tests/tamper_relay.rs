@@ -433,6 +433,12 @@ fn hints_stripped_or_added_by_the_server() {
     let seen = until_notice(&mut p.bob, "undelivered");
     assert!(seen.bodies.is_empty(), "{seen:?}");
     assert!(!seen.notices.iter().any(|n| n.contains("?OTR")), "{seen:?}");
+    assert!(
+        seen.notices
+            .iter()
+            .any(|n| n.contains("returned an encrypted message to") && n.contains(&aj)),
+        "{seen:?}"
+    );
     let later = format!("later {tok}");
     p.bob.send(&aj, &later);
     std::thread::sleep(Duration::from_millis(500));

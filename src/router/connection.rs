@@ -463,8 +463,18 @@ impl Router {
                 .and_then(|e| e.children().next())
                 .map(|c| c.name().to_string())
                 .unwrap_or_else(|| "no reason given".into());
+            let data = body.as_deref().is_some_and(|b| {
+                ["?OTR:AAMD", "?OTR:AAID", "?OTR|", "?OTR,"]
+                    .iter()
+                    .any(|m| b.contains(m))
+            });
+            let what = if data {
+                "an encrypted message"
+            } else {
+                "an OTR protocol message"
+            };
             let text = format!(
-                "{} The server returned an encrypted message to {peer} undelivered ({condition}): {peer} did not get it.",
+                "{} The server returned {what} to {peer} undelivered ({condition}): {peer} did not get it.",
                 notice::PREFIX
             );
             el.remove_children(|c| c.is("encryption", ns::EME));

@@ -299,7 +299,7 @@ impl TamperRelay {
         }
     }
 
-    /// Wait until `n` rules armed have been applied.
+    /// Wait until every armed rule has been applied; `false` on timeout.
     pub fn wait_applied(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while self.armed() > 0 {
