@@ -158,6 +158,16 @@ pub enum Notice {
     Unreadable {
         /// Why.
         reason: String,
+        /// It was authentic-looking but its counter did not increase: a
+        /// duplicate, a replay, or a message delivered out of order.
+        replayed: bool,
+    },
+    /// Messages from the peer are missing: the counter of the one just
+    /// read skipped `count` values (dropped, or still delayed, by the
+    /// server).
+    Missing {
+        /// How many counter values were skipped.
+        count: u64,
     },
     /// The peer sent an OTR error message.
     PeerError(String),
@@ -914,6 +924,7 @@ impl Conversation {
                     let replay = matches!(e, Error::Peer(PeerMisbehaved::CounterNotIncreasing));
                     out.push(Action::Notify(Notice::Unreadable {
                         reason: e.to_string(),
+                        replayed: replay,
                     }));
                     if !replay {
                         out.push(Action::Send(message::error_message(UNREADABLE_ERROR)));
@@ -992,6 +1003,11 @@ impl Conversation {
         }
         if was_suspended {
             out.push(Action::Notify(Notice::Resumed { instance: tag }));
+        }
+        if received.skipped > 0 {
+            out.push(Action::Notify(Notice::Missing {
+                count: received.skipped,
+            }));
         }
         if !human.is_empty() {
             out.push(Action::Deliver(Delivery {

@@ -93,6 +93,11 @@ pub struct Received {
     pub rotated_theirs: bool,
     /// The extra symmetric key of the pairing that carried the message.
     pub extra_key: Zeroizing<[u8; 32]>,
+    /// Counter values skipped under this key pairing: senders count 1, 2,
+    /// 3… per pairing (libotr, python-potr and this crate), so a jump means
+    /// that many messages before this one never arrived (a lower bound:
+    /// losses just before a key change cannot be seen).
+    pub skipped: u64,
 }
 
 /// Our two latest DH key pairs, their two latest public keys, counters.
@@ -252,6 +257,7 @@ impl KeyRatchet {
         let mut plaintext = Zeroizing::new(msg.encrypted.clone());
         aes128_ctr(&recv_aes, &msg.ctr, &mut plaintext);
         let pairing = &mut self.pairings[i][j];
+        let skipped = ctr - pairing.recv_ctr - 1;
         pairing.recv_ctr = ctr;
         pairing.used_recv_mac = Some(*recv_mac);
 
@@ -268,6 +274,7 @@ impl KeyRatchet {
             rotated_ours,
             rotated_theirs,
             extra_key,
+            skipped,
         })
     }
 

@@ -250,6 +250,9 @@ impl Router {
             Default::default()
         };
         let mut sent_parts = 0usize;
+        // Set by the core's "received unencrypted" notice, which precedes
+        // the plaintext it is about.
+        let mut unexpected_plaintext = false;
         for effect in step.effects {
             match effect {
                 Effect::Send(body) => {
@@ -265,7 +268,12 @@ impl Router {
                             .with_attr("type", "chat"),
                     };
                     el.remove_children(|c| c.is("encryption", ns::EME));
-                    stanza::set_body(&mut el, &delivery.text);
+                    if unexpected_plaintext && !delivery.encrypted {
+                        let text = format!("{} {}", notice::UNENCRYPTED_MARK, delivery.text);
+                        stanza::set_body(&mut el, &text);
+                    } else {
+                        stanza::set_body(&mut el, &delivery.text);
+                    }
                     out.push(Outgoing::ToClient(el));
                     if let Some(id) = receipt.inbox_ids.get(slot) {
                         self.handed.insert(*id);
@@ -273,6 +281,7 @@ impl Router {
                     }
                 }
                 Effect::Notify(n) => {
+                    unexpected_plaintext |= matches!(n, Notice::ReceivedUnencrypted);
                     let trust = match &n {
                         Notice::GoneSecure { fingerprint, .. } => {
                             Some(self.record_fingerprint(&account, peer, &fingerprint.0, now))
@@ -444,6 +453,34 @@ impl Router {
         }
         let body = stanza::body(&el);
         let from = stanza::from(&el);
+        if kind == MessageType::Error && body.as_deref().is_some_and(|b| b.contains("?OTR")) {
+            // A bounce of our own encrypted message (e.g. a `no-store` hint
+            // the server added or honoured for an offline peer): say so
+            // instead of echoing ciphertext.
+            let peer = from.map(|j| j.bare().to_string()).unwrap_or_default();
+            let condition = el
+                .get_child("error", ns::CLIENT)
+                .and_then(|e| e.children().next())
+                .map(|c| c.name().to_string())
+                .unwrap_or_else(|| "no reason given".into());
+            let data = body.as_deref().is_some_and(|b| {
+                ["?OTR:AAMD", "?OTR:AAID", "?OTR|", "?OTR,"]
+                    .iter()
+                    .any(|m| b.contains(m))
+            });
+            let what = if data {
+                "an encrypted message"
+            } else {
+                "an OTR protocol message"
+            };
+            let text = format!(
+                "{} The server returned {what} to {peer} undelivered ({condition}): {peer} did not get it.",
+                notice::PREFIX
+            );
+            el.remove_children(|c| c.is("encryption", ns::EME));
+            stanza::set_body(&mut el, &text);
+            return vec![Outgoing::ToClient(el)];
+        }
         let (Some(body), Some(from), MessageType::Chat | MessageType::Normal) = (body, from, kind)
         else {
             return vec![Outgoing::ToClient(el)];

@@ -8,6 +8,11 @@ use crate::otr::message::Version;
 /// Prefix of every notice the proxy injects.
 pub const PREFIX: &str = "[o2tr]";
 
+/// Prefix of a plaintext shown while encryption was expected (the server
+/// or anyone on the path could have written it, DESIGN §6): it can never
+/// pass for a decrypted message or for an `[o2tr]` notice.
+pub const UNENCRYPTED_MARK: &str = "[UNENCRYPTED]";
+
 fn version(v: Version) -> &'static str {
     match v {
         Version::V2 => "OTR v2",
@@ -47,10 +52,19 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         Notice::ReceivedUnencrypted => {
             format!("The next message from {peer} was received UNENCRYPTED.")
         }
-        Notice::Unreadable { reason } => format!(
+        Notice::Unreadable { replayed: true, .. } => format!(
+            "An encrypted message from {peer} arrived a second time or out of order (a duplicate, or replayed or held back by the server) and was not shown."
+        ),
+        Notice::Unreadable { reason, .. } => format!(
             "An encrypted message from {peer} could not be read and was not shown ({reason})."
         ),
-        Notice::PeerError(text) => format!("{peer}'s OTR software reported an error: {text}"),
+        Notice::Missing { count } => format!(
+            "{count} encrypted message(s) from {peer} sent before the following one are missing (lost, or withheld or delayed by the server)."
+        ),
+        // OTR error messages are plaintext: say who could have written it.
+        Notice::PeerError(text) => format!(
+            "{peer}'s OTR software reported an error (unauthenticated: the server could also have sent it): {text}"
+        ),
         Notice::Malformed(e) => format!("A malformed OTR message from {peer} was ignored ({e})."),
         Notice::Held { waiting } => format!(
             "Message held: the conversation with {peer} is not private yet ({waiting} waiting). It will be sent encrypted once it is."
@@ -140,5 +154,35 @@ mod tests {
         assert!(ok_unsaved.contains("failed (disk full)"), "{ok_unsaved}");
         assert!(render(&Notice::SmpFailed, "bob", None).contains("SMP failed: the secrets differ"));
         assert!(render(&Notice::SmpAborted, "bob", None).contains("aborted"));
+    }
+
+    #[test]
+    fn renders_tampering_notices() {
+        let replay = render(
+            &Notice::Unreadable {
+                reason: "counter did not increase".into(),
+                replayed: true,
+            },
+            "bob",
+            None,
+        );
+        assert!(replay.contains("a second time or out of order"), "{replay}");
+        let bad = render(
+            &Notice::Unreadable {
+                reason: "bad MAC".into(),
+                replayed: false,
+            },
+            "bob",
+            None,
+        );
+        assert!(
+            bad.contains("could not be read") && bad.contains("bad MAC"),
+            "{bad}"
+        );
+        let gap = render(&Notice::Missing { count: 2 }, "bob", None);
+        assert_eq!(
+            gap,
+            "[o2tr] 2 encrypted message(s) from bob sent before the following one are missing (lost, or withheld or delayed by the server)."
+        );
     }
 }

@@ -31,6 +31,18 @@ pub struct TestProxy {
 
 impl TestProxy {
     pub fn start(ej: &Ejabberd, state_dir: &Path, policy: Policy) -> Self {
+        Self::start_via(ej, state_dir, policy, ej.port, &ej.ca_pem)
+    }
+
+    /// Like [`start`](Self::start), but the upstream is `127.0.0.1:upstream_port`
+    /// (a relay in front of `ej`) trusted through `upstream_ca`.
+    pub fn start_via(
+        ej: &Ejabberd,
+        state_dir: &Path,
+        policy: Policy,
+        upstream_port: u16,
+        upstream_ca: &Path,
+    ) -> Self {
         let pki_dir = state_dir.with_extension("pki");
         if !pki_dir.join("ca.pem").exists() {
             client_leg_pki(&pki_dir, &ej.domain);
@@ -55,8 +67,8 @@ impl TestProxy {
         let port = listener.local_addr().unwrap().port();
         let mut cfg = ProxyConfig::new();
         cfg.listen = listener.local_addr().unwrap();
-        cfg.upstream = Some(("127.0.0.1".into(), ej.port));
-        cfg.upstream_ca = Some(ej.ca_pem.clone());
+        cfg.upstream = Some(("127.0.0.1".into(), upstream_port));
+        cfg.upstream_ca = Some(upstream_ca.to_path_buf());
         cfg.tls_cert = Some(pki_dir.join("cert.pem"));
         cfg.tls_key = Some(pki_dir.join("key.pem"));
         cfg.hooks = Arc::new(router);
