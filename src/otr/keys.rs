@@ -314,13 +314,13 @@ impl KeyRatchet {
         w.int(self.our_keyid);
         for pair in [&self.our_current, &self.our_previous] {
             w.data(&pair.dangerous_secret_bytes());
-            w.mpi(&pair.public().to_mpi());
+            w.mpi(pair.public().as_mpi());
         }
         w.int(self.their_keyid);
-        w.mpi(&self.their_current.to_mpi());
+        w.mpi(self.their_current.as_mpi());
         match &self.their_previous {
             Some(k) => {
-                w.byte(1).mpi(&k.to_mpi());
+                w.byte(1).mpi(k.as_mpi());
             }
             None => {
                 w.byte(0);

@@ -76,7 +76,9 @@ impl EncryptedSession {
 
     /// The EKM snapshot: contains secret keys and is zeroized on drop.
     pub fn snapshot(&self) -> Zeroizing<Vec<u8>> {
-        let mut w = Writer::with_capacity(1024);
+        // About 1.8 KiB: one allocation, no regrowth (a regrowth would
+        // leave a copy of the secrets in freed memory).
+        let mut w = Writer::with_capacity(2048);
         w.raw(MAGIC).byte(FORMAT);
         w.short(self.version.number());
         w.int(self.our_tag).int(self.their_tag);

@@ -68,8 +68,14 @@ pub(crate) fn in_group_range(v: &U1536) -> bool {
 /// A Diffie-Hellman public value `g^x mod p`, known to lie in `2 ..= p-2`.
 ///
 /// Ordered numerically (the data-key derivation compares public values).
+/// Keeps its MPI encoding too: every data message we send carries our
+/// newest public value and every snapshot holds four, so it is encoded once.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct DhPublicKey(U1536);
+pub struct DhPublicKey {
+    value: U1536,
+    /// The minimal big-endian magnitude of `value`.
+    mpi: Box<[u8]>,
+}
 
 impl DhPublicKey {
     /// Parses a big-endian magnitude (leading zeros allowed), as carried in
@@ -84,12 +90,20 @@ impl DhPublicKey {
         if v.cmp_vartime(&U1536::from_u8(2)).is_lt() || v.cmp_vartime(&P_MINUS_2).is_gt() {
             return Err(CryptoError::DhOutOfRange);
         }
-        Ok(Self(v))
+        Ok(Self {
+            value: v,
+            mpi: uint_to_minimal_be(&v).as_slice().into(),
+        })
     }
 
     /// The minimal big-endian magnitude (no leading zeros), for an MPI.
     pub fn to_mpi(&self) -> Vec<u8> {
-        uint_to_minimal_be(&self.0).to_vec()
+        self.mpi.to_vec()
+    }
+
+    /// [`to_mpi`](Self::to_mpi) without the copy.
+    pub fn as_mpi(&self) -> &[u8] {
+        &self.mpi
     }
 }
 
@@ -146,7 +160,7 @@ impl DhKeyPair {
 
     /// The shared secret `theirs^x mod p`, constant-time in `x`.
     pub fn shared_secret(&self, theirs: &DhPublicKey) -> SharedSecret {
-        let mut v = Zeroizing::new(mont::pow(&theirs.0, &self.secret));
+        let mut v = Zeroizing::new(mont::pow(&theirs.value, &self.secret));
         let bytes = uint_to_minimal_be(&*v);
         v.zeroize();
         SharedSecret(bytes)
