@@ -11,7 +11,10 @@
 //! ```
 //!
 //! `--memory-store` gives the proxies a `MemoryStore` instead of the
-//! on-disk `SqliteStore`, to separate the proxies' work from fsync waits.
+//! on-disk `SqliteStore`, to separate the proxies' work from fsync waits;
+//! `--no-wipe-on-replace` keeps the `SqliteStore` but skips its TRUNCATE
+//! checkpoint after each replaced snapshot (not the shipped behaviour,
+//! which wipes superseded keys at once), to show what that checkpoint costs.
 //!
 //! With `--stub`, an in-process stub XMPP server (module `stub`) replaces
 //! ejabberd: the figures are then the proxies' own latency and throughput,
@@ -67,6 +70,10 @@ struct Args {
     stub: bool,
     /// Proxies keep their state in memory (no fsync): `--memory-store`.
     memory_store: bool,
+    /// SqliteStore without the TRUNCATE checkpoint after each replaced
+    /// snapshot: `--no-wipe-on-replace` (NOT the shipped behaviour; shows
+    /// what the checkpoint costs).
+    no_wipe: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -76,6 +83,7 @@ fn parse_args() -> Result<Args> {
         idle: 100,
         stub: false,
         memory_store: false,
+        no_wipe: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -91,9 +99,10 @@ fn parse_args() -> Result<Args> {
             "--idle" => a.idle = val("--idle")?,
             "--stub" => a.stub = true,
             "--memory-store" => a.memory_store = true,
+            "--no-wipe-on-replace" => a.no_wipe = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: load [--pairs N (4)] [--messages M (200)] [--idle K (100)] [--stub] [--memory-store]"
+                    "usage: load [--pairs N (4)] [--messages M (200)] [--idle K (100)] [--stub] [--memory-store] [--no-wipe-on-replace]"
                 );
                 std::process::exit(0);
             }
@@ -262,12 +271,14 @@ struct Proxy {
 }
 
 impl Proxy {
-    async fn start(up: (u16, &Path), dir: &Path, memory_store: bool) -> Result<Proxy> {
+    async fn start(up: (u16, &Path), dir: &Path, args: &Args) -> Result<Proxy> {
         let (ca, cert, key) = client_leg_pki(&dir.join("pki"))?;
-        let store: Box<dyn Store> = if memory_store {
+        let store: Box<dyn Store> = if args.memory_store {
             Box::new(MemoryStore::new())
         } else {
-            Box::new(SqliteStore::open(&dir.join("state"))?)
+            let mut s = SqliteStore::open(&dir.join("state"))?;
+            s.set_wipe_on_replace(!args.no_wipe);
+            Box::new(s)
         };
         let store: SharedStore = Arc::new(Mutex::new(store));
         let router = RouterFactory::new(
@@ -1016,8 +1027,8 @@ async fn run(args: &Args, up: (u16, &Path), work: &Path) -> Result<(Figures, Fig
     relogin(n, ej_end, ej_end, &mut direct.relogin).await?;
 
     eprintln!("through two proxies: {n} pairs × {m} messages…");
-    let pa = Proxy::start(up, &work.join("proxy-a"), args.memory_store).await?;
-    let pb = Proxy::start(up, &work.join("proxy-b"), args.memory_store).await?;
+    let pa = Proxy::start(up, &work.join("proxy-a"), args).await?;
+    let pb = Proxy::start(up, &work.join("proxy-b"), args).await?;
     let mut proxied = Figures::default();
     let mut pairs = login_pairs(
         n,
@@ -1116,6 +1127,8 @@ fn report(args: &Args, mut d: Figures, mut p: Figures, mem: Mem, total: Duration
         "(proxy state: {})",
         if args.memory_store {
             "MemoryStore, nothing written to disk"
+        } else if args.no_wipe {
+            "SqliteStore on disk, synchronous=FULL, NO checkpoint after a replaced snapshot"
         } else {
             "SqliteStore on disk, synchronous=FULL"
         }
