@@ -1011,7 +1011,7 @@ impl Conversation {
         }
         if !human.is_empty() {
             out.push(Action::Deliver(Delivery {
-                text: String::from_utf8_lossy(&human).into_owned(),
+                text: utf8_text(human),
                 encrypted: true,
                 instance: tag,
                 offline: was_suspended,
@@ -1216,6 +1216,16 @@ fn data_header(version: Version, ours: u32, theirs: u32) -> Header {
             sender_tag: ours,
             receiver_tag: theirs,
         },
+    }
+}
+
+/// The delivered text: the bytes as they are when they are valid UTF-8
+/// (the common case, validated without copying), else with U+FFFD for
+/// each invalid sequence.
+fn utf8_text(human: Vec<u8>) -> String {
+    match String::from_utf8(human) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
     }
 }
 

@@ -313,17 +313,21 @@ impl KeyRatchet {
         self.their_keyid += 1;
     }
 
-    /// Serialize the ratchet for the EKM snapshot. Contains secrets: the
-    /// result is zeroized on drop.
+    /// Serialize the ratchet for the EKM snapshot (format 2: each of our
+    /// key pairs as its secret followed by its public value, so restoring
+    /// needs no exponentiation). Contains secrets: the caller keeps the
+    /// result in zeroizing memory.
     pub fn encode(&self, w: &mut Writer) {
         w.int(self.our_keyid);
-        w.data(&self.our_current.dangerous_secret_bytes());
-        w.data(&self.our_previous.dangerous_secret_bytes());
+        for pair in [&self.our_current, &self.our_previous] {
+            w.data(&pair.dangerous_secret_bytes());
+            w.mpi(pair.public().as_mpi());
+        }
         w.int(self.their_keyid);
-        w.mpi(&self.their_current.to_mpi());
+        w.mpi(self.their_current.as_mpi());
         match &self.their_previous {
             Some(k) => {
-                w.byte(1).mpi(&k.to_mpi());
+                w.byte(1).mpi(k.as_mpi());
             }
             None => {
                 w.byte(0);
@@ -346,14 +350,25 @@ impl KeyRatchet {
         w.data(&self.to_reveal);
     }
 
-    /// Inverse of [`KeyRatchet::encode`].
-    pub fn decode(r: &mut Reader<'_>) -> Result<Self, Error> {
+    /// Inverse of [`KeyRatchet::encode`]. `with_publics` is false for
+    /// format-1 snapshots, which hold only our secrets: their public values
+    /// are recomputed (two fixed-base exponentiations).
+    pub fn decode(r: &mut Reader<'_>, with_publics: bool) -> Result<Self, Error> {
         let our_keyid = r.int("our_keyid")?;
         if our_keyid < 2 {
             return Err(Error::Snapshot("our keyid below 2"));
         }
-        let our_current = DhKeyPair::from_secret_bytes(r.data("our_current")?)?;
-        let our_previous = DhKeyPair::from_secret_bytes(r.data("our_previous")?)?;
+        let mut read_pair = |what: &'static str| -> Result<DhKeyPair, Error> {
+            let secret = r.data(what)?;
+            if with_publics {
+                let public = DhPublicKey::from_mpi(r.mpi(what)?)?;
+                Ok(DhKeyPair::from_stored(secret, public)?)
+            } else {
+                Ok(DhKeyPair::from_secret_bytes(secret)?)
+            }
+        };
+        let our_current = read_pair("our_current")?;
+        let our_previous = read_pair("our_previous")?;
         let their_keyid = r.int("their_keyid")?;
         if their_keyid == 0 {
             return Err(Error::Snapshot("their keyid 0"));
@@ -425,4 +440,73 @@ impl KeyRatchet {
 #[cold]
 fn unreachable_pairing() -> ! {
     unreachable!("the sending pairing always has both keys")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    fn ratchet(rng: &mut ChaCha20Rng) -> KeyRatchet {
+        let ours = DhKeyPair::generate(rng);
+        let theirs = DhKeyPair::generate(rng);
+        KeyRatchet::after_ake(ours, theirs.public().clone(), 1, rng)
+    }
+
+    fn encoded(k: &KeyRatchet) -> Vec<u8> {
+        let mut w = Writer::with_capacity(1024);
+        k.encode(&mut w);
+        w.into_vec()
+    }
+
+    /// The format-1 encoding of the same ratchet: our key pairs as secrets
+    /// only (what older snapshots hold).
+    fn without_publics(v2: &[u8]) -> Vec<u8> {
+        let mut r = Reader::new(v2);
+        let mut w = Writer::with_capacity(v2.len());
+        w.int(r.int("keyid").unwrap());
+        for _ in 0..2 {
+            w.data(r.data("secret").unwrap());
+            r.mpi("public").unwrap();
+        }
+        w.raw(r.rest());
+        w.into_vec()
+    }
+
+    #[test]
+    fn encoding_round_trips_in_both_formats() {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let k = ratchet(&mut rng);
+        let v2 = encoded(&k);
+        let back = KeyRatchet::decode(&mut Reader::new(&v2), true).unwrap();
+        assert_eq!(encoded(&back), v2);
+        assert_eq!(back.our_current.public(), k.our_current.public());
+        assert_eq!(back.our_previous.public(), k.our_previous.public());
+
+        // A format-1 encoding recomputes the same public values.
+        let v1 = without_publics(&v2);
+        assert!(v1.len() < v2.len());
+        let old = KeyRatchet::decode(&mut Reader::new(&v1), false).unwrap();
+        assert_eq!(encoded(&old), v2);
+    }
+
+    #[test]
+    fn restored_ratchet_talks_to_the_original_peer() {
+        let mut rng = ChaCha20Rng::seed_from_u64(8);
+        let a_ake = DhKeyPair::generate(&mut rng);
+        let b_ake = DhKeyPair::generate(&mut rng);
+        let mut a = KeyRatchet::after_ake(a_ake.clone(), b_ake.public().clone(), 1, &mut rng);
+        let b = KeyRatchet::after_ake(b_ake, a_ake.public().clone(), 1, &mut rng);
+        // Bob restored from his snapshot decrypts what Alice sends.
+        let mut b = KeyRatchet::decode(&mut Reader::new(&encoded(&b)), true).unwrap();
+        let header = Header {
+            version: super::super::message::Version::V3,
+            sender_tag: 0x100,
+            receiver_tag: 0x101,
+        };
+        let msg = a.encrypt(&header, 0, b"hello");
+        let got = b.decrypt(&header, &msg, &mut rng).unwrap();
+        assert_eq!(&got.plaintext[..], b"hello");
+    }
 }

@@ -458,13 +458,19 @@ fn decode_armored_at(text: &str) -> Result<EncodedMessage, MessageError> {
     let body = &text[ENCODED_PREFIX.len()..];
     let end = body.find('.').ok_or(MessageError::Unterminated)?;
     let b64 = &body[..end];
-    let bytes = if b64.bytes().any(|b| b.is_ascii_whitespace()) {
-        let compact: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        B64_LENIENT.decode(compact)
-    } else {
-        B64_LENIENT.decode(b64)
-    }
-    .map_err(|_| MessageError::Base64)?;
+    // Whitespace inside the base-64 (some clients wrap lines) is rare:
+    // decode directly and compact only when that fails, so the common case
+    // scans the body once.
+    let bytes = match B64_LENIENT.decode(b64) {
+        Ok(bytes) => bytes,
+        Err(_) if b64.bytes().any(|b| b.is_ascii_whitespace()) => {
+            let compact: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+            B64_LENIENT
+                .decode(compact)
+                .map_err(|_| MessageError::Base64)?
+        }
+        Err(_) => return Err(MessageError::Base64),
+    };
     EncodedMessage::decode(&bytes)
 }
 

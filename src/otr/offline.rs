@@ -22,7 +22,12 @@ use super::keys::KeyRatchet;
 use super::message::Version;
 
 const MAGIC: &[u8; 8] = b"O2TR-EKM";
-const FORMAT: u8 = 1;
+/// The snapshot format written. Format 2 adds our DH public values next to
+/// their secrets (restoring then needs no exponentiation); format 1 is
+/// still read.
+const FORMAT: u8 = 2;
+/// The oldest format still read.
+const FORMAT_V1: u8 = 1;
 
 /// An encrypted (live or suspended) OTR session.
 pub struct EncryptedSession {
@@ -71,7 +76,9 @@ impl EncryptedSession {
 
     /// The EKM snapshot: contains secret keys and is zeroized on drop.
     pub fn snapshot(&self) -> Zeroizing<Vec<u8>> {
-        let mut w = Writer::with_capacity(1024);
+        // About 1.8 KiB: one allocation, no regrowth (a regrowth would
+        // leave a copy of the secrets in freed memory).
+        let mut w = Writer::with_capacity(2048);
         w.raw(MAGIC).byte(FORMAT);
         w.short(self.version.number());
         w.int(self.our_tag).int(self.their_tag);
@@ -91,7 +98,8 @@ impl EncryptedSession {
         if r.array::<8>("magic")? != *MAGIC {
             return Err(Error::Snapshot("not an EKM snapshot"));
         }
-        if r.byte("format")? != FORMAT {
+        let format = r.byte("format")?;
+        if format != FORMAT && format != FORMAT_V1 {
             return Err(Error::Snapshot("unknown snapshot format"));
         }
         let version = match r.short("version")? {
@@ -108,7 +116,7 @@ impl EncryptedSession {
         let last_received = u64::from_be_bytes(r.array("last_received")?);
         let sent_since_answer = r.int("sent_since_answer")?;
         let their_long_term = DsaPublicKey::decode(&mut r)?;
-        let ratchet = KeyRatchet::decode(&mut r)?;
+        let ratchet = KeyRatchet::decode(&mut r, format != FORMAT_V1)?;
         r.finish()?;
         Ok(EncryptedSession {
             version,

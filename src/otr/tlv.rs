@@ -70,7 +70,7 @@ pub enum TlvError {
 /// first NUL, or everything if there is none) and the TLV records after
 /// the NUL. A truncated record is an error.
 pub fn split_plaintext(decrypted: &[u8]) -> Result<(Vec<u8>, Vec<Tlv>), TlvError> {
-    let Some(nul) = decrypted.iter().position(|&b| b == 0) else {
+    let Some(nul) = find_nul(decrypted) else {
         return Ok((decrypted.to_vec(), Vec::new()));
     };
     let text = decrypted[..nul].to_vec();
@@ -83,6 +83,29 @@ pub fn split_plaintext(decrypted: &[u8]) -> Result<(Vec<u8>, Vec<Tlv>), TlvError
         tlvs.push(Tlv { typ, value });
     }
     Ok((text, tlvs))
+}
+
+/// Position of the first NUL byte, eight bytes at a time (a data message
+/// body is usually all text, so this scans every byte of it).
+fn find_nul(bytes: &[u8]) -> Option<usize> {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let v = u64::from_le_bytes(word);
+        // Nonzero iff some byte of v is zero.
+        if v.wrapping_sub(LOW) & !v & HIGH != 0 {
+            break;
+        }
+        offset += 8;
+    }
+    bytes[offset..]
+        .iter()
+        .position(|&b| b == 0)
+        .map(|p| offset + p)
 }
 
 /// The plaintext to encrypt: `text`, then, if there are records, a NUL and
@@ -184,6 +207,25 @@ mod tests {
         assert_eq!(
             join_plaintext(b"hi", &tlvs),
             b"hi\0\x00\x01\x00\x00\x00\x00\x00\x05hello"
+        );
+    }
+
+    #[test]
+    fn find_nul_agrees_with_a_byte_scan() {
+        for len in 0..40 {
+            for at in 0..=len {
+                let mut v = vec![b'x'; len];
+                if at < len {
+                    v[at] = 0;
+                    // A later NUL and high bytes must not confuse it.
+                    v.extend_from_slice(&[0x80, 0, 0xff]);
+                }
+                assert_eq!(find_nul(&v), v.iter().position(|&b| b == 0), "{len} {at}");
+            }
+        }
+        assert_eq!(
+            find_nul(&[0x01, 0x80, 0xff, 0x7f, 0x01, 0x01, 0x01, 0x01, 0]),
+            Some(8)
         );
     }
 
