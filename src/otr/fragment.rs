@@ -89,6 +89,13 @@ pub enum FragmentError {
         /// The reassembler's bound.
         max: usize,
     },
+    /// Partial messages from too many sender instances are already being
+    /// reassembled; a fragment from yet another sender is dropped.
+    #[error("partial messages from {max} senders are already being reassembled; fragment dropped")]
+    TooManySenders {
+        /// The bound on concurrent partial messages.
+        max: usize,
+    },
 }
 
 /// Splits `message` into fragments no longer than `max_len` bytes each,

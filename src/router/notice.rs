@@ -67,6 +67,12 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         Notice::HeldQueueFull => {
             format!("Too many held messages for {peer}: this message was NOT kept.")
         }
+        Notice::AkeFailed { reason } => format!(
+            "A private conversation with {peer} could not be set up: their handshake message failed verification ({reason})."
+        ),
+        Notice::TooManyInstances { limit } => format!(
+            "{peer} is using more than {limit} OTR instances (clients) at once; a message from a new one was ignored."
+        ),
         Notice::SmpRequested { question: Some(q) } => format!(
             "{peer} asks you to verify: {q} — answer with /otr smp <answer> (or /otr smp abort)"
         ),
