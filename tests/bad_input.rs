@@ -12,5 +12,7 @@ mod pair;
 #[path = "bad_input/support.rs"]
 mod support;
 
+#[path = "bad_input/otr_ake.rs"]
+mod otr_ake;
 #[path = "bad_input/otr_data.rs"]
 mod otr_data;

@@ -775,6 +775,18 @@ impl Conversation {
     }
 
     fn start_ake<R: CryptoRng + ?Sized>(&mut self, version: Version, rng: &mut R, out: &mut Out) {
+        // Our new D-H Commit supersedes any exchange we initiated earlier:
+        // the peer answers the newest commit (spec: a responder keeps only
+        // the latest one), so a stale initiator state left by a lost or
+        // damaged message must not capture that answer.
+        for inst in self.instances.values_mut() {
+            if matches!(
+                inst.ake,
+                AuthState::AwaitingDhKey(_) | AuthState::AwaitingSig(_)
+            ) {
+                inst.ake = AuthState::None;
+            }
+        }
         let (state, commit) = AuthState::start(version, self.tags(version, 0), rng);
         self.master_ake = state;
         self.push_encoded(&commit, out);
