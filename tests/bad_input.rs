@@ -16,3 +16,5 @@ mod support;
 mod otr_ake;
 #[path = "bad_input/otr_data.rs"]
 mod otr_data;
+#[path = "bad_input/otr_misc.rs"]
+mod otr_misc;

@@ -712,12 +712,17 @@ impl Conversation {
         if !self.reassembly.contains_key(&key) {
             self.reassembly.retain(|_, r| !r.is_empty());
             if self.reassembly.len() >= self.cfg.max_reassembly_senders {
+                // Make room by dropping another sender's partial message:
+                // a flood can delay a genuine fragmented message but not
+                // lock it out for the rest of the session.
+                if let Some(victim) = self.reassembly.keys().next().copied() {
+                    self.reassembly.remove(&victim);
+                }
                 let e = super::fragment::FragmentError::TooManySenders {
                     max: self.cfg.max_reassembly_senders,
                 };
                 tracing::warn!(sender = key, cause = %e, "fragment buffer limit reached");
                 out.push(Action::Notify(Notice::Malformed(e.to_string())));
-                return;
             }
         }
         let r = self

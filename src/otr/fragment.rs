@@ -89,9 +89,11 @@ pub enum FragmentError {
         /// The reassembler's bound.
         max: usize,
     },
-    /// Partial messages from too many sender instances are already being
-    /// reassembled; a fragment from yet another sender is dropped.
-    #[error("partial messages from {max} senders are already being reassembled; fragment dropped")]
+    /// Partial messages from too many sender instances were being
+    /// reassembled; one of them was discarded to make room.
+    #[error(
+        "fragmented messages from more than {max} senders at once; one partial message was discarded"
+    )]
     TooManySenders {
         /// The bound on concurrent partial messages.
         max: usize,
