@@ -18,3 +18,5 @@ mod otr_ake;
 mod otr_data;
 #[path = "bad_input/otr_misc.rs"]
 mod otr_misc;
+#[path = "bad_input/otr_smp.rs"]
+mod otr_smp;
