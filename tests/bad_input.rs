@@ -20,3 +20,5 @@ mod otr_data;
 mod otr_misc;
 #[path = "bad_input/otr_smp.rs"]
 mod otr_smp;
+#[path = "bad_input/store.rs"]
+mod store;
