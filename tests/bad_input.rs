@@ -22,3 +22,5 @@ mod otr_misc;
 mod otr_smp;
 #[path = "bad_input/store.rs"]
 mod store;
+#[path = "bad_input/xml.rs"]
+mod xml;
