@@ -20,6 +20,8 @@ mod otr_data;
 mod otr_misc;
 #[path = "bad_input/otr_smp.rs"]
 mod otr_smp;
+#[path = "bad_input/proxy.rs"]
+mod proxy;
 #[path = "bad_input/store.rs"]
 mod store;
 #[path = "bad_input/xml.rs"]
