@@ -548,3 +548,95 @@ fn decode_describes_or_errs() {
         },
     );
 }
+
+/// Resource bounds of one conversation: the held-message queue and the
+/// number of peer instances. Each has a limit, a notice and a log line
+/// when hit, and the conversation keeps working.
+#[test]
+fn conversation_bounds() {
+    use o2tr_proxy::otr::ake::{AuthState, Tags};
+    use o2tr_proxy::otr::conversation::{Config, Conversation, Notice};
+    use rand_chacha::ChaCha20Rng;
+    use rand_chacha::rand_core::SeedableRng;
+
+    struct Case {
+        name: &'static str,
+        run: fn() -> Result<(), String>,
+    }
+    let cases = [
+        Case {
+            name: "bound: held-message queue full",
+            run: || {
+                let mut p = Pair::new();
+                let mut cfg = Config::new(ALICE, ALICE_TAG);
+                cfg.max_held = 3;
+                p.alice.conv = Conversation::new(cfg, crate::pair::keys().0.clone());
+                let mark = log_mark();
+                for i in 0..5 {
+                    p.alice.send(&format!("held {i}"), p.now);
+                }
+                let full = p
+                    .alice
+                    .notices
+                    .iter()
+                    .filter(|n| **n == Notice::HeldQueueFull)
+                    .count();
+                if p.alice.held.len() != 3 || full != 2 {
+                    return Err(format!(
+                        "{} held, {full} queue-full notices",
+                        p.alice.held.len()
+                    ));
+                }
+                if !logged_since(mark, &["held-message queue full", "limit=3"]) {
+                    return Err("no log line at the limit".into());
+                }
+                if p.alice.sent_log.iter().any(|s| s.contains("held ")) {
+                    return Err("a held message went out in plaintext".into());
+                }
+                // The kept ones go out encrypted once private.
+                p.alice.outbox.clear();
+                p.establish();
+                if p.bob.texts() != ["held 0", "held 1", "held 2"] {
+                    return Err(format!("bob got {:?}", p.bob.texts()));
+                }
+                still_private(&mut p, "held")
+            },
+        },
+        Case {
+            name: "bound: D-H Commits from too many instances",
+            run: || {
+                let mut p = private_pair(1500);
+                let mut rng = ChaCha20Rng::seed_from_u64(99);
+                let mark = log_mark();
+                for i in 0..40u32 {
+                    let tags = Tags {
+                        ours: 0x7000_0000 + i,
+                        theirs: 0,
+                    };
+                    let (_, commit) = AuthState::start(Version::V3, tags, &mut rng);
+                    p.bob.receive(&commit.to_armored(), p.now);
+                }
+                let limit = Config::new(BOB, BOB_TAG).max_instances;
+                let told = p
+                    .bob
+                    .notices
+                    .iter()
+                    .filter(|n| **n == Notice::TooManyInstances { limit })
+                    .count();
+                // Alice's instance is one of the `limit`.
+                if told != 40 - (limit - 1) {
+                    return Err(format!("{told} notices, {} answers", p.bob.outbox.len()));
+                }
+                if p.bob.outbox.len() != limit - 1 {
+                    return Err(format!("{} D-H Keys sent", p.bob.outbox.len()));
+                }
+                if !logged_since(mark, &["instance limit reached", &format!("limit={limit}")]) {
+                    return Err("no log line at the limit".into());
+                }
+                p.bob.outbox.clear();
+                still_private(&mut p, "instances")
+            },
+        },
+    ];
+    run_table("bounds", &cases, |c| c.name, |_, c| (c.run)());
+}

@@ -208,7 +208,7 @@ fn server_cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         ),
         (
             "server: second stream header mid-stream",
-            header_from_server("again")[21..].as_bytes().to_vec(),
+            header_from_server("again").as_bytes()[21..].to_vec(),
             "not-well-formed",
         ),
     ]
@@ -494,7 +494,7 @@ fn client_cases() -> Vec<ClientCase> {
         ClientCase {
             name: "client: stream reopened without a restart",
             when: PreAuth,
-            bytes: || header_to_server()[21..].as_bytes().to_vec(),
+            bytes: || header_to_server().as_bytes()[21..].to_vec(),
             condition: "not-well-formed",
         },
         ClientCase {
@@ -557,7 +557,7 @@ fn client_cases() -> Vec<ClientCase> {
         ClientCase {
             name: "client: second stream header after bind",
             when: Bound,
-            bytes: || header_to_server()[21..].as_bytes().to_vec(),
+            bytes: || header_to_server().as_bytes()[21..].to_vec(),
             condition: "not-well-formed",
         },
         ClientCase {

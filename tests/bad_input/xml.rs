@@ -242,7 +242,7 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "xml: second stream header inside the stream",
             after_header: true,
-            bytes: || HEADER[21..].as_bytes().to_vec(),
+            bytes: || HEADER.as_bytes()[21..].to_vec(),
             want: |e| matches!(e, X::NotWellFormed(_)),
             condition: "not-well-formed",
         },
