@@ -147,4 +147,23 @@ mod tests {
         assert!(render(&Notice::SmpFailed, "bob", None).contains("SMP failed: the secrets differ"));
         assert!(render(&Notice::SmpAborted, "bob", None).contains("aborted"));
     }
+
+    #[test]
+    fn renders_failure_and_limit_notices() {
+        let ake = render(
+            &Notice::AkeFailed {
+                reason: "AKE MAC mismatch".into(),
+            },
+            "bob@example.org",
+            None,
+        );
+        assert!(
+            ake.starts_with(
+                "[o2tr] A private conversation with bob@example.org could not be set up"
+            ) && ake.ends_with("(AKE MAC mismatch)."),
+            "{ake}"
+        );
+        let inst = render(&Notice::TooManyInstances { limit: 32 }, "bob", None);
+        assert!(inst.contains("more than 32 OTR instances"), "{inst}");
+    }
 }
