@@ -584,7 +584,7 @@ fn client_cases() -> Vec<ClientCase> {
 /// Waits until the fake server's connection `i` is over; returns the
 /// stream error it was sent, if any.
 async fn server_error(s: &Setup, i: usize) -> Option<String> {
-    for _ in 0..200 {
+    for _ in 0..400 {
         let log = s.fake.logs.lock().unwrap().get(i).cloned();
         if let Some(l) = log {
             let l = l.lock().unwrap();
@@ -595,6 +595,18 @@ async fn server_error(s: &Setup, i: usize) -> Option<String> {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     Some("(the server connection did not end)".into())
+}
+
+/// Whether a line with all of `needles` is logged after `mark` within 10 s
+/// (the connection logs its end after closing both legs).
+async fn eventually_logged(mark: usize, needles: &[&str]) -> bool {
+    for _ in 0..500 {
+        if logged_since(mark, needles) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
 
 async fn run_client_case(
@@ -627,15 +639,7 @@ async fn run_client_case(
     if !matches!(c.when, When::Start) && server_error(s, conns).await.is_some() {
         return Err("the server was sent a stream error for the client's fault".into());
     }
-    let mut logged = false;
-    for _ in 0..50 {
-        if logged_since(mark, &["connection ended", c.condition]) {
-            logged = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if !logged {
+    if !eventually_logged(mark, &["connection ended", c.condition]).await {
         return Err("no 'connection ended' log line naming the condition".into());
     }
     still_serving(keep, c.name).await
@@ -666,10 +670,12 @@ async fn run_server_case(
         Some(c) if c == cond => {}
         other => return Err(format!("the server got {other:?}, want {cond}")),
     }
-    if !logged_since(
+    if !eventually_logged(
         mark,
         &["connection ended", "server protocol violation", cond],
-    ) {
+    )
+    .await
+    {
         return Err("no 'connection ended' log line naming the condition".into());
     }
     still_serving(keep, name).await
