@@ -51,6 +51,12 @@ pub struct Config {
     pub max_reassembly_bytes: usize,
     /// Most messages held while the session is not private.
     pub max_held: usize,
+    /// Most sender instances with a partial fragmented message at once
+    /// (each holds up to `max_reassembly_bytes`).
+    pub max_reassembly_senders: usize,
+    /// Most instances of the peer tracked at once (each D-H Commit from a
+    /// new instance tag costs a key pair and memory).
+    pub max_instances: usize,
 }
 
 impl Config {
@@ -65,6 +71,8 @@ impl Config {
             max_unanswered: 1024,
             max_reassembly_bytes: 256 * 1024,
             max_held: 1000,
+            max_reassembly_senders: 8,
+            max_instances: 32,
         }
     }
 }
@@ -192,6 +200,19 @@ pub enum Notice {
     },
     /// The held-message queue is full; the message was dropped.
     HeldQueueFull,
+    /// An authenticated key exchange started by the peer failed a check
+    /// (bad MAC, signature, commitment or D-H value): no private session
+    /// was set up from it.
+    AkeFailed {
+        /// What was wrong (the error's text).
+        reason: String,
+    },
+    /// The peer used more instance tags than we track; the message from a
+    /// new instance was ignored.
+    TooManyInstances {
+        /// The bound.
+        limit: usize,
+    },
     /// The peer asks to verify us with a shared secret (SMP); answer with
     /// [`Conversation::handle_smp_answer`].
     SmpRequested {
@@ -575,6 +596,10 @@ impl Conversation {
 
     fn hold(&mut self, text: &str, out: &mut Out) {
         if self.held.len() >= self.cfg.max_held {
+            tracing::warn!(
+                limit = self.cfg.max_held,
+                "held-message queue full; message dropped"
+            );
             out.push(Action::Notify(Notice::HeldQueueFull));
             return;
         }
@@ -694,6 +719,22 @@ impl Conversation {
             0
         };
         let max = self.cfg.max_reassembly_bytes;
+        if !self.reassembly.contains_key(&key) {
+            self.reassembly.retain(|_, r| !r.is_empty());
+            if self.reassembly.len() >= self.cfg.max_reassembly_senders {
+                // Make room by dropping another sender's partial message:
+                // a flood can delay a genuine fragmented message but not
+                // lock it out for the rest of the session.
+                if let Some(victim) = self.reassembly.keys().next().copied() {
+                    self.reassembly.remove(&victim);
+                }
+                let e = super::fragment::FragmentError::TooManySenders {
+                    max: self.cfg.max_reassembly_senders,
+                };
+                tracing::warn!(sender = key, cause = %e, "fragment buffer limit reached");
+                out.push(Action::Notify(Notice::Malformed(e.to_string())));
+            }
+        }
         let r = self
             .reassembly
             .entry(key)
@@ -701,7 +742,12 @@ impl Conversation {
         match r.push(&f) {
             Ok(Some(whole)) => self.incoming(&whole, now, rng, out, true),
             Ok(None) => {}
-            Err(e) => out.push(Action::Notify(Notice::Malformed(e.to_string()))),
+            Err(e) => {
+                if matches!(e, super::fragment::FragmentError::TooLarge { .. }) {
+                    tracing::warn!(sender = key, cause = %e, "fragment buffer limit reached");
+                }
+                out.push(Action::Notify(Notice::Malformed(e.to_string())));
+            }
         }
     }
 
@@ -744,6 +790,18 @@ impl Conversation {
     }
 
     fn start_ake<R: CryptoRng + ?Sized>(&mut self, version: Version, rng: &mut R, out: &mut Out) {
+        // Our new D-H Commit supersedes any exchange we initiated earlier:
+        // the peer answers the newest commit (spec: a responder keeps only
+        // the latest one), so a stale initiator state left by a lost or
+        // damaged message must not capture that answer.
+        for inst in self.instances.values_mut() {
+            if matches!(
+                inst.ake,
+                AuthState::AwaitingDhKey(_) | AuthState::AwaitingSig(_)
+            ) {
+                inst.ake = AuthState::None;
+            }
+        }
         let (state, commit) = AuthState::start(version, self.tags(version, 0), rng);
         self.master_ake = state;
         self.push_encoded(&commit, out);
@@ -771,6 +829,23 @@ impl Conversation {
                 h.sender_tag
             }
         };
+        if !self.instances.contains_key(&tag) && self.instances.len() >= self.cfg.max_instances {
+            // Make room by forgetting instances that hold nothing worth
+            // keeping (no session, no handshake under way).
+            self.instances
+                .retain(|_, i| !matches!(i.msg, MsgState::Plaintext) || i.ake.in_progress());
+            if self.instances.len() >= self.cfg.max_instances {
+                tracing::warn!(
+                    limit = self.cfg.max_instances,
+                    instance = tag,
+                    "instance limit reached; message ignored"
+                );
+                out.push(Action::Notify(Notice::TooManyInstances {
+                    limit: self.cfg.max_instances,
+                }));
+                return;
+            }
+        }
         let tags = self.tags(h.version, tag);
         match m.body {
             Body::Data(d) => self.on_data(&h, tag, &d, now, rng, out),
@@ -802,7 +877,10 @@ impl Conversation {
                     }
                     Err((state, e)) => {
                         self.set_ake(tag, state);
-                        tracing::debug!(cause = %e, "D-H Key rejected");
+                        tracing::info!(cause = %e, "D-H Key rejected");
+                        out.push(Action::Notify(Notice::AkeFailed {
+                            reason: e.to_string(),
+                        }));
                     }
                 }
             }
@@ -819,7 +897,12 @@ impl Conversation {
                             self.go_encrypted(tag, done, now, rng, out);
                         }
                     }
-                    Err(e) => tracing::info!(cause = %e, "AKE failed at Reveal Signature"),
+                    Err(e) => {
+                        tracing::info!(cause = %e, "AKE failed at Reveal Signature");
+                        out.push(Action::Notify(Notice::AkeFailed {
+                            reason: e.to_string(),
+                        }));
+                    }
                 }
             }
             Body::Signature(sig) => {
@@ -831,7 +914,12 @@ impl Conversation {
                             self.go_encrypted(tag, done, now, rng, out);
                         }
                     }
-                    Err(e) => tracing::info!(cause = %e, "AKE failed at Signature"),
+                    Err(e) => {
+                        tracing::info!(cause = %e, "AKE failed at Signature");
+                        out.push(Action::Notify(Notice::AkeFailed {
+                            reason: e.to_string(),
+                        }));
+                    }
                 }
             }
         }

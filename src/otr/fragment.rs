@@ -89,6 +89,15 @@ pub enum FragmentError {
         /// The reassembler's bound.
         max: usize,
     },
+    /// Partial messages from too many sender instances were being
+    /// reassembled; one of them was discarded to make room.
+    #[error(
+        "fragmented messages from more than {max} senders at once; one partial message was discarded"
+    )]
+    TooManySenders {
+        /// The bound on concurrent partial messages.
+        max: usize,
+    },
 }
 
 /// Splits `message` into fragments no longer than `max_len` bytes each,

@@ -289,6 +289,7 @@ pub(crate) async fn handle(
                         client_scope: NsScope::client_stream(),
                         to_client_scope: NsScope::client_stream(),
                         bind_ids: Vec::new(),
+                        sasl_pending: false,
                         bound: None,
                         want_sm: shared.config.upstream_sm,
                         sm_offered: false,
@@ -462,6 +463,9 @@ struct Relay<'a> {
     /// Bindings of the header the client received (the server's).
     to_client_scope: NsScope,
     bind_ids: Vec<String>,
+    /// The client sent `<auth/>` and no `<success/>` or `<failure/>` has
+    /// come back yet: the only time a SASL success may restart the streams.
+    sasl_pending: bool,
     bound: Option<Jid>,
     /// `ProxyConfig::upstream_sm`.
     want_sm: bool,
@@ -762,6 +766,21 @@ impl Relay<'_> {
                     }
                     return Ok(Flow::Go);
                 }
+                // TLS is already up on both legs and the server speaks
+                // SASL, not the client: these would desynchronise the
+                // streams (RFC 6120 §5.4.3.3, §6.4).
+                if el.ns() == ns::TLS
+                    || (el.ns() == ns::SASL
+                        && matches!(el.name(), "success" | "challenge" | "failure"))
+                {
+                    return Err(ConnError::ClientProtocol(
+                        format!("unexpected <{}/> from the client", el.name()),
+                        "policy-violation",
+                    ));
+                }
+                if el.is("auth", ns::SASL) {
+                    self.sasl_pending = self.bound.is_none();
+                }
                 if el.is("iq", ns::CLIENT)
                     && el.attr("type") == Some("set")
                     && el.has_child("bind", ns::BIND)
@@ -807,6 +826,17 @@ impl Relay<'_> {
                         sm.h_in = sm.h_in.wrapping_add(1);
                     }
                 }
+                if el.ns() == ns::TLS {
+                    // The proxy never forwards <starttls/>: a <proceed/> or
+                    // TLS <failure/> now is out of protocol.
+                    return Err(ConnError::ServerProtocol(
+                        format!("unexpected <{}/> from the server", el.name()),
+                        "policy-violation",
+                    ));
+                }
+                if el.is("failure", ns::SASL) {
+                    self.sasl_pending = false;
+                }
                 if features::is_features(&el) {
                     self.sm_offered = el.has_child("sm", ns::SM3);
                     let mut el = el;
@@ -817,6 +847,14 @@ impl Relay<'_> {
                         self.send_client(&raw).await?;
                     }
                 } else if el.is("success", ns::SASL) {
+                    if !std::mem::take(&mut self.sasl_pending) {
+                        // A success nobody asked for would restart the
+                        // streams under the client's feet.
+                        return Err(ConnError::ServerProtocol(
+                            "SASL success without a pending <auth/>".into(),
+                            "policy-violation",
+                        ));
+                    }
                     self.send_client(&raw).await?;
                     // Both streams restart here, in one step (RFC 6120 §6.4.6).
                     self.server.framer.reset();

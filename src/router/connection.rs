@@ -36,6 +36,9 @@ pub(crate) struct Peer {
     full_jid: Option<String>,
     /// Snapshots that were wiped because they expired; told on next message.
     expired: usize,
+    /// Snapshots that were wiped because they could not be read (corrupt,
+    /// truncated, unknown format); told on next message.
+    discarded: usize,
 }
 
 pub(crate) struct AccountCtx {
@@ -130,11 +133,16 @@ impl Router {
                 now,
                 cfg.snapshot_lifetime_secs,
             );
-            let (conv, expired, pending) = match restored {
-                Ok(r) => (r.conversation, r.expired.len(), r.pending),
+            let (conv, expired, discarded, pending) = match restored {
+                Ok(r) => (
+                    r.conversation,
+                    r.expired.len(),
+                    r.discarded.len(),
+                    r.pending,
+                ),
                 Err(e) => {
                     tracing::error!(peer, cause = %e, "could not restore the conversation");
-                    (Conversation::new(c, key), 0, Vec::new())
+                    (Conversation::new(c, key), 0, 0, Vec::new())
                 }
             };
             self.undelivered.extend(pending);
@@ -144,6 +152,7 @@ impl Router {
                     conv,
                     full_jid: None,
                     expired,
+                    discarded,
                 },
             );
         }
@@ -407,15 +416,31 @@ impl Router {
         let actions = match self.peer(&peer, now) {
             Some(p) => {
                 let expired = std::mem::take(&mut p.expired);
+                let discarded = std::mem::take(&mut p.discarded);
                 let a = p.conv.handle_outgoing(&body, now, &mut rng);
-                Some((expired, a))
+                Some((expired, discarded, a))
             }
             None => None,
         };
         self.rng = rng;
-        let Some((expired, actions)) = actions else {
-            return vec![Outgoing::ToServer(el)];
+        let Some((expired, discarded, actions)) = actions else {
+            // Over the conversation limit: never fall back to sending the
+            // user's text in plaintext.
+            let text = format!(
+                "{} Too many conversations on this connection (limit {}): your message to {peer} was NOT sent.",
+                notice::PREFIX,
+                self.shared.cfg.max_conversations
+            );
+            out.push(self.notice_to_client(&peer, &text));
+            return out;
         };
+        if discarded > 0 {
+            let text = format!(
+                "{} The saved private session with {peer} could not be read and was wiped; a new handshake is needed.",
+                notice::PREFIX
+            );
+            out.push(self.notice_to_client(&peer, &text));
+        }
         if expired > 0 {
             let text = format!(
                 "{} The saved private session with {peer} had expired and was wiped; a new handshake is needed.",
@@ -501,7 +526,23 @@ impl Router {
         };
         self.rng = rng;
         let Some(actions) = actions else {
-            return vec![Outgoing::ToClient(el)];
+            // Over the conversation limit: OTR data cannot be processed and
+            // is not shown; plaintext is passed on, marked as such.
+            let text = format!(
+                "{} Too many conversations on this connection (limit {}): a message from {peer} was not processed{}.",
+                notice::PREFIX,
+                self.shared.cfg.max_conversations,
+                if body.contains("?OTR") {
+                    " and was dropped"
+                } else {
+                    "; it arrived UNENCRYPTED"
+                }
+            );
+            let mut out = vec![self.notice_to_client(&peer, &text)];
+            if !body.contains("?OTR") {
+                out.push(Outgoing::ToClient(el));
+            }
+            return out;
         };
         let mut out = Vec::new();
         self.apply(&peer, actions, Some(&el), now, &mut out);

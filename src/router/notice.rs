@@ -81,6 +81,12 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         Notice::HeldQueueFull => {
             format!("Too many held messages for {peer}: this message was NOT kept.")
         }
+        Notice::AkeFailed { reason } => format!(
+            "A private conversation with {peer} could not be set up: their handshake message failed verification ({reason})."
+        ),
+        Notice::TooManyInstances { limit } => format!(
+            "{peer} is using more than {limit} OTR instances (clients) at once; a message from a new one was ignored."
+        ),
         Notice::SmpRequested { question: Some(q) } => format!(
             "{peer} asks you to verify: {q} — answer with /otr smp <answer> (or /otr smp abort)"
         ),
@@ -184,5 +190,24 @@ mod tests {
             gap,
             "[o2tr] 2 encrypted message(s) from bob sent before the following one are missing (lost, or withheld or delayed by the server)."
         );
+    }
+
+    #[test]
+    fn renders_failure_and_limit_notices() {
+        let ake = render(
+            &Notice::AkeFailed {
+                reason: "AKE MAC mismatch".into(),
+            },
+            "bob@example.org",
+            None,
+        );
+        assert!(
+            ake.starts_with(
+                "[o2tr] A private conversation with bob@example.org could not be set up"
+            ) && ake.ends_with("(AKE MAC mismatch)."),
+            "{ake}"
+        );
+        let inst = render(&Notice::TooManyInstances { limit: 32 }, "bob", None);
+        assert!(inst.contains("more than 32 OTR instances"), "{inst}");
     }
 }

@@ -486,6 +486,15 @@ impl Framer {
                 Ok(Some(Frame::StreamHeader(header)))
             }
             1 => {
+                // A stream header is only valid at a restart (after
+                // <proceed/> or SASL success, when the framer is reset):
+                // one inside the stream would nest every later stanza.
+                let (from, to) = self.start_name();
+                if self.buf.get(from..to) == self.header_name.as_deref().map(str::as_bytes) {
+                    return Err(FramerError::NotWellFormed(
+                        "stream header inside the stream".into(),
+                    ));
+                }
                 if empty {
                     let raw = self.take(self.pos + 1);
                     validate_stanza(&raw)?;
