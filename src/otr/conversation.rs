@@ -158,6 +158,10 @@ pub enum Notice {
     Unreadable {
         /// Why.
         reason: String,
+        /// It was an authentic message already consumed (its counter is
+        /// not past the last one received): a duplicate, e.g. re-sent by
+        /// the peer's proxy after a crash, or a replay. Nothing is lost.
+        replay: bool,
     },
     /// The peer sent an OTR error message.
     PeerError(String),
@@ -319,6 +323,41 @@ impl Conversation {
     /// Queue messages held before a restart (from the durable store).
     pub fn restore_held(&mut self, texts: impl IntoIterator<Item = Zeroizing<String>>) {
         self.held.extend(texts);
+    }
+
+    /// The partially reassembled incoming messages, one cumulative
+    /// fragment text per sender instance (see [`Reassembler::partial`]),
+    /// for durable storage: a crash between fragments must not lose what
+    /// the server already considers delivered.
+    pub fn partial_fragments(&self) -> Vec<String> {
+        self.reassembly
+            .values()
+            .filter_map(Reassembler::partial)
+            .map(|f| f.to_text())
+            .collect()
+    }
+
+    /// Restore what [`Conversation::partial_fragments`] returned (after a
+    /// restart). Texts that do not parse or exceed the reassembly bound are
+    /// dropped; returns how many were restored.
+    pub fn restore_fragments<S: AsRef<str>>(&mut self, texts: &[S]) -> usize {
+        let max = self.cfg.max_reassembly_bytes;
+        let mut n = 0;
+        for t in texts {
+            let Ok(f) = super::fragment::parse_fragment(t.as_ref()) else {
+                continue;
+            };
+            let key = if f.version == Version::V3 {
+                f.sender_tag
+            } else {
+                0
+            };
+            if let Some(r) = Reassembler::resume(max, &f) {
+                self.reassembly.insert(key, r);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// The account's connection ended: keep encrypted sessions, mark them
@@ -914,6 +953,7 @@ impl Conversation {
                     let replay = matches!(e, Error::Peer(PeerMisbehaved::CounterNotIncreasing));
                     out.push(Action::Notify(Notice::Unreadable {
                         reason: e.to_string(),
+                        replay,
                     }));
                     if !replay {
                         out.push(Action::Send(message::error_message(UNREADABLE_ERROR)));

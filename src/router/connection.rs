@@ -19,7 +19,8 @@ use crate::otr::conversation::{Action, Config, Conversation, Notice};
 use crate::otr::policy::Policy;
 use crate::proxy::{Outgoing, StanzaHook};
 use crate::store::ekm::{self, Effect};
-use crate::store::{ConversationKey, InboxMessage, SessionState, Trust};
+use crate::store::{ConversationKey, DurableOp, InboxMessage, OutboxMessage, SessionState, Trust};
+use crate::xmpp::element::NsScope;
 use crate::xmpp::stanza::{self, MessageType};
 use crate::xmpp::{Element, Jid, ns};
 
@@ -54,8 +55,13 @@ pub struct Router {
     next_id: u64,
     /// Inbox entries handed to the connection, acknowledged on the next call.
     acks: Vec<(String, i64)>,
-    /// Held messages sent, released on the next call.
-    releases: Vec<(String, usize)>,
+    /// Outbox entries handed to the connection, acknowledged on the next call.
+    outbox_acks: Vec<i64>,
+    /// Outbox entries from before a crash or disconnect, still to be sent.
+    unsent: Vec<OutboxMessage>,
+    /// The partial fragments to store with the next commit (set when the
+    /// message being handled was a fragment).
+    fragments: Option<Vec<String>>,
     /// Committed plaintexts from before a crash, still owed to the client.
     undelivered: Vec<InboxMessage>,
     /// Inbox ids already handed over on this connection.
@@ -74,7 +80,9 @@ impl Router {
             rng: rand::make_rng(),
             next_id: 0,
             acks: Vec::new(),
-            releases: Vec::new(),
+            outbox_acks: Vec::new(),
+            unsent: Vec::new(),
+            fragments: None,
             undelivered: Vec::new(),
             handed: HashSet::new(),
             control_announced: false,
@@ -156,7 +164,7 @@ impl Router {
         let Some(account) = self.account.as_ref().map(|a| a.bare.clone()) else {
             return;
         };
-        if self.acks.is_empty() && self.releases.is_empty() {
+        if self.acks.is_empty() && self.outbox_acks.is_empty() {
             return;
         }
         let mut store = self.shared.store();
@@ -165,9 +173,61 @@ impl Router {
                 tracing::error!(peer, cause = %e, "could not acknowledge inbox entry");
             }
         }
-        for (peer, count) in std::mem::take(&mut self.releases) {
-            if let Err(e) = ekm::release_oldest_held(store.as_mut(), &account, &peer, count) {
-                tracing::error!(peer, cause = %e, "could not release held messages");
+        for id in std::mem::take(&mut self.outbox_acks) {
+            if let Err(e) = store.ack_outbox(id) {
+                // It will be sent again after a restart: the peer drops the
+                // duplicate by its counter.
+                tracing::error!(id, cause = %e, "could not acknowledge outbox entry");
+            }
+        }
+    }
+
+    /// Queue every encrypted stanza of this account committed but not
+    /// acknowledged as written to the server (the proxy died or the link
+    /// broke in between).
+    fn load_outbox(&mut self) {
+        let Some(account) = self.account.as_ref().map(|a| a.bare.clone()) else {
+            return;
+        };
+        let all = self.shared.store().outbox(&account);
+        match all {
+            Ok(list) => {
+                if !list.is_empty() {
+                    tracing::info!(
+                        account,
+                        count = list.len(),
+                        "re-sending encrypted messages not confirmed as sent"
+                    );
+                }
+                self.unsent = list;
+            }
+            Err(e) => tracing::error!(cause = %e, "could not read the outbox"),
+        }
+    }
+
+    /// Send the outbox entries from before a restart, oldest first and
+    /// before anything new: a later message of the same session must not
+    /// overtake them (the peer's counter check would then drop them).
+    /// At least once: if they did reach the server before, the peer drops
+    /// the duplicate as a replay. Entries older than the snapshot lifetime
+    /// are dropped (their session is gone).
+    fn resend_outbox(&mut self, now: u64, out: &mut Vec<Outgoing>) {
+        let lifetime = self.shared.cfg.snapshot_lifetime_secs;
+        for m in std::mem::take(&mut self.unsent) {
+            if m.queued_at.saturating_add(lifetime) < now {
+                tracing::warn!(peer = m.peer, "dropping an expired unsent message");
+                self.outbox_acks.push(m.id);
+                continue;
+            }
+            match Element::parse(m.stanza.as_bytes(), &NsScope::client_stream()) {
+                Ok(el) => {
+                    out.push(Outgoing::ToServer(el));
+                    self.outbox_acks.push(m.id);
+                }
+                Err(e) => {
+                    tracing::error!(peer = m.peer, cause = %e, "unreadable outbox entry; dropped");
+                    self.outbox_acks.push(m.id);
+                }
             }
         }
     }
@@ -228,7 +288,33 @@ impl Router {
             .get(peer)
             .and_then(|p| p.full_jid.clone())
             .unwrap_or_else(|| peer.to_string());
-        let step = ekm::split(actions);
+        let mut step = ekm::split(actions);
+        // Render the stanzas now: data messages (they used a sending
+        // counter) are committed to the outbox with the snapshot, so a crash
+        // before they reach the socket re-sends them instead of losing them.
+        let mut stanzas = Vec::new();
+        for e in &step.effects {
+            if let Effect::Send(body) = e {
+                let part = stanzas.len();
+                stanzas.push(self.wire_stanza(&to, body, template, part));
+            }
+        }
+        let mut outbox_slots = Vec::with_capacity(stanzas.len());
+        let mut next_slot = 0;
+        for (el, data) in stanzas.iter().zip(step.data_sends()) {
+            if data {
+                step.durable
+                    .push(DurableOp::Outbox(el.to_xml(&NsScope::client_stream())));
+                outbox_slots.push(Some(next_slot));
+                next_slot += 1;
+            } else {
+                outbox_slots.push(None);
+            }
+        }
+        step.release_in_commit();
+        if let Some(frags) = self.fragments.take() {
+            step.durable.push(DurableOp::Fragments(frags));
+        }
         let receipt = if step.needs_commit() {
             let committed = self
                 .shared
@@ -249,13 +335,17 @@ impl Router {
         } else {
             Default::default()
         };
-        let mut sent_parts = 0usize;
+        let mut stanzas = stanzas.into_iter().zip(outbox_slots);
         for effect in step.effects {
             match effect {
-                Effect::Send(body) => {
-                    let el = self.wire_stanza(&to, &body, template, sent_parts);
-                    sent_parts += 1;
+                Effect::Send(_) => {
+                    let Some((el, slot)) = stanzas.next() else {
+                        continue;
+                    };
                     out.push(Outgoing::ToServer(el));
+                    if let Some(id) = slot.and_then(|s| receipt.outbox_ids.get(s)) {
+                        self.outbox_acks.push(*id);
+                    }
                 }
                 Effect::Deliver { slot, delivery } => {
                     let mut el = match template {
@@ -272,6 +362,12 @@ impl Router {
                         self.acks.push((peer.to_string(), *id));
                     }
                 }
+                Effect::Notify(Notice::Unreadable { replay: true, .. }) => {
+                    // A duplicate of a message already shown (the peer's
+                    // proxy re-sent its outbox after a crash): nothing for
+                    // the user to act on.
+                    tracing::info!(peer, "dropped a duplicate encrypted message");
+                }
                 Effect::Notify(n) => {
                     let trust = match &n {
                         Notice::GoneSecure { fingerprint, .. } => {
@@ -286,9 +382,6 @@ impl Router {
                     out.push(self.notice_to_client(peer, &text));
                 }
             }
-        }
-        if step.release_held > 0 {
-            self.releases.push((peer.to_string(), step.release_held));
         }
     }
 
@@ -458,7 +551,14 @@ impl Router {
                 if from.resource().is_some() {
                     p.full_jid = Some(from.to_string());
                 }
-                Some(p.conv.handle_incoming(&body, now, &mut rng))
+                let actions = p.conv.handle_incoming(&body, now, &mut rng);
+                // A fragment changed the reassembly: store it with this
+                // step, so a crash between fragments loses nothing the
+                // server already counts as delivered.
+                if body.starts_with("?OTR|") || body.starts_with("?OTR,") {
+                    self.fragments = Some(p.conv.partial_fragments());
+                }
+                Some(actions)
             }
             None => None,
         };
@@ -506,8 +606,10 @@ impl StanzaHook for Router {
                     bare,
                     identity,
                 });
-                // Plaintexts committed before a crash go to the client first.
+                // Plaintexts committed before a crash go to the client
+                // first; encrypted stanzas not confirmed sent go out again.
                 self.load_inbox();
+                self.load_outbox();
             }
             Err(e) => {
                 tracing::error!(account = %bare, cause = %e, "no OTR identity: messages pass through unencrypted is NOT allowed; they will be dropped");
@@ -523,6 +625,7 @@ impl StanzaHook for Router {
             return Vec::new();
         }
         let mut out = Vec::new();
+        self.resend_outbox(now, &mut out);
         self.deliver_undelivered(&mut out);
         out.extend(self.handle_client_message(stanza, now));
         out
@@ -532,14 +635,17 @@ impl StanzaHook for Router {
         self.settle();
         let now = unix(now);
         let mut out = Vec::new();
+        self.resend_outbox(now, &mut out);
         self.deliver_undelivered(&mut out);
         out.extend(self.handle_server_message(stanza, now));
         out
     }
 
-    fn tick(&mut self, _now: SystemTime) -> Vec<Outgoing> {
+    fn tick(&mut self, now: SystemTime) -> Vec<Outgoing> {
         self.settle();
+        let now = unix(now);
         let mut out = Vec::new();
+        self.resend_outbox(now, &mut out);
         if !self.control_announced {
             if let Some(acc) = &self.account {
                 // The control contact shows as online (DESIGN §6).

@@ -47,7 +47,7 @@ pub fn render(n: &Notice, peer: &str, trust: Option<&str>) -> String {
         Notice::ReceivedUnencrypted => {
             format!("The next message from {peer} was received UNENCRYPTED.")
         }
-        Notice::Unreadable { reason } => format!(
+        Notice::Unreadable { reason, .. } => format!(
             "An encrypted message from {peer} could not be read and was not shown ({reason})."
         ),
         Notice::PeerError(text) => format!("{peer}'s OTR software reported an error: {text}"),
