@@ -62,6 +62,9 @@ pub struct Router {
     /// The partial fragments to store with the next commit (set when the
     /// message being handled was a fragment).
     fragments: Option<Vec<String>>,
+    /// Per peer: outbox entries re-sent on this connection whose "unreadable"
+    /// OTR error reply (libotr's answer to a duplicate) is still expected.
+    resent: HashMap<String, usize>,
     /// Committed plaintexts from before a crash, still owed to the client.
     undelivered: Vec<InboxMessage>,
     /// Inbox ids already handed over on this connection.
@@ -83,6 +86,7 @@ impl Router {
             outbox_acks: Vec::new(),
             unsent: Vec::new(),
             fragments: None,
+            resent: HashMap::new(),
             undelivered: Vec::new(),
             handed: HashSet::new(),
             control_announced: false,
@@ -223,6 +227,7 @@ impl Router {
                 Ok(el) => {
                     out.push(Outgoing::ToServer(el));
                     self.outbox_acks.push(m.id);
+                    *self.resent.entry(m.peer.clone()).or_default() += 1;
                 }
                 Err(e) => {
                     tracing::error!(peer = m.peer, cause = %e, "unreadable outbox entry; dropped");
@@ -545,6 +550,20 @@ impl Router {
             return vec![Outgoing::ToClient(el)];
         }
         let peer = from.bare().to_string().to_lowercase();
+        if body.starts_with("?OTR Error:") && body.contains("unreadable") {
+            if let Some(n) = self.resent.get_mut(&peer).filter(|n| **n > 0) {
+                // libotr answers a duplicate (a re-sent outbox entry that
+                // had got through before the crash) with this error; it is
+                // expected, and restarting the AKE for it would defeat
+                // session resumption.
+                *n -= 1;
+                tracing::info!(
+                    peer,
+                    "peer reported a re-sent duplicate as unreadable; ignored"
+                );
+                return Vec::new();
+            }
+        }
         let mut rng = std::mem::replace(&mut self.rng, rand::make_rng());
         let actions = match self.peer(&peer, now) {
             Some(p) => {
