@@ -65,6 +65,8 @@ pub struct Router {
     /// Per peer: outbox entries re-sent on this connection whose "unreadable"
     /// OTR error reply (libotr's answer to a duplicate) is still expected.
     resent: HashMap<String, usize>,
+    /// Ids of the client's roster requests awaiting the server's result.
+    roster_gets: HashSet<String>,
     /// Committed plaintexts from before a crash, still owed to the client.
     undelivered: Vec<InboxMessage>,
     /// Inbox ids already handed over on this connection.
@@ -87,6 +89,7 @@ impl Router {
             unsent: Vec::new(),
             fragments: None,
             resent: HashMap::new(),
+            roster_gets: HashSet::new(),
             undelivered: Vec::new(),
             handed: HashSet::new(),
             control_announced: false,
@@ -591,6 +594,95 @@ impl Router {
     }
 }
 
+impl Router {
+    /// The control contact as a roster item (shown online by its presence).
+    fn control_item(&self) -> Element {
+        Element::new("item", ns::ROSTER)
+            .with_attr("jid", &self.shared.cfg.control_jid)
+            .with_attr("name", "o2tr-proxy")
+            .with_attr("subscription", "both")
+    }
+
+    fn is_control_item(&self, item: &Element) -> bool {
+        item.is("item", ns::ROSTER)
+            && item
+                .attr("jid")
+                .is_some_and(|j| j.to_lowercase() == self.shared.cfg.control_jid)
+    }
+
+    /// A roster iq (or a bare result) from the client: requests are noted
+    /// so the result can carry the control contact; changes to the control
+    /// contact are answered here and never reach the server; the client's
+    /// replies to our own roster push stay here too.
+    fn handle_client_iq(&mut self, el: Element) -> Vec<Outgoing> {
+        let kind = el.attr("type").map(str::to_owned);
+        if let Some(q) = el.get_child("query", ns::ROSTER) {
+            match kind.as_deref() {
+                Some("get") => {
+                    if let Some(id) = el.attr("id") {
+                        self.roster_gets.insert(id.to_owned());
+                    }
+                }
+                Some("set") if q.children().any(|i| self.is_control_item(i)) => {
+                    let mut reply = Element::new("iq", ns::CLIENT).with_attr("type", "result");
+                    if let Some(id) = el.attr("id") {
+                        reply.set_attr("id", id);
+                    }
+                    if let Some(acc) = &self.account {
+                        reply.set_attr("to", &acc.jid.to_string());
+                    }
+                    return vec![Outgoing::ToClient(reply)];
+                }
+                _ => {}
+            }
+        } else if matches!(kind.as_deref(), Some("result" | "error"))
+            && el.attr("id").is_some_and(|i| i.starts_with(ROSTER_PUSH_ID))
+        {
+            return Vec::new();
+        }
+        vec![Outgoing::ToServer(el)]
+    }
+
+    /// An iq from the server: the result of a client's roster request gets
+    /// the control contact added; an empty result (the client's cached
+    /// roster is current, XEP-0237) is followed by a roster push of it.
+    fn handle_server_iq(&mut self, mut el: Element) -> Vec<Outgoing> {
+        let answers_get = el.attr("type") == Some("result")
+            && el.attr("id").is_some_and(|i| self.roster_gets.remove(i));
+        if !answers_get {
+            return vec![Outgoing::ToClient(el)];
+        }
+        let item = self.control_item();
+        let has_control = el
+            .get_child("query", ns::ROSTER)
+            .map(|q| q.children().any(|i| self.is_control_item(i)));
+        match has_control {
+            Some(true) => vec![Outgoing::ToClient(el)],
+            Some(false) => {
+                if let Some(q) = el.get_child_mut("query", ns::ROSTER) {
+                    q.append_child(item);
+                }
+                vec![Outgoing::ToClient(el)]
+            }
+            None => {
+                self.next_id += 1;
+                let id = format!("{ROSTER_PUSH_ID}{}", self.next_id);
+                let mut push = Element::new("iq", ns::CLIENT)
+                    .with_attr("type", "set")
+                    .with_attr("id", &id)
+                    .with_child(Element::new("query", ns::ROSTER).with_child(item));
+                if let Some(acc) = &self.account {
+                    push.set_attr("to", &acc.jid.to_string());
+                }
+                vec![Outgoing::ToClient(el), Outgoing::ToClient(push)]
+            }
+        }
+    }
+}
+
+/// Id prefix of the proxy's roster pushes (the client's replies stay here).
+const ROSTER_PUSH_ID: &str = "o2tr-roster-";
+
 /// Replace the body of the message forwarded inside a carbon or MAM result.
 fn replace_forwarded_body(el: &mut Element, text: &str) {
     for wrap in el.children_mut() {
@@ -646,7 +738,11 @@ impl StanzaHook for Router {
         let mut out = Vec::new();
         self.resend_outbox(now, &mut out);
         self.deliver_undelivered(&mut out);
-        out.extend(self.handle_client_message(stanza, now));
+        if stanza.is("iq", ns::CLIENT) {
+            out.extend(self.handle_client_iq(stanza));
+        } else {
+            out.extend(self.handle_client_message(stanza, now));
+        }
         out
     }
 
@@ -656,7 +752,11 @@ impl StanzaHook for Router {
         let mut out = Vec::new();
         self.resend_outbox(now, &mut out);
         self.deliver_undelivered(&mut out);
-        out.extend(self.handle_server_message(stanza, now));
+        if stanza.is("iq", ns::CLIENT) {
+            out.extend(self.handle_server_iq(stanza));
+        } else {
+            out.extend(self.handle_server_message(stanza, now));
+        }
         out
     }
 
@@ -712,5 +812,119 @@ impl StanzaHook for Router {
             conversations = self.peers.len(),
             "connection over; sessions suspended"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::router::RouterConfig;
+    use crate::store::MemoryStore;
+    use crate::xmpp::element::NsScope;
+
+    fn router() -> Router {
+        let store: crate::router::SharedStore = Arc::new(Mutex::new(Box::new(MemoryStore::new())));
+        Router::new(Arc::new(Shared {
+            cfg: RouterConfig::default(),
+            store,
+        }))
+    }
+
+    fn parse(xml: &str) -> Element {
+        Element::parse(xml.as_bytes(), &NsScope::client_stream()).unwrap()
+    }
+
+    fn control_items(el: &Element) -> usize {
+        el.get_child("query", ns::ROSTER)
+            .map(|q| {
+                q.children()
+                    .filter(|i| i.attr("jid") == Some("control@o2tr.localhost"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn roster_result_gets_the_control_contact() {
+        let mut r = router();
+        let get = parse("<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>");
+        assert!(crate::xmpp::stanza::is_hooked(&get));
+        let out = r.handle_client_iq(get.clone());
+        assert_eq!(
+            out,
+            vec![Outgoing::ToServer(get)],
+            "the request goes on unchanged"
+        );
+        let result = parse(
+            "<iq type='result' id='r1'><query xmlns='jabber:iq:roster' ver='v7'>\
+             <item jid='bob@example.test' subscription='both'/></query></iq>",
+        );
+        let out = r.handle_server_iq(result);
+        let [Outgoing::ToClient(el)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(control_items(el), 1);
+        let q = el.get_child("query", ns::ROSTER).unwrap();
+        assert_eq!(q.children().count(), 2, "the user's contacts are kept");
+        assert_eq!(q.attr("ver"), Some("v7"));
+        // Another result with the same id is not a roster answer any more.
+        let again = parse("<iq type='result' id='r1'><query xmlns='jabber:iq:roster'/></iq>");
+        let out = r.handle_server_iq(again.clone());
+        assert_eq!(out, vec![Outgoing::ToClient(again)]);
+    }
+
+    #[test]
+    fn cached_roster_gets_a_push_and_its_reply_stays_local() {
+        let mut r = router();
+        r.handle_client_iq(parse(
+            "<iq type='get' id='r2'><query xmlns='jabber:iq:roster' ver='v7'/></iq>",
+        ));
+        let empty = parse("<iq type='result' id='r2'/>");
+        assert!(crate::xmpp::stanza::is_hooked(&empty));
+        let out = r.handle_server_iq(empty.clone());
+        let [Outgoing::ToClient(first), Outgoing::ToClient(push)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(first, &empty);
+        assert_eq!(push.attr("type"), Some("set"));
+        assert_eq!(control_items(push), 1);
+        let id = push.attr("id").unwrap().to_owned();
+        let reply = parse(&format!("<iq type='result' id='{id}'/>"));
+        assert!(crate::xmpp::stanza::is_hooked(&reply));
+        assert!(
+            r.handle_client_iq(reply).is_empty(),
+            "our push's reply never reaches the server"
+        );
+    }
+
+    #[test]
+    fn changes_to_the_control_contact_stay_local() {
+        let mut r = router();
+        let remove = parse(
+            "<iq type='set' id='s1'><query xmlns='jabber:iq:roster'>\
+             <item jid='Control@o2tr.localhost' subscription='remove'/></query></iq>",
+        );
+        let out = r.handle_client_iq(remove);
+        let [Outgoing::ToClient(reply)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (reply.attr("type"), reply.attr("id")),
+            (Some("result"), Some("s1"))
+        );
+        // Other contacts are the server's business.
+        let other = parse(
+            "<iq type='set' id='s2'><query xmlns='jabber:iq:roster'>\
+             <item jid='bob@example.test' name='Bob'/></query></iq>",
+        );
+        assert_eq!(
+            r.handle_client_iq(other.clone()),
+            vec![Outgoing::ToServer(other)]
+        );
+        // Unrelated iqs are not hooked at all.
+        let ping = parse("<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>");
+        assert!(!crate::xmpp::stanza::is_hooked(&ping));
     }
 }
