@@ -8,7 +8,7 @@
 //! first re-sends every outbox entry not acknowledged (appends it to the
 //! "wire" file with `fsync`, then acknowledges it), then encrypts the
 //! remaining messages of a one-way stream, committing each step (snapshot
-//! + outbox entry in one transaction), writing the stanza to the wire file
+//! and outbox entry in one transaction), writing the stanza to the wire file
 //! and acknowledging it. The parent kills it with SIGKILL at random
 //! moments — so kills land between the commit and the write, and between
 //! the write and the acknowledgement — then lets one child finish.
