@@ -30,6 +30,22 @@
 //! between re-sends those held messages (with fresh counters) rather than
 //! losing them.
 //!
+//! # Why an outbox
+//!
+//! The sending side has the mirror problem: encrypting a message advances
+//! the sending counter in the snapshot, which is committed before the
+//! ciphertext leaves. A crash between the commit and the write loses the
+//! message. So the router also commits each encrypted *data* stanza
+//! ([`Step::data_sends`]) as a [`DurableOp::Outbox`] entry in the same
+//! transaction, and with it the release of the held plaintexts it
+//! encrypted ([`Step::release_in_commit`]); the entry is acknowledged
+//! ([`Store::ack_outbox`]) once written to the server, and after a restart
+//! the unacknowledged entries are sent again before anything new
+//! ([`Store::outbox`]). At least once: a duplicate is dropped by the peer's
+//! counter check (ours silently, libotr with an "unreadable" error reply).
+//! Partially reassembled incoming fragments are committed the same way
+//! ([`DurableOp::Fragments`]) and restored by [`restore_peer`].
+//!
 //! [`split`] turns one batch of [`Action`]s (the result of one `handle_*`
 //! call) into that plan; [`restore_peer`] rebuilds a [`Conversation`] from
 //! the store after a restart, wiping expired or unreadable snapshots.
