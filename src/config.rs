@@ -46,6 +46,7 @@ pub const KEYS: &[&str] = &[
     "upstream",
     "upstream_ca",
     "upstream_insecure",
+    "dns_server",
     "tls_cert",
     "tls_key",
     "allow_plaintext_client",
@@ -88,6 +89,9 @@ pub struct RawConfig {
     pub upstream_ca: Option<PathBuf>,
     /// Do not verify the upstream certificate.
     pub upstream_insecure: Option<bool>,
+    /// DNS server (`IP` or `IP:PORT`) for the upstream SRV lookup, instead
+    /// of the system's resolver configuration.
+    pub dns_server: Option<String>,
     /// PEM certificate chain offered to clients.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
@@ -274,6 +278,8 @@ pub struct Config {
     pub upstream_ca: Option<PathBuf>,
     /// Skip upstream certificate verification.
     pub upstream_insecure: bool,
+    /// DNS server for the upstream lookup (`None`: the system's).
+    pub dns_server: Option<SocketAddr>,
     /// Client leg security.
     pub client_tls: ClientTls,
     /// Whether plaintext clients were allowed by the user.
@@ -399,6 +405,7 @@ pub fn raw_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<RawConfig, C
         upstream: get("upstream"),
         upstream_ca: path("upstream_ca"),
         upstream_insecure: boolean("upstream_insecure")?,
+        dns_server: get("dns_server"),
         tls_cert: path("tls_cert"),
         tls_key: path("tls_key"),
         allow_plaintext_client: boolean("allow_plaintext_client")?,
@@ -531,6 +538,12 @@ pub fn resolve(layers: &Layers) -> Result<Config, ConfigError> {
     let upstream_s: Option<String> = get_opt!(upstream);
     let upstream = match &upstream_s {
         Some(s) => Some(parse_host_port(s).map_err(|m| invalid("upstream", s, &sources, m))?),
+        None => None,
+    };
+
+    let dns_s: Option<String> = get_opt!(dns_server);
+    let dns_server = match &dns_s {
+        Some(s) => Some(parse_dns_server(s).map_err(|m| invalid("dns_server", s, &sources, m))?),
         None => None,
     };
 
@@ -686,6 +699,7 @@ pub fn resolve(layers: &Layers) -> Result<Config, ConfigError> {
         upstream,
         upstream_ca,
         upstream_insecure,
+        dns_server,
         client_tls,
         allow_plaintext_client,
         state_dir,
@@ -734,6 +748,17 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.trim()
         .parse::<SocketAddr>()
         .map_err(|_| "expected IP:PORT, e.g. 127.0.0.1:5222 or [::1]:5222".to_owned())
+}
+
+/// Parses a DNS server address: `IP` (port 53) or `IP:PORT` (`[V6]:PORT`).
+pub fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| "expected an IP address, optionally with :PORT".to_owned())
 }
 
 /// Parses `HOST:PORT` (`[IPv6]:PORT` for IPv6 literals).
@@ -854,6 +879,7 @@ impl Config {
             upstream: self.upstream.clone(),
             upstream_ca: self.upstream_ca.clone(),
             dangerous_upstream_insecure: self.upstream_insecure,
+            dns_server: self.dns_server,
             tls_cert,
             tls_key,
             allow_plaintext_client: self.client_tls == ClientTls::Plaintext,
@@ -906,6 +932,10 @@ impl Config {
             (
                 "upstream_insecure",
                 Some(self.upstream_insecure.to_string()),
+            ),
+            (
+                "dns_server",
+                self.dns_server.map(|a| toml_str(&a.to_string())),
             ),
             ("tls_cert", cert),
             ("tls_key", key),

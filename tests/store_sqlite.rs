@@ -12,7 +12,8 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use o2tr_proxy::store::{
-    ConversationKey, DB_FILE_NAME, Error, SCHEMA_VERSION, SessionState, SqliteStore, Store, Trust,
+    ConversationKey, DB_FILE_NAME, DurableOp, Error, SCHEMA_VERSION, SessionState, SqliteStore,
+    Store, Trust,
 };
 
 fn key(instance: u32) -> ConversationKey {
@@ -530,4 +531,48 @@ fn survives_sigkill_after_every_save() {
         assert!(stored > last_stored, "trial {trial}: no progress");
         last_stored = stored;
     }
+}
+
+#[test]
+fn opens_a_version_2_database_and_adds_the_outbox() {
+    // A database as schema version 2 left it: no outbox, no fragment table.
+    let (_tmp, dir) = state_dir();
+    {
+        let mut s = SqliteStore::open(&dir).unwrap();
+        s.save_snapshot(&key(1), SessionState::Live, b"v2-snap", 1)
+            .unwrap();
+        s.hold_message("alice@x", "bob@y", "held", 2).unwrap();
+    }
+    let db = dir.join(DB_FILE_NAME);
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("DROP TABLE outbox; DROP TABLE fragment; PRAGMA user_version = 2;")
+            .unwrap();
+    }
+    chmod(&db, 0o600);
+    let mut s = SqliteStore::open(&dir).unwrap();
+    assert_eq!(
+        s.snapshot(&key(1)).unwrap().unwrap().data.as_slice(),
+        b"v2-snap"
+    );
+    assert_eq!(s.held_messages("alice@x", "bob@y").unwrap().len(), 1);
+    let r = s
+        .commit_step(
+            "alice@x",
+            "bob@y",
+            &[
+                DurableOp::Outbox("<message/>".into()),
+                DurableOp::Fragments(vec!["?OTR,00001,00002,a,".into()]),
+            ],
+            3,
+        )
+        .unwrap();
+    assert_eq!(s.outbox("alice@x").unwrap()[0].id, r.outbox_ids[0]);
+    assert_eq!(s.fragments("alice@x", "bob@y").unwrap().len(), 1);
+    drop(s);
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let v: u32 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
 }

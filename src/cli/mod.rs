@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// (SRV, then DOMAIN:5222)
     #[arg(long, value_name = "HOST:PORT")]
     pub upstream: Option<String>,
+    /// Advanced: DNS server (IP or IP:PORT) for the upstream's
+    /// `_xmpp-client._tcp` SRV lookup [default: the system's resolver]
+    #[arg(long, value_name = "ADDR")]
+    pub dns_server: Option<String>,
     /// PEM file of CA certificates trusted for the upstream server
     /// [default: the bundled web PKI roots]
     #[arg(long, value_name = "PEM")]
@@ -168,6 +172,7 @@ impl RunArgs {
             upstream: self.upstream.clone(),
             upstream_ca: self.upstream_ca.clone(),
             upstream_insecure: self.upstream_insecure,
+            dns_server: self.dns_server.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             allow_plaintext_client: self.allow_plaintext_client,

@@ -166,8 +166,9 @@ pub enum Notice {
     Unreadable {
         /// Why.
         reason: String,
-        /// It was authentic-looking but its counter did not increase: a
-        /// duplicate, a replay, or a message delivered out of order.
+        /// Its counter did not increase: a duplicate (e.g. re-sent by the
+        /// peer's proxy from its outbox after a crash), a replay, or a
+        /// message delivered out of order.
         replayed: bool,
     },
     /// Messages from the peer are missing: the counter of the one just
@@ -350,6 +351,41 @@ impl Conversation {
     /// Queue messages held before a restart (from the durable store).
     pub fn restore_held(&mut self, texts: impl IntoIterator<Item = Zeroizing<String>>) {
         self.held.extend(texts);
+    }
+
+    /// The partially reassembled incoming messages, one cumulative
+    /// fragment text per sender instance (see [`Reassembler::partial`]),
+    /// for durable storage: a crash between fragments must not lose what
+    /// the server already considers delivered.
+    pub fn partial_fragments(&self) -> Vec<String> {
+        self.reassembly
+            .values()
+            .filter_map(Reassembler::partial)
+            .map(|f| f.to_text())
+            .collect()
+    }
+
+    /// Restore what [`Conversation::partial_fragments`] returned (after a
+    /// restart). Texts that do not parse or exceed the reassembly bound are
+    /// dropped; returns how many were restored.
+    pub fn restore_fragments<S: AsRef<str>>(&mut self, texts: &[S]) -> usize {
+        let max = self.cfg.max_reassembly_bytes;
+        let mut n = 0;
+        for t in texts {
+            let Ok(f) = super::fragment::parse_fragment(t.as_ref()) else {
+                continue;
+            };
+            let key = if f.version == Version::V3 {
+                f.sender_tag
+            } else {
+                0
+            };
+            if let Some(r) = Reassembler::resume(max, &f) {
+                self.reassembly.insert(key, r);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// The account's connection ended: keep encrypted sessions, mark them

@@ -303,6 +303,40 @@ impl Reassembler {
         self.buf.len()
     }
 
+    /// The stored partial message as one cumulative fragment (k = K, the
+    /// number of fragments received, and the concatenated pieces), for
+    /// durable storage; `None` when empty.
+    pub fn partial(&self) -> Option<Fragment> {
+        let (version, sender_tag, receiver_tag) = self.origin?;
+        if self.n == 0 || self.buf.is_empty() {
+            return None;
+        }
+        Some(Fragment {
+            version,
+            sender_tag,
+            receiver_tag,
+            k: self.k,
+            n: self.n,
+            piece: self.buf.clone(),
+        })
+    }
+
+    /// A reassembler holding what [`Reassembler::partial`] returned, under
+    /// the same bound; `None` if `f` is not a valid partial state (k < n
+    /// required, pieces within `max_total_bytes`).
+    pub fn resume(max_total_bytes: usize, f: &Fragment) -> Option<Self> {
+        if f.k == 0 || f.k >= f.n || f.piece.is_empty() || f.piece.len() > max_total_bytes {
+            return None;
+        }
+        Some(Self {
+            max_total_bytes,
+            k: f.k,
+            n: f.n,
+            origin: Some((f.version, f.sender_tag, f.receiver_tag)),
+            buf: f.piece.clone(),
+        })
+    }
+
     /// Feeds one fragment. Returns the whole message when `f` completes it,
     /// `None` when more fragments are needed.
     ///
@@ -560,6 +594,29 @@ HwNiIi5Ms+4PsY/L2i,",
         let mut other = f(2, 2, "b");
         other.sender_tag = 0x101;
         assert!(r.push(&other).is_err());
+    }
+
+    #[test]
+    fn partial_state_survives_a_round_trip() {
+        let mut r = Reassembler::new(64 * 1024);
+        assert!(r.partial().is_none());
+        r.push(&frag(SPEC_FRAGMENTS[0])).unwrap();
+        r.push(&frag(SPEC_FRAGMENTS[1])).unwrap();
+        let p = r.partial().unwrap();
+        assert_eq!((p.k, p.n), (2, 3));
+        // Through its text form, as stored.
+        let text = p.to_text();
+        let mut resumed = Reassembler::resume(64 * 1024, &parse_fragment(&text).unwrap()).unwrap();
+        let a = resumed.push(&frag(SPEC_FRAGMENTS[2])).unwrap().unwrap();
+        let b = r.push(&frag(SPEC_FRAGMENTS[2])).unwrap().unwrap();
+        assert_eq!(a, b);
+        assert!(resumed.partial().is_none(), "complete: nothing partial");
+        // Invalid states and states over the bound are refused.
+        assert!(Reassembler::resume(10, &p).is_none());
+        let done = Fragment { k: 3, ..p.clone() };
+        assert!(Reassembler::resume(64 * 1024, &done).is_none());
+        let zero = Fragment { k: 0, ..p };
+        assert!(Reassembler::resume(64 * 1024, &zero).is_none());
     }
 
     #[test]

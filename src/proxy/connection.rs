@@ -789,7 +789,7 @@ impl Relay<'_> {
                         self.bind_ids.push(id.to_owned());
                     }
                 }
-                if self.bound.is_some() && stanza::is_message(&el) {
+                if self.bound.is_some() && stanza::is_hooked(&el) {
                     let outs = self.hook.from_client(el, SystemTime::now());
                     self.dispatch(outs).await?;
                 } else {
@@ -878,8 +878,13 @@ impl Relay<'_> {
                             return self.enable_upstream_sm().await.map(|()| Flow::Go);
                         }
                     }
-                    self.send_client(&raw).await?;
-                } else if self.bound.is_some() && stanza::is_message(&el) {
+                    if self.bound.is_some() && stanza::is_hooked(&el) {
+                        let outs = self.hook.from_server(el, SystemTime::now());
+                        self.dispatch(outs).await?;
+                    } else {
+                        self.send_client(&raw).await?;
+                    }
+                } else if self.bound.is_some() && stanza::is_hooked(&el) {
                     let outs = self.hook.from_server(el, SystemTime::now());
                     self.dispatch(outs).await?;
                 } else {

@@ -1,8 +1,9 @@
 //! The seam between the relay and the OTR router (DESIGN §2).
 //!
-//! The relay calls a [`StanzaHook`] only for `<message>` stanzas after
-//! resource binding (RFC 6120 §7); everything else, and all traffic before
-//! binding, is forwarded byte for byte without calling it. The hook returns
+//! The relay calls a [`StanzaHook`] only for `<message>` stanzas, roster
+//! `<iq>`s and bare iq results after resource binding (RFC 6120 §7; see
+//! [`crate::xmpp::stanza::is_hooked`]); everything else, and all traffic
+//! before binding, is forwarded byte for byte without calling it. The hook returns
 //! what to send — including the unchanged message if it does not touch it.
 
 use std::time::SystemTime;
@@ -26,9 +27,9 @@ pub trait StanzaHook: Send {
     /// Resource binding succeeded: `jid` is the account's full JID. Called
     /// once, before any other method but [`StanzaHook::disconnected`].
     fn bound(&mut self, jid: &Jid);
-    /// A `<message>` from the client (after bind).
+    /// A `<message>` (or roster iq) from the client (after bind).
     fn from_client(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing>;
-    /// A `<message>` from the server (after bind).
+    /// A `<message>` (or roster iq) from the server (after bind).
     fn from_server(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing>;
     /// Called about once a second after bind (timers, retries).
     fn tick(&mut self, now: SystemTime) -> Vec<Outgoing>;

@@ -47,6 +47,9 @@ pub struct ProxyConfig {
     pub upstream_ca: Option<PathBuf>,
     /// Do not verify the upstream certificate (logged loudly). Never default.
     pub dangerous_upstream_insecure: bool,
+    /// DNS server for the SRV lookup and the SRV targets' addresses;
+    /// `None` → the system's resolver configuration.
+    pub dns_server: Option<SocketAddr>,
     /// PEM certificate chain for the client leg.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for the client leg.
@@ -85,6 +88,7 @@ impl ProxyConfig {
             upstream: None,
             upstream_ca: None,
             dangerous_upstream_insecure: false,
+            dns_server: None,
             tls_cert: None,
             tls_key: None,
             allow_plaintext_client: false,
@@ -110,6 +114,7 @@ impl std::fmt::Debug for ProxyConfig {
             .field("listen", &self.listen)
             .field("upstream", &self.upstream)
             .field("upstream_ca", &self.upstream_ca)
+            .field("dns_server", &self.dns_server)
             .field(
                 "dangerous_upstream_insecure",
                 &self.dangerous_upstream_insecure,

@@ -1,9 +1,14 @@
 //! The upstream leg: resolve (RFC 6120 §3.2: `_xmpp-client._tcp` SRV, then
-//! the domain on 5222), connect, STARTTLS (RFC 6120 §5) with certificate
+//! the domain on 5222; with the system's resolver or a configured DNS
+//! server), connect, STARTTLS (RFC 6120 §5) with certificate
 //! verification against the XMPP domain.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
+use hickory_resolver::name_server::TokioConnectionProvider;
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
@@ -14,51 +19,119 @@ use crate::xmpp::{Element, Frame, features, ns};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Candidate `(host, port)` pairs, best first.
-async fn candidates(shared: &Shared, domain: &str) -> Vec<(String, u16)> {
-    if let Some((h, p)) = &shared.config.upstream {
-        return vec![(h.clone(), *p)];
+/// The resolver for the upstream lookup: the configured DNS server, else
+/// the system's configuration.
+fn resolver(shared: &Shared) -> Option<TokioResolver> {
+    match shared.config.dns_server {
+        Some(addr) => {
+            let group = NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true);
+            let config = ResolverConfig::from_parts(None, Vec::new(), group);
+            Some(
+                TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+                    .build(),
+            )
+        }
+        None => match TokioResolver::builder_tokio() {
+            Ok(b) => Some(b.build()),
+            Err(e) => {
+                tracing::debug!(cause = %e, "no system resolver");
+                None
+            }
+        },
     }
+}
+
+/// Candidate `(host, port)` pairs, best first: the SRV targets of
+/// `_xmpp-client._tcp.DOMAIN` by priority (lowest first), then weight
+/// (highest first; the proxy serves one user, so it does not spread load
+/// with RFC 2782's weighted random choice), then `DOMAIN:5222` (RFC 6120
+/// §3.2.1 fallback). A `.` target means the service is not offered there.
+pub(crate) async fn candidates(
+    resolver: Option<&TokioResolver>,
+    domain: &str,
+) -> Vec<(String, u16)> {
     let mut out = Vec::new();
-    match hickory_resolver::TokioResolver::builder_tokio() {
-        Ok(b) => {
-            let resolver = b.build();
-            match resolver
-                .srv_lookup(format!("_xmpp-client._tcp.{domain}."))
-                .await
-            {
-                Ok(lookup) => {
-                    let mut recs: Vec<_> = lookup.iter().cloned().collect();
-                    recs.sort_by_key(|r| (r.priority(), std::cmp::Reverse(r.weight())));
-                    for r in recs {
-                        let target = r.target().to_utf8();
-                        let target = target.trim_end_matches('.');
-                        if !target.is_empty() {
-                            out.push((target.to_owned(), r.port()));
-                        }
+    if let Some(resolver) = resolver {
+        match resolver
+            .srv_lookup(format!("_xmpp-client._tcp.{domain}."))
+            .await
+        {
+            Ok(lookup) => {
+                let mut recs: Vec<_> = lookup.iter().cloned().collect();
+                recs.sort_by_key(|r| (r.priority(), std::cmp::Reverse(r.weight())));
+                if recs.len() == 1 && recs[0].target().is_root() {
+                    tracing::warn!(
+                        "{domain} says it offers no XMPP client service (SRV target '.')"
+                    );
+                    return Vec::new();
+                }
+                for r in recs {
+                    let target = r.target().to_utf8();
+                    let target = target.trim_end_matches('.');
+                    if !target.is_empty() {
+                        out.push((target.to_owned(), r.port()));
                     }
                 }
-                Err(e) => tracing::debug!(cause = %e, "no SRV record for {domain}"),
             }
+            Err(e) => tracing::debug!(cause = %e, "no SRV record for {domain}"),
         }
-        Err(e) => tracing::debug!(cause = %e, "no system resolver"),
     }
     out.push((domain.to_owned(), 5222));
     out
 }
 
+/// The addresses of `host`: an IP literal as is; with a configured DNS
+/// server, its A/AAAA answers; otherwise the system's resolver.
+async fn addresses(
+    shared: &Shared,
+    resolver: Option<&TokioResolver>,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    match (shared.config.dns_server, resolver) {
+        (Some(_), Some(r)) => r
+            .lookup_ip(format!("{host}."))
+            .await
+            .map(|l| l.iter().map(|ip| SocketAddr::new(ip, port)).collect())
+            .map_err(|e| format!("{host}: {e}")),
+        _ => tokio::net::lookup_host((host, port))
+            .await
+            .map(|a| a.collect())
+            .map_err(|e| format!("{host}: {e}")),
+    }
+}
+
 async fn connect_tcp(shared: &Shared, domain: &str) -> Result<TcpStream, String> {
+    let (resolver, list) = match &shared.config.upstream {
+        Some((h, p)) => (None, vec![(h.clone(), *p)]),
+        None => {
+            let r = resolver(shared);
+            let list = candidates(r.as_ref(), domain).await;
+            (r, list)
+        }
+    };
     let mut last = String::from("no candidate");
-    for (host, port) in candidates(shared, domain).await {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port))).await
-        {
-            Ok(Ok(s)) => {
-                tracing::info!("upstream connected to {host}:{port}");
-                let _ = s.set_nodelay(true);
-                return Ok(s);
+    for (host, port) in list {
+        let addrs = match addresses(shared, resolver.as_ref(), &host, port).await {
+            Ok(a) => a,
+            Err(e) => {
+                last = e;
+                continue;
             }
-            Ok(Err(e)) => last = format!("{host}:{port}: {e}"),
-            Err(_) => last = format!("{host}:{port}: timed out"),
+        };
+        for addr in addrs {
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    tracing::info!("upstream connected to {host}:{port} ({addr})");
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Ok(Err(e)) => last = format!("{host}:{port} ({addr}): {e}"),
+                Err(_) => last = format!("{host}:{port} ({addr}): timed out"),
+            }
         }
     }
     Err(last)

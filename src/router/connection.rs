@@ -5,7 +5,7 @@
 //! EKM snapshot is written to the store before anything that follows it
 //! leaves the proxy — if the write fails, nothing after it is released.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,7 +19,8 @@ use crate::otr::conversation::{Action, Config, Conversation, Notice};
 use crate::otr::policy::Policy;
 use crate::proxy::{Outgoing, StanzaHook};
 use crate::store::ekm::{self, Effect};
-use crate::store::{ConversationKey, InboxMessage, SessionState, Trust};
+use crate::store::{ConversationKey, DurableOp, InboxMessage, OutboxMessage, SessionState, Trust};
+use crate::xmpp::element::NsScope;
 use crate::xmpp::stanza::{self, MessageType};
 use crate::xmpp::{Element, Jid, ns};
 
@@ -57,14 +58,42 @@ pub struct Router {
     next_id: u64,
     /// Inbox entries handed to the connection, acknowledged on the next call.
     acks: Vec<(String, i64)>,
-    /// Held messages sent, released on the next call.
-    releases: Vec<(String, usize)>,
+    /// Outbox entries handed to the connection, acknowledged on the next call.
+    outbox_acks: Vec<i64>,
+    /// Outbox entries from before a crash or disconnect, still to be sent.
+    unsent: Vec<OutboxMessage>,
+    /// The partial fragments to store with the next commit (set when the
+    /// message being handled was a fragment).
+    fragments: Option<Vec<String>>,
+    /// Per peer: outbox entries re-sent on this connection whose "unreadable"
+    /// OTR error reply (libotr's answer to a duplicate) is still expected.
+    resent: HashMap<String, usize>,
+    /// Ids of the client's roster requests awaiting the server's result.
+    roster_gets: HashSet<String>,
     /// Committed plaintexts from before a crash, still owed to the client.
     undelivered: Vec<InboxMessage>,
     /// Inbox ids already handed over on this connection.
     handed: HashSet<i64>,
     /// Whether the control contact's presence was sent to the client.
     control_announced: bool,
+    /// Digests of the latest encrypted stanza bodies shown to the client
+    /// (bounded): an exact copy arriving again is a harmless re-delivery
+    /// (the peer's outbox after a crash, or the server repeating itself)
+    /// and is dropped quietly; any other "not past the last counter"
+    /// message is reported.
+    shown: VecDeque<[u8; 32]>,
+}
+
+/// How many delivered stanza digests [`Router::shown`] keeps.
+const SHOWN_DIGESTS: usize = 256;
+
+fn body_digest(peer: &str, body: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(peer.as_bytes());
+    h.update([0]);
+    h.update(body.as_bytes());
+    h.finalize().into()
 }
 
 impl Router {
@@ -77,10 +106,15 @@ impl Router {
             rng: rand::make_rng(),
             next_id: 0,
             acks: Vec::new(),
-            releases: Vec::new(),
+            outbox_acks: Vec::new(),
+            unsent: Vec::new(),
+            fragments: None,
+            resent: HashMap::new(),
+            roster_gets: HashSet::new(),
             undelivered: Vec::new(),
             handed: HashSet::new(),
             control_announced: false,
+            shown: VecDeque::new(),
         }
     }
 
@@ -165,7 +199,7 @@ impl Router {
         let Some(account) = self.account.as_ref().map(|a| a.bare.clone()) else {
             return;
         };
-        if self.acks.is_empty() && self.releases.is_empty() {
+        if self.acks.is_empty() && self.outbox_acks.is_empty() {
             return;
         }
         let mut store = self.shared.store();
@@ -174,9 +208,62 @@ impl Router {
                 tracing::error!(peer, cause = %e, "could not acknowledge inbox entry");
             }
         }
-        for (peer, count) in std::mem::take(&mut self.releases) {
-            if let Err(e) = ekm::release_oldest_held(store.as_mut(), &account, &peer, count) {
-                tracing::error!(peer, cause = %e, "could not release held messages");
+        for id in std::mem::take(&mut self.outbox_acks) {
+            if let Err(e) = store.ack_outbox(id) {
+                // It will be sent again after a restart: the peer drops the
+                // duplicate by its counter.
+                tracing::error!(id, cause = %e, "could not acknowledge outbox entry");
+            }
+        }
+    }
+
+    /// Queue every encrypted stanza of this account committed but not
+    /// acknowledged as written to the server (the proxy died or the link
+    /// broke in between).
+    fn load_outbox(&mut self) {
+        let Some(account) = self.account.as_ref().map(|a| a.bare.clone()) else {
+            return;
+        };
+        let all = self.shared.store().outbox(&account);
+        match all {
+            Ok(list) => {
+                if !list.is_empty() {
+                    tracing::info!(
+                        account,
+                        count = list.len(),
+                        "re-sending encrypted messages not confirmed as sent"
+                    );
+                }
+                self.unsent = list;
+            }
+            Err(e) => tracing::error!(cause = %e, "could not read the outbox"),
+        }
+    }
+
+    /// Send the outbox entries from before a restart, oldest first and
+    /// before anything new: a later message of the same session must not
+    /// overtake them (the peer's counter check would then drop them).
+    /// At least once: if they did reach the server before, the peer drops
+    /// the duplicate as a replay. Entries older than the snapshot lifetime
+    /// are dropped (their session is gone).
+    fn resend_outbox(&mut self, now: u64, out: &mut Vec<Outgoing>) {
+        let lifetime = self.shared.cfg.snapshot_lifetime_secs;
+        for m in std::mem::take(&mut self.unsent) {
+            if m.queued_at.saturating_add(lifetime) < now {
+                tracing::warn!(peer = m.peer, "dropping an expired unsent message");
+                self.outbox_acks.push(m.id);
+                continue;
+            }
+            match Element::parse(m.stanza.as_bytes(), &NsScope::client_stream()) {
+                Ok(el) => {
+                    out.push(Outgoing::ToServer(el));
+                    self.outbox_acks.push(m.id);
+                    *self.resent.entry(m.peer.clone()).or_default() += 1;
+                }
+                Err(e) => {
+                    tracing::error!(peer = m.peer, cause = %e, "unreadable outbox entry; dropped");
+                    self.outbox_acks.push(m.id);
+                }
             }
         }
     }
@@ -237,7 +324,33 @@ impl Router {
             .get(peer)
             .and_then(|p| p.full_jid.clone())
             .unwrap_or_else(|| peer.to_string());
-        let step = ekm::split(actions);
+        let mut step = ekm::split(actions);
+        // Render the stanzas now: data messages (they used a sending
+        // counter) are committed to the outbox with the snapshot, so a crash
+        // before they reach the socket re-sends them instead of losing them.
+        let mut stanzas = Vec::new();
+        for e in &step.effects {
+            if let Effect::Send(body) = e {
+                let part = stanzas.len();
+                stanzas.push(self.wire_stanza(&to, body, template, part));
+            }
+        }
+        let mut outbox_slots = Vec::with_capacity(stanzas.len());
+        let mut next_slot = 0;
+        for (el, data) in stanzas.iter().zip(step.data_sends()) {
+            if data {
+                step.durable
+                    .push(DurableOp::Outbox(el.to_xml(&NsScope::client_stream())));
+                outbox_slots.push(Some(next_slot));
+                next_slot += 1;
+            } else {
+                outbox_slots.push(None);
+            }
+        }
+        step.release_in_commit();
+        if let Some(frags) = self.fragments.take() {
+            step.durable.push(DurableOp::Fragments(frags));
+        }
         let receipt = if step.needs_commit() {
             let committed = self
                 .shared
@@ -258,16 +371,24 @@ impl Router {
         } else {
             Default::default()
         };
-        let mut sent_parts = 0usize;
         // Set by the core's "received unencrypted" notice, which precedes
         // the plaintext it is about.
         let mut unexpected_plaintext = false;
+        let incoming_digest = template
+            .filter(|t| t.attr("from").is_some())
+            .and_then(stanza::body)
+            .map(|b| body_digest(peer, &b));
+        let mut stanzas = stanzas.into_iter().zip(outbox_slots);
         for effect in step.effects {
             match effect {
-                Effect::Send(body) => {
-                    let el = self.wire_stanza(&to, &body, template, sent_parts);
-                    sent_parts += 1;
+                Effect::Send(_) => {
+                    let Some((el, slot)) = stanzas.next() else {
+                        continue;
+                    };
                     out.push(Outgoing::ToServer(el));
+                    if let Some(id) = slot.and_then(|s| receipt.outbox_ids.get(s)) {
+                        self.outbox_acks.push(*id);
+                    }
                 }
                 Effect::Deliver { slot, delivery } => {
                     let mut el = match template {
@@ -284,10 +405,24 @@ impl Router {
                         stanza::set_body(&mut el, &delivery.text);
                     }
                     out.push(Outgoing::ToClient(el));
+                    if let (true, Some(d)) = (delivery.encrypted, incoming_digest) {
+                        if self.shown.len() == SHOWN_DIGESTS {
+                            self.shown.pop_front();
+                        }
+                        self.shown.push_back(d);
+                    }
                     if let Some(id) = receipt.inbox_ids.get(slot) {
                         self.handed.insert(*id);
                         self.acks.push((peer.to_string(), *id));
                     }
+                }
+                Effect::Notify(Notice::Unreadable { replayed: true, .. })
+                    if incoming_digest.is_some_and(|d| self.shown.contains(&d)) =>
+                {
+                    // An exact copy of a message already shown (the peer's
+                    // proxy re-sent its outbox after a crash): nothing for
+                    // the user to act on.
+                    tracing::info!(peer, "dropped a duplicate encrypted message");
                 }
                 Effect::Notify(n) => {
                     unexpected_plaintext |= matches!(n, Notice::ReceivedUnencrypted);
@@ -304,9 +439,6 @@ impl Router {
                     out.push(self.notice_to_client(peer, &text));
                 }
             }
-        }
-        if step.release_held > 0 {
-            self.releases.push((peer.to_string(), step.release_held));
         }
     }
 
@@ -514,13 +646,34 @@ impl Router {
             return vec![Outgoing::ToClient(el)];
         }
         let peer = from.bare().to_string().to_lowercase();
+        if body.starts_with("?OTR Error:") && body.contains("unreadable") {
+            if let Some(n) = self.resent.get_mut(&peer).filter(|n| **n > 0) {
+                // libotr answers a duplicate (a re-sent outbox entry that
+                // had got through before the crash) with this error; it is
+                // expected, and restarting the AKE for it would defeat
+                // session resumption.
+                *n -= 1;
+                tracing::info!(
+                    peer,
+                    "peer reported a re-sent duplicate as unreadable; ignored"
+                );
+                return Vec::new();
+            }
+        }
         let mut rng = std::mem::replace(&mut self.rng, rand::make_rng());
         let actions = match self.peer(&peer, now) {
             Some(p) => {
                 if from.resource().is_some() {
                     p.full_jid = Some(from.to_string());
                 }
-                Some(p.conv.handle_incoming(&body, now, &mut rng))
+                let actions = p.conv.handle_incoming(&body, now, &mut rng);
+                // A fragment changed the reassembly: store it with this
+                // step, so a crash between fragments loses nothing the
+                // server already counts as delivered.
+                if body.starts_with("?OTR|") || body.starts_with("?OTR,") {
+                    self.fragments = Some(p.conv.partial_fragments());
+                }
+                Some(actions)
             }
             None => None,
         };
@@ -549,6 +702,95 @@ impl Router {
         out
     }
 }
+
+impl Router {
+    /// The control contact as a roster item (shown online by its presence).
+    fn control_item(&self) -> Element {
+        Element::new("item", ns::ROSTER)
+            .with_attr("jid", &self.shared.cfg.control_jid)
+            .with_attr("name", "o2tr-proxy")
+            .with_attr("subscription", "both")
+    }
+
+    fn is_control_item(&self, item: &Element) -> bool {
+        item.is("item", ns::ROSTER)
+            && item
+                .attr("jid")
+                .is_some_and(|j| j.to_lowercase() == self.shared.cfg.control_jid)
+    }
+
+    /// A roster iq (or a bare result) from the client: requests are noted
+    /// so the result can carry the control contact; changes to the control
+    /// contact are answered here and never reach the server; the client's
+    /// replies to our own roster push stay here too.
+    fn handle_client_iq(&mut self, el: Element) -> Vec<Outgoing> {
+        let kind = el.attr("type").map(str::to_owned);
+        if let Some(q) = el.get_child("query", ns::ROSTER) {
+            match kind.as_deref() {
+                Some("get") => {
+                    if let Some(id) = el.attr("id") {
+                        self.roster_gets.insert(id.to_owned());
+                    }
+                }
+                Some("set") if q.children().any(|i| self.is_control_item(i)) => {
+                    let mut reply = Element::new("iq", ns::CLIENT).with_attr("type", "result");
+                    if let Some(id) = el.attr("id") {
+                        reply.set_attr("id", id);
+                    }
+                    if let Some(acc) = &self.account {
+                        reply.set_attr("to", &acc.jid.to_string());
+                    }
+                    return vec![Outgoing::ToClient(reply)];
+                }
+                _ => {}
+            }
+        } else if matches!(kind.as_deref(), Some("result" | "error"))
+            && el.attr("id").is_some_and(|i| i.starts_with(ROSTER_PUSH_ID))
+        {
+            return Vec::new();
+        }
+        vec![Outgoing::ToServer(el)]
+    }
+
+    /// An iq from the server: the result of a client's roster request gets
+    /// the control contact added; an empty result (the client's cached
+    /// roster is current, XEP-0237) is followed by a roster push of it.
+    fn handle_server_iq(&mut self, mut el: Element) -> Vec<Outgoing> {
+        let answers_get = el.attr("type") == Some("result")
+            && el.attr("id").is_some_and(|i| self.roster_gets.remove(i));
+        if !answers_get {
+            return vec![Outgoing::ToClient(el)];
+        }
+        let item = self.control_item();
+        let has_control = el
+            .get_child("query", ns::ROSTER)
+            .map(|q| q.children().any(|i| self.is_control_item(i)));
+        match has_control {
+            Some(true) => vec![Outgoing::ToClient(el)],
+            Some(false) => {
+                if let Some(q) = el.get_child_mut("query", ns::ROSTER) {
+                    q.append_child(item);
+                }
+                vec![Outgoing::ToClient(el)]
+            }
+            None => {
+                self.next_id += 1;
+                let id = format!("{ROSTER_PUSH_ID}{}", self.next_id);
+                let mut push = Element::new("iq", ns::CLIENT)
+                    .with_attr("type", "set")
+                    .with_attr("id", &id)
+                    .with_child(Element::new("query", ns::ROSTER).with_child(item));
+                if let Some(acc) = &self.account {
+                    push.set_attr("to", &acc.jid.to_string());
+                }
+                vec![Outgoing::ToClient(el), Outgoing::ToClient(push)]
+            }
+        }
+    }
+}
+
+/// Id prefix of the proxy's roster pushes (the client's replies stay here).
+const ROSTER_PUSH_ID: &str = "o2tr-roster-";
 
 /// Replace the body of the message forwarded inside a carbon or MAM result.
 fn replace_forwarded_body(el: &mut Element, text: &str) {
@@ -584,8 +826,10 @@ impl StanzaHook for Router {
                     bare,
                     identity,
                 });
-                // Plaintexts committed before a crash go to the client first.
+                // Plaintexts committed before a crash go to the client
+                // first; encrypted stanzas not confirmed sent go out again.
                 self.load_inbox();
+                self.load_outbox();
             }
             Err(e) => {
                 tracing::error!(account = %bare, cause = %e, "no OTR identity: messages pass through unencrypted is NOT allowed; they will be dropped");
@@ -601,8 +845,13 @@ impl StanzaHook for Router {
             return Vec::new();
         }
         let mut out = Vec::new();
+        self.resend_outbox(now, &mut out);
         self.deliver_undelivered(&mut out);
-        out.extend(self.handle_client_message(stanza, now));
+        if stanza.is("iq", ns::CLIENT) {
+            out.extend(self.handle_client_iq(stanza));
+        } else {
+            out.extend(self.handle_client_message(stanza, now));
+        }
         out
     }
 
@@ -610,14 +859,21 @@ impl StanzaHook for Router {
         self.settle();
         let now = unix(now);
         let mut out = Vec::new();
+        self.resend_outbox(now, &mut out);
         self.deliver_undelivered(&mut out);
-        out.extend(self.handle_server_message(stanza, now));
+        if stanza.is("iq", ns::CLIENT) {
+            out.extend(self.handle_server_iq(stanza));
+        } else {
+            out.extend(self.handle_server_message(stanza, now));
+        }
         out
     }
 
-    fn tick(&mut self, _now: SystemTime) -> Vec<Outgoing> {
+    fn tick(&mut self, now: SystemTime) -> Vec<Outgoing> {
         self.settle();
+        let now = unix(now);
         let mut out = Vec::new();
+        self.resend_outbox(now, &mut out);
         if !self.control_announced {
             if let Some(acc) = &self.account {
                 // The control contact shows as online (DESIGN §6).
@@ -665,5 +921,119 @@ impl StanzaHook for Router {
             conversations = self.peers.len(),
             "connection over; sessions suspended"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::router::RouterConfig;
+    use crate::store::MemoryStore;
+    use crate::xmpp::element::NsScope;
+
+    fn router() -> Router {
+        let store: crate::router::SharedStore = Arc::new(Mutex::new(Box::new(MemoryStore::new())));
+        Router::new(Arc::new(Shared {
+            cfg: RouterConfig::default(),
+            store,
+        }))
+    }
+
+    fn parse(xml: &str) -> Element {
+        Element::parse(xml.as_bytes(), &NsScope::client_stream()).unwrap()
+    }
+
+    fn control_items(el: &Element) -> usize {
+        el.get_child("query", ns::ROSTER)
+            .map(|q| {
+                q.children()
+                    .filter(|i| i.attr("jid") == Some("control@o2tr.localhost"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn roster_result_gets_the_control_contact() {
+        let mut r = router();
+        let get = parse("<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>");
+        assert!(crate::xmpp::stanza::is_hooked(&get));
+        let out = r.handle_client_iq(get.clone());
+        assert_eq!(
+            out,
+            vec![Outgoing::ToServer(get)],
+            "the request goes on unchanged"
+        );
+        let result = parse(
+            "<iq type='result' id='r1'><query xmlns='jabber:iq:roster' ver='v7'>\
+             <item jid='bob@example.test' subscription='both'/></query></iq>",
+        );
+        let out = r.handle_server_iq(result);
+        let [Outgoing::ToClient(el)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(control_items(el), 1);
+        let q = el.get_child("query", ns::ROSTER).unwrap();
+        assert_eq!(q.children().count(), 2, "the user's contacts are kept");
+        assert_eq!(q.attr("ver"), Some("v7"));
+        // Another result with the same id is not a roster answer any more.
+        let again = parse("<iq type='result' id='r1'><query xmlns='jabber:iq:roster'/></iq>");
+        let out = r.handle_server_iq(again.clone());
+        assert_eq!(out, vec![Outgoing::ToClient(again)]);
+    }
+
+    #[test]
+    fn cached_roster_gets_a_push_and_its_reply_stays_local() {
+        let mut r = router();
+        r.handle_client_iq(parse(
+            "<iq type='get' id='r2'><query xmlns='jabber:iq:roster' ver='v7'/></iq>",
+        ));
+        let empty = parse("<iq type='result' id='r2'/>");
+        assert!(crate::xmpp::stanza::is_hooked(&empty));
+        let out = r.handle_server_iq(empty.clone());
+        let [Outgoing::ToClient(first), Outgoing::ToClient(push)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(first, &empty);
+        assert_eq!(push.attr("type"), Some("set"));
+        assert_eq!(control_items(push), 1);
+        let id = push.attr("id").unwrap().to_owned();
+        let reply = parse(&format!("<iq type='result' id='{id}'/>"));
+        assert!(crate::xmpp::stanza::is_hooked(&reply));
+        assert!(
+            r.handle_client_iq(reply).is_empty(),
+            "our push's reply never reaches the server"
+        );
+    }
+
+    #[test]
+    fn changes_to_the_control_contact_stay_local() {
+        let mut r = router();
+        let remove = parse(
+            "<iq type='set' id='s1'><query xmlns='jabber:iq:roster'>\
+             <item jid='Control@o2tr.localhost' subscription='remove'/></query></iq>",
+        );
+        let out = r.handle_client_iq(remove);
+        let [Outgoing::ToClient(reply)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (reply.attr("type"), reply.attr("id")),
+            (Some("result"), Some("s1"))
+        );
+        // Other contacts are the server's business.
+        let other = parse(
+            "<iq type='set' id='s2'><query xmlns='jabber:iq:roster'>\
+             <item jid='bob@example.test' name='Bob'/></query></iq>",
+        );
+        assert_eq!(
+            r.handle_client_iq(other.clone()),
+            vec![Outgoing::ToServer(other)]
+        );
+        // Unrelated iqs are not hooked at all.
+        let ping = parse("<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>");
+        assert!(!crate::xmpp::stanza::is_hooked(&ping));
     }
 }

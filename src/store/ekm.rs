@@ -30,6 +30,22 @@
 //! between re-sends those held messages (with fresh counters) rather than
 //! losing them.
 //!
+//! # Why an outbox
+//!
+//! The sending side has the mirror problem: encrypting a message advances
+//! the sending counter in the snapshot, which is committed before the
+//! ciphertext leaves. A crash between the commit and the write loses the
+//! message. So the router also commits each encrypted *data* stanza
+//! ([`Step::data_sends`]) as a [`DurableOp::Outbox`] entry in the same
+//! transaction, and with it the release of the held plaintexts it
+//! encrypted ([`Step::release_in_commit`]); the entry is acknowledged
+//! ([`Store::ack_outbox`]) once written to the server, and after a restart
+//! the unacknowledged entries are sent again before anything new
+//! ([`Store::outbox`]). At least once: a duplicate is dropped by the peer's
+//! counter check (ours silently, libotr with an "unreadable" error reply).
+//! Partially reassembled incoming fragments are committed the same way
+//! ([`DurableOp::Fragments`]) and restored by [`restore_peer`].
+//!
 //! [`split`] turns one batch of [`Action`]s (the result of one `handle_*`
 //! call) into that plan; [`restore_peer`] rebuilds a [`Conversation`] from
 //! the store after a restart, wiping expired or unreadable snapshots.
@@ -57,6 +73,7 @@ use zeroize::Zeroizing;
 use super::{ConversationKey, Result, SessionState, Store};
 use crate::otr::conversation::{Action, Config, Conversation, Delivery, Notice};
 use crate::otr::crypto::DsaPrivateKey;
+use crate::otr::fragment::parse_fragment;
 use crate::otr::offline::EncryptedSession;
 
 /// A plaintext owed to the client, written in the same transaction as the
@@ -145,6 +162,18 @@ pub enum DurableOp {
     Hold(Zeroizing<String>),
     /// Append a plaintext to the inbox.
     Inbox(InboxEntry),
+    /// Queue an encrypted outgoing stanza (its XML) in the outbox: it is
+    /// sent after the commit and acknowledged ([`Store::ack_outbox`]) once
+    /// written to the server, so a crash in between re-sends it instead
+    /// of losing it. Only ciphertext goes here.
+    Outbox(String),
+    /// Release (delete and wipe) the `n` oldest held messages of the peer:
+    /// they were encrypted into this step's outbox entries.
+    ReleaseHeld(usize),
+    /// Replace the peer's partially reassembled incoming fragments (each a
+    /// fragment's text, see [`Conversation::partial_fragments`]); empty
+    /// clears them.
+    Fragments(Vec<String>),
 }
 
 impl fmt::Debug for DurableOp {
@@ -166,6 +195,9 @@ impl fmt::Debug for DurableOp {
                 .finish(),
             DurableOp::Hold(t) => write!(f, "Hold(<{} bytes redacted>)", t.len()),
             DurableOp::Inbox(e) => f.debug_tuple("Inbox").field(e).finish(),
+            DurableOp::Outbox(x) => write!(f, "Outbox(<{} bytes>)", x.len()),
+            DurableOp::ReleaseHeld(n) => f.debug_tuple("ReleaseHeld").field(n).finish(),
+            DurableOp::Fragments(v) => write!(f, "Fragments(<{} fragments>)", v.len()),
         }
     }
 }
@@ -177,6 +209,24 @@ pub struct CommitReceipt {
     pub inbox_ids: Vec<i64>,
     /// Ids of the held messages, in the order of the [`DurableOp::Hold`] ops.
     pub held_ids: Vec<i64>,
+    /// Ids of the outbox entries, in the order of the [`DurableOp::Outbox`] ops.
+    pub outbox_ids: Vec<i64>,
+}
+
+/// A stored outbox entry: an encrypted stanza committed with the snapshot
+/// that produced it and not yet acknowledged as written to the server.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct OutboxMessage {
+    /// Store-assigned id, increasing in commit order, never reused.
+    pub id: i64,
+    /// Local account.
+    pub account: String,
+    /// Peer bare JID.
+    pub peer: String,
+    /// The stanza's XML (ciphertext body; no plaintext).
+    pub stanza: String,
+    /// When it was committed (unix seconds).
+    pub queued_at: u64,
 }
 
 /// An effect to perform after the commit, in order.
@@ -214,6 +264,53 @@ impl Step {
     pub fn needs_commit(&self) -> bool {
         !self.durable.is_empty()
     }
+
+    /// For each [`Effect::Send`], in order, whether it carries an OTR data
+    /// message (whole, or a fragment of one). Those are the sends that
+    /// consumed a sending counter, so they belong in the outbox
+    /// ([`DurableOp::Outbox`]); queries, AKE and error messages do not
+    /// (re-sending an AKE message after a restart would only confuse).
+    pub fn data_sends(&self) -> Vec<bool> {
+        let mut in_data = false;
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send(body) => Some(body.as_str()),
+                _ => None,
+            })
+            .map(|body| {
+                if body.starts_with("?OTR|") || body.starts_with("?OTR,") {
+                    match parse_fragment(body) {
+                        Ok(f) if f.k == 1 => in_data = is_data_message(&f.piece),
+                        Ok(_) => {}
+                        Err(_) => in_data = false,
+                    }
+                    in_data
+                } else {
+                    in_data = false;
+                    is_data_message(body)
+                }
+            })
+            .collect()
+    }
+
+    /// Move the held-message release into the commit: the caller put the
+    /// ciphertexts of those messages in this step's outbox, so dropping
+    /// the plaintexts in the same transaction neither loses them nor
+    /// sends them twice.
+    pub fn release_in_commit(&mut self) {
+        if self.release_held > 0 {
+            self.durable.push(DurableOp::ReleaseHeld(std::mem::take(
+                &mut self.release_held,
+            )));
+        }
+    }
+}
+
+/// Whether `body` is an armoured OTR data message: v3 (`00 03 03`) or v2
+/// (`00 02 03`) in base64.
+fn is_data_message(body: &str) -> bool {
+    body.starts_with("?OTR:AAMD") || body.starts_with("?OTR:AAID")
 }
 
 /// Plan one batch of core actions (the result of one `handle_*` call).
@@ -299,8 +396,9 @@ impl fmt::Debug for Restored {
 
 /// Rebuild the conversation of (`account`, `peer`) from the store: restore
 /// every snapshot not older than `lifetime` seconds at `now` (older ones
-/// and unreadable ones are deleted and wiped), queue the held messages, and
-/// list the inbox entries still owed to the client.
+/// and unreadable ones are deleted and wiped), queue the held messages,
+/// restore the partially reassembled incoming fragments, and list the
+/// inbox entries still owed to the client.
 pub fn restore_peer(
     store: &mut dyn Store,
     account: &str,
@@ -351,6 +449,7 @@ pub fn restore_peer(
             .into_iter()
             .map(|m| m.text),
     );
+    conversation.restore_fragments(&store.fragments(account, peer)?);
     let pending = store.inbox(account, peer)?;
     Ok(Restored {
         conversation,
@@ -453,9 +552,138 @@ mod tests {
         assert!(r3.inbox_ids[0] > r2.inbox_ids[0], "ids never reused");
     }
 
+    fn outbox_suite(s: &mut dyn Store) {
+        s.hold_message(A, P, "held-1", 1).unwrap();
+        s.hold_message(A, P, "held-2", 1).unwrap();
+        s.hold_message(A, "carol@z", "other", 1).unwrap();
+        let r = s
+            .commit_step(
+                A,
+                P,
+                &[
+                    save(0x100, b"s1"),
+                    DurableOp::Outbox("<message>c1</message>".into()),
+                    DurableOp::Outbox("<message>c2</message>".into()),
+                    DurableOp::ReleaseHeld(1),
+                    DurableOp::Fragments(vec!["f1".into(), "f2".into()]),
+                ],
+                20,
+            )
+            .unwrap();
+        assert_eq!(r.outbox_ids.len(), 2);
+        assert!(r.outbox_ids[0] < r.outbox_ids[1]);
+        let held: Vec<String> = s
+            .held_messages(A, P)
+            .unwrap()
+            .iter()
+            .map(|m| m.text.to_string())
+            .collect();
+        assert_eq!(held, ["held-2"], "the oldest held message is released");
+        assert_eq!(s.held_messages(A, "carol@z").unwrap().len(), 1);
+        assert_eq!(s.fragments(A, P).unwrap(), ["f1", "f2"]);
+        assert!(s.fragments(A, "carol@z").unwrap().is_empty());
+        // Another peer's entry lands between: the account's list is by id.
+        let r2 = s
+            .commit_step(A, "carol@z", &[DurableOp::Outbox("c3".into())], 21)
+            .unwrap();
+        let list = s.outbox(A).unwrap();
+        let stanzas: Vec<&str> = list.iter().map(|m| m.stanza.as_str()).collect();
+        assert_eq!(
+            stanzas,
+            ["<message>c1</message>", "<message>c2</message>", "c3"]
+        );
+        assert_eq!(
+            (list[0].peer.as_str(), list[0].queued_at),
+            (P, 20),
+            "peer and time recorded"
+        );
+        assert!(s.outbox("other@x").unwrap().is_empty());
+        assert!(s.ack_outbox(r.outbox_ids[0]).unwrap());
+        assert!(!s.ack_outbox(r.outbox_ids[0]).unwrap());
+        assert_eq!(s.outbox(A).unwrap().len(), 2);
+        // Fragments are replaced, then cleared, with the step.
+        s.commit_step(A, P, &[DurableOp::Fragments(vec!["g".into()])], 22)
+            .unwrap();
+        assert_eq!(s.fragments(A, P).unwrap(), ["g"]);
+        s.commit_step(A, P, &[DurableOp::Fragments(Vec::new())], 23)
+            .unwrap();
+        assert!(s.fragments(A, P).unwrap().is_empty());
+        // Releasing more than is held releases what there is.
+        s.commit_step(A, P, &[DurableOp::ReleaseHeld(5)], 24)
+            .unwrap();
+        assert!(s.held_messages(A, P).unwrap().is_empty());
+        let r3 = s
+            .commit_step(A, P, &[DurableOp::Outbox("c4".into())], 25)
+            .unwrap();
+        assert!(r3.outbox_ids[0] > r2.outbox_ids[0], "ids never reused");
+    }
+
     #[test]
     fn memory_store_inbox() {
         suite(&mut MemoryStore::new());
+    }
+
+    #[test]
+    fn memory_store_outbox() {
+        outbox_suite(&mut MemoryStore::new());
+    }
+
+    #[test]
+    fn sqlite_store_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        outbox_suite(&mut SqliteStore::open(&dir.path().join("s")).unwrap());
+    }
+
+    #[test]
+    fn failed_commit_keeps_outbox_and_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("s")).unwrap();
+        s.hold_message(A, P, "h", 1).unwrap();
+        assert!(
+            s.commit_step(
+                A,
+                P,
+                &[DurableOp::Outbox("c".into()), DurableOp::ReleaseHeld(1)],
+                u64::MAX
+            )
+            .is_err()
+        );
+        assert!(s.outbox(A).unwrap().is_empty());
+        assert_eq!(s.held_messages(A, P).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn data_sends_marks_data_messages_and_their_fragments() {
+        let step = Step {
+            effects: vec![
+                Effect::Send("?OTR:AAMDxyz.".into()),
+                Effect::Notify(Notice::Ended),
+                Effect::Send("?OTRv3?".into()),
+                Effect::Send("?OTR:AAIDv2data.".into()),
+                Effect::Send("?OTR:AAMKdhcommit.".into()),
+                Effect::Send("?OTR|00000100|00000200,00001,00002,?OTR:AAMDab,".into()),
+                Effect::Send("?OTR|00000100|00000200,00002,00002,cd.,".into()),
+                Effect::Send("?OTR,00001,00002,?OTR:AAIKab,".into()),
+                Effect::Send("?OTR,00002,00002,cd.,".into()),
+                Effect::Send("?OTR Error: x".into()),
+            ],
+            ..Step::default()
+        };
+        assert_eq!(
+            step.data_sends(),
+            [true, false, true, false, true, true, false, false, false]
+        );
+    }
+
+    #[test]
+    fn release_moves_into_the_commit() {
+        let mut step = split(vec![
+            Action::Send("?OTR:AAMDx.".into()),
+            Action::ReleaseHeld { count: 2 },
+        ]);
+        step.release_in_commit();
+        assert_eq!(step.release_held, 0);
+        assert!(matches!(step.durable[..], [DurableOp::ReleaseHeld(2)]));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 
 use super::{
     CommitReceipt, ConversationKey, DurableOp, FingerprintRecord, HeldMessage, InboxMessage,
-    Result, SessionState, SnapshotRecord, Store, Trust,
+    OutboxMessage, Result, SessionState, SnapshotRecord, Store, Trust,
 };
 
 #[derive(Default)]
@@ -31,6 +31,9 @@ pub struct MemoryStore {
     last_held_id: i64,
     inbox: BTreeMap<i64, InboxMessage>,
     last_inbox_id: i64,
+    outbox: BTreeMap<i64, OutboxMessage>,
+    last_outbox_id: i64,
+    fragments: BTreeMap<(String, String), Vec<String>>,
 }
 
 impl MemoryStore {
@@ -52,6 +55,7 @@ impl fmt::Debug for MemoryStore {
             .field("snapshots", &self.snapshots.len())
             .field("held", &self.held.len())
             .field("inbox", &self.inbox.len())
+            .field("outbox", &self.outbox.len())
             .finish()
     }
 }
@@ -299,6 +303,34 @@ impl Store for MemoryStore {
                     );
                     receipt.inbox_ids.push(id);
                 }
+                DurableOp::Outbox(stanza) => {
+                    self.last_outbox_id += 1;
+                    let id = self.last_outbox_id;
+                    self.outbox.insert(
+                        id,
+                        OutboxMessage {
+                            id,
+                            account: account.to_owned(),
+                            peer: peer.to_owned(),
+                            stanza: stanza.clone(),
+                            queued_at: now,
+                        },
+                    );
+                    receipt.outbox_ids.push(id);
+                }
+                DurableOp::ReleaseHeld(n) => {
+                    for m in self.held_messages(account, peer)?.into_iter().take(*n) {
+                        self.held.remove(&m.id);
+                    }
+                }
+                DurableOp::Fragments(texts) => {
+                    let k = (account.to_owned(), peer.to_owned());
+                    if texts.is_empty() {
+                        self.fragments.remove(&k);
+                    } else {
+                        self.fragments.insert(k, texts.clone());
+                    }
+                }
             }
         }
         Ok(receipt)
@@ -322,5 +354,26 @@ impl Store for MemoryStore {
         self.inbox
             .retain(|id, m| !(*id <= through && m.account == account && m.peer == peer));
         Ok(before - self.inbox.len())
+    }
+
+    fn outbox(&self, account: &str) -> Result<Vec<OutboxMessage>> {
+        Ok(self
+            .outbox
+            .values()
+            .filter(|m| m.account == account)
+            .cloned()
+            .collect())
+    }
+
+    fn ack_outbox(&mut self, id: i64) -> Result<bool> {
+        Ok(self.outbox.remove(&id).is_some())
+    }
+
+    fn fragments(&self, account: &str, peer: &str) -> Result<Vec<String>> {
+        Ok(self
+            .fragments
+            .get(&(account.to_owned(), peer.to_owned()))
+            .cloned()
+            .unwrap_or_default())
     }
 }

@@ -12,7 +12,10 @@
 //! * outgoing messages held by policy (DESIGN §3, policy `always`), in FIFO
 //!   order;
 //! * the *inbox*: decrypted plaintexts committed together with the snapshot
-//!   that consumed them and kept until the client has them ([`ekm`]).
+//!   that consumed them and kept until the client has them ([`ekm`]);
+//! * the *outbox*: encrypted outgoing stanzas committed together with the
+//!   snapshot that produced them and kept until written to the server;
+//! * per (account, peer): the partially reassembled incoming fragments.
 //!
 //! Everything goes through the small [`Store`] trait, with two
 //! implementations: [`MemoryStore`] for tests and [`SqliteStore`], the
@@ -53,7 +56,7 @@ use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
-pub use ekm::{CommitReceipt, DurableOp, InboxEntry, InboxMessage};
+pub use ekm::{CommitReceipt, DurableOp, InboxEntry, InboxMessage, OutboxMessage};
 pub use memory::MemoryStore;
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::{DB_FILE_NAME, SqliteStore};
@@ -393,4 +396,14 @@ pub trait Store: Send {
     /// Removes (and wipes) every inbox entry of (`account`, `peer`) whose id
     /// is at most `through` (the client has them); returns how many.
     fn ack_inbox(&mut self, account: &str, peer: &str, through: i64) -> Result<usize>;
+
+    /// Outbox entries of `account` not yet acknowledged, every peer, oldest
+    /// (lowest id) first: re-send them, in this order, before new traffic.
+    fn outbox(&self, account: &str) -> Result<Vec<OutboxMessage>>;
+    /// Removes one outbox entry once its stanza was written to the server;
+    /// returns whether it existed.
+    fn ack_outbox(&mut self, id: i64) -> Result<bool>;
+    /// The partially reassembled incoming fragments of (`account`, `peer`)
+    /// stored by the last [`DurableOp::Fragments`], in order.
+    fn fragments(&self, account: &str, peer: &str) -> Result<Vec<String>>;
 }

@@ -62,6 +62,24 @@ const MIGRATIONS: &[&str] = &[
         received_at INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX inbox_by_peer ON inbox(account, peer, id);",
+    // Version 3: encrypted stanzas committed with the snapshot that produced
+    // them, kept until written to the server (sender-side crash safety), and
+    // the partial reassembly of incoming fragments.
+    "CREATE TABLE outbox (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        account   TEXT NOT NULL REFERENCES account(account) ON DELETE CASCADE,
+        peer      TEXT NOT NULL,
+        stanza    TEXT NOT NULL,
+        queued_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX outbox_by_account ON outbox(account, id);
+    CREATE TABLE fragment (
+        account TEXT NOT NULL REFERENCES account(account) ON DELETE CASCADE,
+        peer    TEXT NOT NULL,
+        seq     INTEGER NOT NULL,
+        text    TEXT NOT NULL,
+        PRIMARY KEY (account, peer, seq)
+    ) STRICT;",
 ];
 
 /// The schema version this build writes (and the newest it can read).
@@ -161,8 +179,10 @@ mod tests {
         for t in [
             "account",
             "fingerprint",
+            "fragment",
             "held_message",
             "inbox",
+            "outbox",
             "snapshot",
         ] {
             assert!(tables.iter().any(|n| n == t), "{t} missing: {tables:?}");

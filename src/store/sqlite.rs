@@ -25,7 +25,7 @@ use super::schema::{
 };
 use super::{
     CommitReceipt, ConversationKey, DurableOp, Error, FingerprintRecord, HeldMessage, InboxEntry,
-    InboxMessage, Result, SessionState, SnapshotRecord, Store,
+    InboxMessage, OutboxMessage, Result, SessionState, SnapshotRecord, Store,
 };
 use super::{Trust, disk};
 
@@ -598,6 +598,36 @@ impl Store for SqliteStore {
                     )?;
                     receipt.inbox_ids.push(tx.last_insert_rowid());
                 }
+                DurableOp::Outbox(stanza) => {
+                    tx.execute(
+                        "INSERT INTO outbox(account, peer, stanza, queued_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![account, peer, stanza.as_str(), now],
+                    )?;
+                    receipt.outbox_ids.push(tx.last_insert_rowid());
+                }
+                DurableOp::ReleaseHeld(n) => {
+                    let n = i64::try_from(*n).unwrap_or(i64::MAX);
+                    deleted |= tx.execute(
+                        "DELETE FROM held_message WHERE id IN (
+                             SELECT id FROM held_message WHERE account = ?1 AND peer = ?2
+                             ORDER BY id LIMIT ?3)",
+                        params![account, peer, n],
+                    )? > 0;
+                }
+                DurableOp::Fragments(texts) => {
+                    tx.execute(
+                        "DELETE FROM fragment WHERE account = ?1 AND peer = ?2",
+                        params![account, peer],
+                    )?;
+                    for (seq, text) in texts.iter().enumerate() {
+                        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+                        tx.execute(
+                            "INSERT INTO fragment(account, peer, seq, text) VALUES (?1, ?2, ?3, ?4)",
+                            params![account, peer, seq, text.as_str()],
+                        )?;
+                    }
+                }
             }
         }
         tx.commit()?;
@@ -624,6 +654,53 @@ impl Store for SqliteStore {
             self.wipe();
         }
         Ok(n)
+    }
+
+    fn outbox(&self, account: &str) -> Result<Vec<OutboxMessage>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, account, peer, stanza, queued_at FROM outbox
+             WHERE account = ?1 ORDER BY id",
+        )?;
+        let raws = stmt
+            .query_map([account], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        raws.into_iter()
+            .map(|(id, account, peer, stanza, queued_at)| {
+                Ok(OutboxMessage {
+                    id,
+                    account,
+                    peer,
+                    stanza,
+                    queued_at: to_u64(queued_at, "queued_at")?,
+                })
+            })
+            .collect()
+    }
+
+    fn ack_outbox(&mut self, id: i64) -> Result<bool> {
+        // Ciphertext only: no wipe needed.
+        let n = self
+            .conn
+            .execute("DELETE FROM outbox WHERE id = ?1", [id])?;
+        Ok(n > 0)
+    }
+
+    fn fragments(&self, account: &str, peer: &str) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT text FROM fragment WHERE account = ?1 AND peer = ?2 ORDER BY seq",
+        )?;
+        let texts = stmt
+            .query_map(params![account, peer], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(texts)
     }
 }
 

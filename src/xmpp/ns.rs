@@ -76,6 +76,8 @@ pub const CSI: &str = "urn:xmpp:csi:0";
 /// XEP-0115: entity capabilities.
 pub const CAPS: &str = "http://jabber.org/protocol/caps";
 /// XEP-0237: roster versioning stream feature.
+pub const ROSTER: &str = "jabber:iq:roster";
+/// Roster versioning stream feature (XEP-0237).
 pub const ROSTERVER: &str = "urn:xmpp:features:rosterver";
 /// XML namespace bound to the `xml:` prefix.
 pub const XML: &str = "http://www.w3.org/XML/1998/namespace";

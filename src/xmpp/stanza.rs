@@ -32,6 +32,24 @@ pub fn is_message(el: &Element) -> bool {
     el.is("message", ns::CLIENT)
 }
 
+/// Whether `el` is an `<iq>` carrying a roster query (RFC 6121 §2).
+pub fn is_roster_iq(el: &Element) -> bool {
+    el.is("iq", ns::CLIENT) && el.has_child("query", ns::ROSTER)
+}
+
+/// Whether the relay hands `el` to the router hook after bind: messages,
+/// roster iqs, and iq results or errors that may answer a roster request
+/// (an empty roster result under XEP-0237, or a client's reply to the
+/// proxy's own roster push). Everything else is relayed byte for byte.
+pub fn is_hooked(el: &Element) -> bool {
+    is_message(el)
+        || is_roster_iq(el)
+        || (el.is("iq", ns::CLIENT)
+            && matches!(el.attr("type"), Some("result" | "error"))
+            && (el.children().next().is_none()
+                || el.attr("id").is_some_and(|i| i.starts_with("o2tr-"))))
+}
+
 /// The message type; absent or unknown values are `normal` (RFC 6121 §5.2.2).
 pub fn message_type(el: &Element) -> MessageType {
     match el.attr("type") {

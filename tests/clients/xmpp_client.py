@@ -364,6 +364,17 @@ async def handle(client: Client, line: str) -> bool:
             for ln in lines:
                 out(ln)
             out("OK %d" % len(lines))
+        elif cmd == "ROSTER":
+            # The roster slixmpp fetched at session start (plus pushes).
+            roster = client.client_roster
+            jids = sorted(str(j) for j in roster)
+            for j in jids:
+                out("ROSTERITEM %s %s" % (j, roster[j]["subscription"]))
+            out("OK %d" % len(jids))
+        elif cmd == "UNROSTER":
+            # Remove a contact (roster set, subscription=remove); waits for the answer.
+            await client.del_roster_item(rest[0])
+            out("OK")
         elif cmd == "PRESENCE":
             client.send_presence()
             out("OK")

@@ -404,6 +404,28 @@ impl XmppClient {
             .collect()
     }
 
+    /// The roster (JID, subscription) as the client knows it.
+    pub fn roster(&mut self) -> Vec<(String, String)> {
+        let (lines, _) = self.command("ROSTER", COMMAND_TIMEOUT);
+        lines
+            .iter()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                (f.next() == Some("ROSTERITEM")).then(|| {
+                    (
+                        f.next().unwrap_or("").to_owned(),
+                        f.next().unwrap_or("").to_owned(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Remove `jid` from the roster; waits for the answer.
+    pub fn remove_roster_item(&mut self, jid: &str) {
+        self.command(&format!("UNROSTER {jid}"), COMMAND_TIMEOUT);
+    }
+
     /// Send available presence again.
     pub fn presence(&mut self) {
         self.command("PRESENCE", COMMAND_TIMEOUT);

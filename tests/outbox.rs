@@ -1,0 +1,294 @@
+//! Sender-side crash safety (the outbox) and durable incoming fragments,
+//! tested on the router hook itself (no sockets: the test plays the
+//! server) over a real [`SqliteStore`], plus how libotr answers a re-sent
+//! duplicate.
+//!
+//! A "crash" is simulated exactly where it hurts: the hook returned the
+//! encrypted stanza (snapshot and outbox entry committed) but the
+//! connection never wrote it — the hook is dropped without `flushed()` —
+//! then a new hook over the reopened database binds the same account.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use common::interop::default_link;
+use common::peer::PeerKind;
+use o2tr_proxy::proxy::{HookFactory, Outgoing, StanzaHook};
+use o2tr_proxy::router::{RouterConfig, RouterFactory, SharedStore};
+use o2tr_proxy::store::{MemoryStore, SqliteStore, Store};
+use o2tr_proxy::xmpp::{Element, Jid, ns, stanza};
+
+const ALICE: &str = "alice@example.test/phone";
+const BOB: &str = "bob@example.test/laptop";
+
+fn sqlite(dir: &Path) -> SharedStore {
+    Arc::new(Mutex::new(
+        Box::new(SqliteStore::open(dir).unwrap()) as Box<dyn Store>
+    ))
+}
+
+fn hook(store: &SharedStore, cfg: RouterConfig, jid: &str) -> Box<dyn StanzaHook> {
+    let mut h = RouterFactory::new(cfg, Arc::clone(store)).new_hook();
+    h.bound(&Jid::parse(jid).unwrap());
+    h
+}
+
+fn now() -> SystemTime {
+    SystemTime::now()
+}
+
+/// The client of `from` types `text` to `to`.
+fn typed(from: &str, to: &str, text: &str) -> Element {
+    let mut el = Element::new("message", ns::CLIENT)
+        .with_attr("from", from)
+        .with_attr("to", to)
+        .with_attr("type", "chat");
+    stanza::set_body(&mut el, text);
+    el
+}
+
+/// What the server delivers to `to` for a stanza sent by `from`.
+fn routed(mut el: Element, from: &str, to: &str) -> Element {
+    el.set_attr("from", from);
+    el.set_attr("to", to);
+    el
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Bodies the client was shown.
+    client: Vec<String>,
+    /// Stanzas to the server.
+    server: Vec<Element>,
+}
+
+fn split(outs: Vec<Outgoing>) -> Seen {
+    let mut s = Seen::default();
+    for o in outs {
+        match o {
+            Outgoing::ToClient(el) => s.client.extend(stanza::body(&el)),
+            Outgoing::ToServer(el) => s.server.push(el),
+        }
+    }
+    s
+}
+
+/// Carries server-bound stanzas between the two hooks until both are
+/// quiet; returns what each client was shown (alice, bob).
+fn pump(
+    a: &mut dyn StanzaHook,
+    b: &mut dyn StanzaHook,
+    mut to_b: Vec<Element>,
+    mut to_a: Vec<Element>,
+) -> (Vec<String>, Vec<String>) {
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        if to_a.is_empty() && to_b.is_empty() {
+            return (seen_a, seen_b);
+        }
+        for el in std::mem::take(&mut to_b) {
+            let s = split(b.from_server(routed(el, ALICE, BOB), now()));
+            b.flushed();
+            seen_b.extend(s.client);
+            to_a.extend(s.server);
+        }
+        for el in std::mem::take(&mut to_a) {
+            let s = split(a.from_server(routed(el, BOB, ALICE), now()));
+            a.flushed();
+            seen_a.extend(s.client);
+            to_b.extend(s.server);
+        }
+    }
+    panic!("the hooks never went quiet");
+}
+
+fn is_data(el: &Element) -> bool {
+    stanza::body(el).is_some_and(|b| b.starts_with("?OTR:AAMD"))
+}
+
+/// Alice (SQLite) and Bob (memory) with a private session; Alice's first
+/// message was held by policy `always` and released with the AKE.
+fn establish(dir: &Path, bob_cfg: RouterConfig) -> (SharedStore, Box<dyn StanzaHook>) {
+    let store_a = sqlite(dir);
+    let mut a = hook(&store_a, RouterConfig::default(), ALICE);
+    let bob_store: SharedStore = Arc::new(Mutex::new(Box::new(MemoryStore::new())));
+    let mut b = hook(&bob_store, bob_cfg, BOB);
+    let s = split(a.from_client(typed(ALICE, "bob@example.test", "hello"), now()));
+    a.flushed();
+    let (_, seen_b) = pump(&mut *a, &mut *b, s.server, Vec::new());
+    assert!(seen_b.iter().any(|t| t == "hello"), "bob saw {seen_b:?}");
+    assert!(
+        store_a
+            .lock()
+            .unwrap()
+            .outbox("alice@example.test")
+            .unwrap()
+            .is_empty(),
+        "flushed stanzas are acknowledged"
+    );
+    assert!(
+        store_a
+            .lock()
+            .unwrap()
+            .held_messages("alice@example.test", "bob@example.test")
+            .unwrap()
+            .is_empty()
+    );
+    (bob_store, b)
+}
+
+#[test]
+fn unsent_message_is_resent_after_a_crash_and_duplicates_are_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let (_bob_store, mut b) = establish(&dir, RouterConfig::default());
+
+    // Alice types; the stanza is committed but never written: crash.
+    let store_a = sqlite(&dir);
+    let mut a1 = hook(&store_a, RouterConfig::default(), ALICE);
+    let s = split(a1.from_client(typed(ALICE, "bob@example.test", "m1"), now()));
+    assert_eq!(s.server.len(), 1);
+    assert!(is_data(&s.server[0]));
+    let lost = s.server[0].clone();
+    drop(a1);
+    drop(store_a);
+
+    // Restart: the entry goes out before anything new, unchanged.
+    let store_a = sqlite(&dir);
+    assert_eq!(
+        store_a
+            .lock()
+            .unwrap()
+            .outbox("alice@example.test")
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut a2 = hook(&store_a, RouterConfig::default(), ALICE);
+    let s = split(a2.tick(now()));
+    a2.flushed();
+    assert_eq!(s.server.len(), 1, "the unsent message is re-sent");
+    assert_eq!(stanza::body(&s.server[0]), stanza::body(&lost));
+    assert!(
+        store_a
+            .lock()
+            .unwrap()
+            .outbox("alice@example.test")
+            .unwrap()
+            .is_empty(),
+        "acknowledged once written"
+    );
+    let (_, seen_b) = pump(&mut *a2, &mut *b, s.server, Vec::new());
+    assert_eq!(seen_b, ["m1"]);
+
+    // The same ciphertext again (it had got through before the crash):
+    // Bob's router drops it without a word to either side.
+    let dup = split(b.from_server(routed(lost, ALICE, BOB), now()));
+    assert!(dup.client.is_empty(), "duplicate shown: {:?}", dup.client);
+    assert!(dup.server.is_empty(), "duplicate answered");
+
+    // libotr answers a duplicate with an "unreadable" error: after a
+    // re-send that is expected, and Alice neither shows it nor restarts
+    // the AKE.
+    let err = Element::new("message", ns::CLIENT)
+        .with_attr("type", "chat")
+        .with_child(
+            Element::new("body", ns::CLIENT)
+                .with_text("?OTR Error: You transmitted an unreadable encrypted message."),
+        );
+    let s = split(a2.from_server(routed(err.clone(), BOB, ALICE), now()));
+    assert!(s.client.is_empty() && s.server.is_empty());
+    // Only as many as were re-sent: the next one is shown.
+    let s = split(a2.from_server(routed(err, BOB, ALICE), now()));
+    assert!(!s.client.is_empty(), "a real error is reported");
+
+    // The session carries on without a new AKE.
+    let s = split(a2.from_client(typed(ALICE, "bob@example.test", "m2"), now()));
+    a2.flushed();
+    assert!(s.server.iter().all(is_data), "no AKE: {:?}", s.server);
+    let (_, seen_b) = pump(&mut *a2, &mut *b, s.server, Vec::new());
+    assert_eq!(seen_b, ["m2"]);
+}
+
+#[test]
+fn partial_fragments_survive_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let bob_cfg = RouterConfig {
+        fragment_size: 120,
+        ..RouterConfig::default()
+    };
+    let (_bob_store, mut b) = establish(&dir, bob_cfg);
+    let text = "a reply long enough to need several fragments of 120 bytes each";
+    let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
+    b.flushed();
+    assert!(s.server.len() >= 3, "not fragmented: {}", s.server.len());
+    let mut frags = s.server.into_iter();
+
+    // The first two fragments arrive; the proxy dies.
+    let store_a = sqlite(&dir);
+    let mut a1 = hook(&store_a, RouterConfig::default(), ALICE);
+    for el in frags.by_ref().take(2) {
+        let s = split(a1.from_server(routed(el, BOB, ALICE), now()));
+        a1.flushed();
+        assert!(s.client.is_empty() && s.server.is_empty());
+    }
+    assert_eq!(
+        store_a
+            .lock()
+            .unwrap()
+            .fragments("alice@example.test", "bob@example.test")
+            .unwrap()
+            .len(),
+        1
+    );
+    drop(a1);
+    drop(store_a);
+
+    // The rest comes from offline storage after the restart.
+    let store_a = sqlite(&dir);
+    let mut a2 = hook(&store_a, RouterConfig::default(), ALICE);
+    let mut shown = Vec::new();
+    for el in frags {
+        let s = split(a2.from_server(routed(el, BOB, ALICE), now()));
+        a2.flushed();
+        shown.extend(s.client);
+    }
+    // (After the "resumed from saved keys" notice.)
+    let texts: Vec<&String> = shown.iter().filter(|t| !t.starts_with("[o2tr]")).collect();
+    assert_eq!(texts, [text]);
+    assert!(
+        store_a
+            .lock()
+            .unwrap()
+            .fragments("alice@example.test", "bob@example.test")
+            .unwrap()
+            .is_empty(),
+        "cleared with the commit that completed the message"
+    );
+}
+
+/// What libotr does with a re-sent duplicate: it shows nothing (its
+/// counter check), reports it and answers with an OTR error message —
+/// which the router ignores after a re-send (test above).
+#[test]
+fn libotr_does_not_show_a_resent_duplicate() {
+    let mut l = default_link(PeerKind::Libotr, 21);
+    l.establish(false);
+    l.ours.send("only once");
+    let m = l.ours.outbox[0].clone();
+    l.pump();
+    assert_eq!(l.take_peer_seen().plain, ["only once"]);
+    let o = l.deliver_to_peer(&m);
+    assert!(o.plain.is_empty(), "libotr showed a duplicate: {o:?}");
+    assert!(o.has_event("unreadable"), "{o:?}");
+    assert!(
+        o.wire
+            .iter()
+            .all(|w| w.starts_with("?OTR Error:") && w.contains("unreadable")),
+        "{o:?}"
+    );
+}
