@@ -37,8 +37,11 @@ fn layout(b: &[u8]) -> At {
     at.our_keyid = r.position();
     r.int("").unwrap();
     at.our_current = r.position();
-    r.data("").unwrap();
-    r.data("").unwrap();
+    // Format 2: each of our two key pairs is its secret and its public value.
+    for _ in 0..2 {
+        r.data("").unwrap();
+        r.mpi("").unwrap();
+    }
     at.their_keyid = r.position();
     r.int("").unwrap();
     at.their_current = r.position();
@@ -108,7 +111,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "snapshot: unknown format byte",
-            damage: |b, _| b[8] = 2,
+            damage: |b, _| b[8] = 3,
             want: Some(|e| matches!(e, Error::Snapshot("unknown snapshot format"))),
         },
         Case {
