@@ -305,3 +305,35 @@ fn stanza_rewrite_target_survives_seeded_inputs() {
         bodies::stanza_rewrite(&input);
     }
 }
+
+#[test]
+fn stanza_rewrite_target_through_the_router() {
+    // Bare messages first: the incoming one must be delivered (asserted
+    // inside the target), the outgoing one encrypted.
+    bodies::stanza_rewrite(&[2]);
+    bodies::stanza_rewrite(&[3]);
+    let mut rng = Rng(0x5747_0006);
+    for i in 0..60 {
+        let mut children = String::new();
+        for _ in 0..rng.below(4) {
+            children.push_str(CHILDREN[rng.below(CHILDREN.len())]);
+        }
+        if i % 6 == 0 {
+            // A carbon or archive wrapper around the peer's message.
+            children.push_str(
+                WHOLE_STANZAS[rng.below(2)]
+                    .split_once('>')
+                    .map_or("", |(_, r)| r)
+                    .trim_end_matches("</message>"),
+            );
+        }
+        let mut input = vec![2 + (i % 2) as u8];
+        let bytes = children.into_bytes();
+        input.extend(if i % 4 == 0 {
+            mutate(&mut rng, bytes)
+        } else {
+            bytes
+        });
+        bodies::stanza_rewrite(&input);
+    }
+}

@@ -7,7 +7,16 @@ use o2tr_proxy::xmpp::framer::validate_stanza;
 use o2tr_proxy::xmpp::stanza::{self, is_safe_child, rewrite_for_encryption};
 use o2tr_proxy::xmpp::{Element, Frame, Framer, FramerConfig, Node, ns};
 
-use super::fixture::Input;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use o2tr_proxy::otr::message::{Body, EncodedMessage, Header};
+use o2tr_proxy::proxy::{HookFactory, Outgoing, StanzaHook};
+use o2tr_proxy::router::{RouterConfig, RouterFactory, SharedStore};
+use o2tr_proxy::store::{ConversationKey, MemoryStore, SessionState, Store};
+use o2tr_proxy::xmpp::Jid;
+
+use super::fixture::{ALICE_TAG, BOB_TAG, Input, T0, fixture};
 
 /// Runs a framer over `chunks`; returns the frames (adjacent whitespace
 /// merged, since a keepalive run may be cut anywhere) and whether it failed.
@@ -211,15 +220,146 @@ fn check_incoming(el: &Element) {
     check_serialisation(&d, &NsScope::client_stream());
 }
 
-/// First byte: 0 → the rest is one stanza; otherwise the rest is the
-/// children of a chat message with a secret body. The stanza (if the
+const ACCOUNT: &str = "alice@fuzz.example";
+const PEER: &str = "bob@fuzz.example";
+const USER_TEXT: &str = "the user's secret text";
+const PEER_TEXT: &str = "bob's secret text";
+
+/// The real router of one connection, bound to Alice's account, whose
+/// store holds her identity and the fixture session with Bob.
+fn router() -> Box<dyn StanzaHook> {
+    let fx = fixture();
+    let mut store = MemoryStore::new();
+    let setup = (|| {
+        store.set_account_key(ACCOUNT, &fx.alice_key.to_bytes())?;
+        store.set_instance_tag(ACCOUNT, ALICE_TAG)?;
+        store.save_snapshot(
+            &ConversationKey::new(ACCOUNT, PEER, BOB_TAG),
+            SessionState::Suspended,
+            &fx.alice_snapshot,
+            T0,
+        )
+    })();
+    setup.expect("memory store");
+    let store: SharedStore = Arc::new(Mutex::new(Box::new(store)));
+    let mut hook = RouterFactory::new(RouterConfig::default(), store).new_hook();
+    hook.bound(&Jid::parse(&format!("{ACCOUNT}/fuzz")).expect("jid"));
+    hook
+}
+
+/// The router's outgoing path: the client sends a chat message to Bob
+/// with `children`; what goes to the server must be the rewrite (body =
+/// ciphertext, allowlist only, nothing else as text) and nothing may
+/// reach the server with the user's text.
+fn check_router_outgoing(children: &str) {
+    let xml = format!(
+        "<message to='{PEER}/laptop' type='chat' id='c1'>{children}<body>{USER_TEXT}</body></message>"
+    );
+    let Some(el) = framed(&xml) else { return };
+    let scope = NsScope::client_stream();
+    let mut hook = router();
+    let now = UNIX_EPOCH + Duration::from_secs(T0 + 10);
+    for out in hook.from_client(el, now) {
+        let Outgoing::ToServer(s) = out else { continue };
+        let xml = s.to_xml(&scope);
+        assert!(
+            !xml.contains(USER_TEXT),
+            "user text sent to the server: {xml}"
+        );
+        let body = stanza::body(&s).unwrap_or_default();
+        if body.starts_with("?OTR:") {
+            let mut all = Vec::new();
+            texts(&s, &mut all);
+            assert_eq!(all, [body], "text besides the ciphertext: {xml}");
+            for c in s.children() {
+                assert!(
+                    c.is("body", ns::CLIENT) || is_safe_child(c) || is_added(c),
+                    "child outside the allowlist: {xml}"
+                );
+            }
+        }
+    }
+}
+
+/// The router's incoming path: an authentic data message from Bob,
+/// wrapped in a server stanza with `children`; the client gets exactly
+/// one body, the plaintext, and no EME element.
+fn check_router_incoming(children: &str) {
+    let fx = fixture();
+    let mut bob = fx.bob_session();
+    let header = Header::v3(BOB_TAG, ALICE_TAG);
+    let data = bob.ratchet.encrypt(&header, 0, PEER_TEXT.as_bytes());
+    let armored = EncodedMessage {
+        header,
+        body: Body::Data(data),
+    }
+    .to_armored();
+    let xml = format!(
+        "<message from='{PEER}/laptop' to='{ACCOUNT}/fuzz' type='chat' id='s1'>{children}<body>{armored}</body></message>"
+    );
+    let Some(el) = framed(&xml) else { return };
+    let carbon_or_mam = stanza::carbon(&el).is_some() || stanza::mam_result(&el).is_some();
+    let first_body = stanza::body(&el);
+    let mut hook = router();
+    let now = UNIX_EPOCH + Duration::from_secs(T0 + 10);
+    let mut delivered = 0;
+    for out in hook.from_server(el, now) {
+        let Outgoing::ToClient(c) = out else { continue };
+        if c.attr("from").is_some_and(|f| f.starts_with(PEER))
+            && stanza::body(&c).as_deref() == Some(PEER_TEXT)
+        {
+            delivered += 1;
+            let ns_msg = c.ns().to_owned();
+            assert_eq!(c.children().filter(|b| b.is("body", &ns_msg)).count(), 1);
+            assert!(!c.has_child("encryption", ns::EME));
+        }
+        for m in stanza::carbon(&c)
+            .map(|(_, m)| m)
+            .into_iter()
+            .chain(stanza::mam_result(&c).map(|r| r.message))
+        {
+            let b = stanza::body(m).unwrap_or_default();
+            assert!(
+                !b.contains("?OTR"),
+                "a forwarded OTR body reached the client"
+            );
+        }
+    }
+    // The body the router reads is the first one; when it is Bob's
+    // message (and no carbon/MAM wrapper takes precedence) it is shown once.
+    if !carbon_or_mam && first_body.as_deref() == Some(armored.as_str()) {
+        assert_eq!(delivered, 1, "Bob's message not delivered once");
+    }
+}
+
+/// `xml` as the proxy would see it: framed, then parsed.
+fn framed(xml: &str) -> Option<Element> {
+    let header =
+        "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+    let (frames, _) = frame_all(FramerConfig::default(), [header.as_bytes(), xml.as_bytes()]);
+    let Some(Frame::Stanza(raw)) = frames.get(1) else {
+        return None;
+    };
+    Element::parse(raw, &NsScope::client_stream()).ok()
+}
+
+/// First byte (mod 4): 0 → the rest is one stanza; 1 → the rest is the
+/// children of a chat message with a secret body; the stanza (if the
 /// framer accepts it and it parses) goes through the rewrite and the
-/// incoming helpers.
+/// incoming helpers. 2 and 3 → the rest is the children of a message the
+/// real router sends to, or receives from, a peer with an encrypted
+/// session.
 pub fn stanza_rewrite(data: &[u8]) {
     let mut input = Input::new(data);
     let mode = input.byte();
     let rest = String::from_utf8_lossy(input.rest()).into_owned();
-    let xml = if mode % 2 == 0 {
+    // Modes 2 and 3: the same children through the real router.
+    match mode % 4 {
+        2 => return check_router_outgoing(&rest),
+        3 => return check_router_incoming(&rest),
+        _ => {}
+    }
+    let xml = if mode % 4 == 0 {
         rest
     } else {
         format!(
@@ -227,14 +367,7 @@ pub fn stanza_rewrite(data: &[u8]) {
         )
     };
     // As in the proxy: only what the framer emits reaches the parser.
-    let header =
-        "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
-    let (frames, _) = frame_all(FramerConfig::default(), [header.as_bytes(), xml.as_bytes()]);
-    let Some(Frame::Stanza(raw)) = frames.get(1) else {
-        return;
-    };
-    let scope = NsScope::client_stream();
-    let Ok(el) = Element::parse(raw, &scope) else {
+    let Some(el) = framed(&xml) else {
         return;
     };
     check_incoming(&el);
