@@ -339,3 +339,17 @@ fn stanza_rewrite_target_through_the_router() {
         bodies::stanza_rewrite(&input);
     }
 }
+
+/// Inputs that made a target fail, kept so CI replays them on stable.
+#[test]
+fn fuzz_crash_regressions() {
+    // stanza_rewrite (cargo-fuzz, 10 s in): quick-xml accepted the element
+    // name `message2from='bob@example]]>g'`; re-serialised, it became XML
+    // the framer rejects. Names are now checked (xmpp::element::is_xml_name).
+    bodies::stanza_rewrite(b"\x00<message2from='bob@example]]>g' to=':fb@example.org/phop:otr:1'/></me\xff\xff\xff\xff\xff\xff\xff\x88forwarded><><de\x00<messag");
+    // stanza_rewrite (smoke run): content nested in an allowed child
+    // survived rewrite_for_encryption in clear.
+    bodies::stanza_rewrite(
+        b"\x01<composing xmlns='http://jabber.org/protocol/chatstates'><body>the secret body text</body></composing>",
+    );
+}
