@@ -1,7 +1,9 @@
 //! Stable-toolchain stand-in for the cargo-fuzz targets in `fuzz/`: runs
-//! the same target bodies over a few hundred thousand inputs from a seeded
-//! generator (random bytes, and valid messages and fragments with random
-//! mutations), so every `cargo test` exercises them.
+//! the same target bodies over inputs from a seeded generator (random
+//! bytes, and valid messages, fragments, operation streams, XMPP streams
+//! and stanzas with random mutations), so every `cargo test` exercises
+//! every target. Crashes found by real fuzzing are pinned here or as unit
+//! tests next to the fixed code (docs/fuzzing.md).
 
 #[path = "../fuzz/src/lib.rs"]
 mod bodies;
@@ -174,4 +176,180 @@ fn fragment_target_survives_seeded_inputs() {
         }
         bodies::fragment(&input);
     }
+}
+
+/// Operation streams for the stateful targets: random bytes, biased so
+/// short chunks and the interesting op codes come up often.
+fn op_stream(rng: &mut Rng, ops: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..ops {
+        out.push(rng.next() as u8);
+        // A flags/size byte and a short length-prefixed chunk.
+        out.push(rng.next() as u8);
+        let len = rng.below(40);
+        out.push(len as u8);
+        out.extend(rng.bytes(len));
+    }
+    out
+}
+
+#[test]
+fn data_message_target_survives_seeded_inputs() {
+    let mut rng = Rng(0xda7a_0001);
+    for i in 0..500 {
+        let ops = 1 + rng.below(8);
+        let mut input = op_stream(&mut rng, ops);
+        if i % 5 == 0 {
+            // Authentic plaintexts carrying TLVs: disconnect, SMP, extra key.
+            let typ = rng.below(10) as u8;
+            let value = rng.bytes(20);
+            let mut plain = b"hi\0".to_vec();
+            plain.extend([0, typ]);
+            plain.extend((value.len() as u16).to_be_bytes());
+            plain.extend(value);
+            input.extend([2, 0, plain.len() as u8]);
+            input.extend(plain);
+        }
+        bodies::data_message(&input);
+    }
+}
+
+#[test]
+fn snapshot_decode_target_survives_seeded_inputs() {
+    let mut rng = Rng(0x5a9_0002);
+    for i in 0..1500 {
+        let mut input = vec![(i % 3) as u8, rng.next() as u8];
+        input.extend(rng.bytes(if i % 3 == 0 { 600 } else { 40 }));
+        bodies::snapshot_decode(&input);
+    }
+}
+
+#[test]
+fn smp_target_survives_seeded_inputs() {
+    let mut rng = Rng(0x5_3900_0003);
+    for i in 0..40 {
+        let mut input = vec![i as u8 % 5, rng.next() as u8];
+        let ops = 1 + rng.below(3);
+        input.extend(op_stream(&mut rng, ops));
+        bodies::smp(&input);
+    }
+}
+
+/// A client→server and a server→client stream, to cut and mutate.
+const XMPP_STREAMS: [&str; 2] = [
+    "<?xml version='1.0'?><stream:stream to='example.org' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'> <iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>r</resource></bind></iq><message to='bob@example.org' type='chat' id='m1'><body>hi &amp; &#x263A; <![CDATA[<x>]]></body><active xmlns='http://jabber.org/protocol/chatstates'/><!-- c --></message>\n<presence/></stream:stream>",
+    "<stream:stream id='1' version='1.0' xml:lang='en' xmlns:stream='http://etherx.jabber.org/streams' from='example.org' xmlns='jabber:client'><stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/><sm xmlns='urn:xmpp:sm:3'/></stream:features><message from='bob@example.org' to='bob@example.org/phone' type='chat'><sent xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' from='bob@example.org/laptop' type='chat'><body>?OTR:AAMD.</body></message></forwarded></sent></message><x:y xmlns:x='urn:x' a='&lt;'/>  </stream:stream>",
+];
+
+#[test]
+fn xml_framer_target_survives_seeded_inputs() {
+    let mut rng = Rng(0xf4a3_0004);
+    for i in 0..60_000 {
+        let mut input = vec![rng.next() as u8, rng.next() as u8];
+        let stream = XMPP_STREAMS[i % 2].as_bytes().to_vec();
+        input.extend(match i % 4 {
+            0 => rng.bytes(200),
+            1 => stream,
+            _ => mutate(&mut rng, stream),
+        });
+        bodies::xml_framer(&input);
+    }
+}
+
+/// Children a client may put on a message: allowed, forbidden, and
+/// forbidden content hidden inside allowed ones.
+const CHILDREN: [&str; 14] = [
+    "<active xmlns='http://jabber.org/protocol/chatstates'/>",
+    "<request xmlns='urn:xmpp:receipts'/>",
+    "<markable xmlns='urn:xmpp:chat-markers:0'/>",
+    "<origin-id xmlns='urn:xmpp:sid:0' id='o1'/>",
+    "<delay xmlns='urn:xmpp:delay' stamp='2023-11-14T22:13:20Z'>Offline storage</delay>",
+    "<no-store xmlns='urn:xmpp:hints'/>",
+    "<no-copy xmlns='urn:xmpp:hints'/>",
+    "<store xmlns='urn:xmpp:hints'/>",
+    "<subject>the subject</subject>",
+    "<thread>t1</thread>",
+    "<html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>the secret body text</p></body></html>",
+    "<composing xmlns='http://jabber.org/protocol/chatstates'><body>the secret body text</body></composing>",
+    "<received xmlns='urn:xmpp:receipts' id='r1'>the secret body text</received>",
+    "loose text",
+];
+
+/// Whole stanzas from a server: a carbon and an archive result.
+const WHOLE_STANZAS: [&str; 2] = [
+    "<message from='bob@example.org' to='bob@example.org/phone' type='chat'><sent xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' from='bob@example.org/laptop' type='chat'><body>?OTR:AAMD.</body><encryption xmlns='urn:xmpp:eme:0' namespace='urn:xmpp:otr:0'/></message></forwarded></sent></message>",
+    "<message from='bob@example.org' to='bob@example.org/phone'><result xmlns='urn:xmpp:mam:2' queryid='q1' id='2'><forwarded xmlns='urn:xmpp:forward:0'><delay xmlns='urn:xmpp:delay' stamp='2010-07-10T23:08:25Z'/><message xmlns='jabber:client' from='alice@example.org/laptop' type='chat'><body>archived</body></message></forwarded></result></message>",
+];
+
+#[test]
+fn stanza_rewrite_target_survives_seeded_inputs() {
+    let mut rng = Rng(0x5747_0005);
+    for i in 0..40_000 {
+        let mut children = String::new();
+        for _ in 0..rng.below(5) {
+            children.push_str(CHILDREN[rng.below(CHILDREN.len())]);
+        }
+        let mut input = vec![1u8];
+        let bytes = children.into_bytes();
+        input.extend(if i % 3 == 0 {
+            mutate(&mut rng, bytes)
+        } else {
+            bytes
+        });
+        if i % 5 == 0 {
+            // A whole stanza (mode 0): a carbon or an archive result.
+            let whole = WHOLE_STANZAS[rng.below(WHOLE_STANZAS.len())]
+                .as_bytes()
+                .to_vec();
+            input = vec![0];
+            input.extend(mutate(&mut rng, whole));
+        }
+        bodies::stanza_rewrite(&input);
+    }
+}
+
+#[test]
+fn stanza_rewrite_target_through_the_router() {
+    // Bare messages first: the incoming one must be delivered (asserted
+    // inside the target), the outgoing one encrypted.
+    bodies::stanza_rewrite(&[2]);
+    bodies::stanza_rewrite(&[3]);
+    let mut rng = Rng(0x5747_0006);
+    for i in 0..150 {
+        let mut children = String::new();
+        for _ in 0..rng.below(4) {
+            children.push_str(CHILDREN[rng.below(CHILDREN.len())]);
+        }
+        if i % 6 == 0 {
+            // A carbon or archive wrapper around the peer's message.
+            children.push_str(
+                WHOLE_STANZAS[rng.below(2)]
+                    .split_once('>')
+                    .map_or("", |(_, r)| r)
+                    .trim_end_matches("</message>"),
+            );
+        }
+        let mut input = vec![2 + (i % 2) as u8];
+        let bytes = children.into_bytes();
+        input.extend(if i % 4 == 0 {
+            mutate(&mut rng, bytes)
+        } else {
+            bytes
+        });
+        bodies::stanza_rewrite(&input);
+    }
+}
+
+/// Inputs that made a target fail, kept so CI replays them on stable.
+#[test]
+fn fuzz_crash_regressions() {
+    // stanza_rewrite (cargo-fuzz, 10 s in): quick-xml accepted the element
+    // name `message2from='bob@example]]>g'`; re-serialised, it became XML
+    // the framer rejects. Names are now checked (xmpp::element::is_xml_name).
+    bodies::stanza_rewrite(b"\x00<message2from='bob@example]]>g' to=':fb@example.org/phop:otr:1'/></me\xff\xff\xff\xff\xff\xff\xff\x88forwarded><><de\x00<messag");
+    // stanza_rewrite (smoke run): content nested in an allowed child
+    // survived rewrite_for_encryption in clear.
+    bodies::stanza_rewrite(
+        b"\x01<composing xmlns='http://jabber.org/protocol/chatstates'><body>the secret body text</body></composing>",
+    );
 }

@@ -1,9 +1,25 @@
-//! Bodies of the OTR wire fuzz targets, shared by the cargo-fuzz binaries
-//! in `fuzz_targets/` and by the stable-toolchain smoke test
+//! Bodies of the fuzz targets, shared by the cargo-fuzz binaries in
+//! `fuzz_targets/` and by the stable-toolchain smoke test
 //! `tests/fuzz_smoke.rs` (which includes this file by path).
 //!
 //! Each body panics only if an invariant breaks; malformed input must come
-//! back as a typed error.
+//! back as a typed error. Targets: `otr_message`, `fragment` (below),
+//! `data_message`, `snapshot_decode` (session.rs), `smp` (smp.rs),
+//! `xml_framer`, `stanza_rewrite` (xml.rs). See docs/fuzzing.md.
+
+// Paths relative to this file, so the smoke test's `#[path]` include works.
+#[path = "fixture.rs"]
+pub mod fixture;
+#[path = "session.rs"]
+mod session;
+#[path = "smp.rs"]
+mod smp_target;
+#[path = "xml.rs"]
+mod xml;
+
+pub use session::{data_message, snapshot_decode};
+pub use smp_target::smp;
+pub use xml::{stanza_rewrite, xml_framer};
 
 use o2tr_proxy::otr::decode::describe;
 use o2tr_proxy::otr::fragment::{Reassembler, fragment as split};

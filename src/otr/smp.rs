@@ -162,6 +162,7 @@ pub enum SmpPhase {
 
 /// Initiator after sending SMP message 1: x, a2, a3.
 #[derive(Zeroize, ZeroizeOnDrop)]
+#[cfg_attr(fuzzing, derive(Clone))]
 struct Expect2 {
     x: U1536,
     a2: U1536,
@@ -170,6 +171,7 @@ struct Expect2 {
 
 /// Responder after a verified SMP message 1, before the user answered.
 #[derive(Zeroize, ZeroizeOnDrop)]
+#[cfg_attr(fuzzing, derive(Clone))]
 struct AwaitingSecret {
     question: Option<String>,
     g2a: Ge,
@@ -178,6 +180,7 @@ struct AwaitingSecret {
 
 /// Responder after sending SMP message 2: g3a, g2, g3, b3, Pb, Qb.
 #[derive(Zeroize, ZeroizeOnDrop)]
+#[cfg_attr(fuzzing, derive(Clone))]
 struct Expect3 {
     g3a: Ge,
     g2: Ge,
@@ -189,6 +192,7 @@ struct Expect3 {
 
 /// Initiator after sending SMP message 3: g3b, Pa/Pb, Qa/Qb, a3.
 #[derive(Zeroize, ZeroizeOnDrop)]
+#[cfg_attr(fuzzing, derive(Clone))]
 struct Expect4 {
     g3b: Ge,
     pa_pb: Ge,
@@ -196,6 +200,7 @@ struct Expect4 {
     a3: U1536,
 }
 
+#[cfg_attr(fuzzing, derive(Clone))]
 enum State {
     Expect1,
     AwaitingSecret(Box<AwaitingSecret>),
@@ -205,6 +210,11 @@ enum State {
 }
 
 /// The SMP state of one encrypted session.
+///
+/// Not `Clone`: each step consumes the state, so an old state's secrets
+/// cannot be reached again. Fuzz builds (`cfg(fuzzing)`) may clone, to
+/// start many inputs from one expensive mid-exchange state.
+#[cfg_attr(fuzzing, derive(Clone))]
 pub struct Smp {
     state: State,
 }

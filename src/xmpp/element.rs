@@ -241,11 +241,17 @@ impl Element {
         e: &BytesStart<'_>,
         parent: &NsScope,
     ) -> Result<(Element, NsScope), ElementError> {
+        if !is_xml_name(e.name().as_ref()) {
+            return Err(ElementError::Malformed("invalid element name".into()));
+        }
         let qname = utf8(e.name().as_ref())?.to_owned();
         let mut attrs = Vec::new();
         let mut scope = parent.clone();
         for a in e.attributes() {
             let a = a.map_err(mal)?;
+            if !is_xml_name(a.key.as_ref()) {
+                return Err(ElementError::Malformed("invalid attribute name".into()));
+            }
             let k = utf8(a.key.as_ref())?.to_owned();
             let v = a
                 .unescape_value()
@@ -469,6 +475,23 @@ impl Element {
         out.push_str("</");
         out.push_str(&qname);
         out.push('>');
+    }
+}
+
+/// Whether `name` is an XML `Name` (XML 1.0 §2.3), with every non-ASCII
+/// character accepted (a superset that is still safe to write back: no
+/// quote, `=`, `<`, `>`, `/` or whitespace can appear). quick-xml does not
+/// check names, and a name like `a='x'>` would serialise into broken XML.
+pub(crate) fn is_xml_name(name: &[u8]) -> bool {
+    let start = |b: u8| b.is_ascii_alphabetic() || b == b'_' || b == b':' || b >= 0x80;
+    match name.split_first() {
+        Some((&first, rest)) => {
+            start(first)
+                && rest
+                    .iter()
+                    .all(|&b| start(b) || b.is_ascii_digit() || b == b'-' || b == b'.')
+        }
+        None => false,
     }
 }
 

@@ -22,6 +22,8 @@
 
 use quick_xml::events::Event;
 
+use super::element::is_xml_name;
+
 /// Default maximum size of one stanza (1 MiB).
 pub const DEFAULT_MAX_STANZA_BYTES: usize = 1 << 20;
 /// Default maximum element nesting depth inside one stanza.
@@ -621,8 +623,15 @@ pub fn validate_stanza(raw: &[u8]) -> Result<(), FramerError> {
     loop {
         match reader.read_event().map_err(nwf)? {
             Event::Start(e) | Event::Empty(e) => {
+                // quick-xml does not check names; `<a='x'>` must not pass.
+                if !is_xml_name(e.name().as_ref()) {
+                    return Err(nwf("invalid element name"));
+                }
                 for a in e.attributes() {
                     let a = a.map_err(nwf)?;
+                    if !is_xml_name(a.key.as_ref()) {
+                        return Err(nwf("invalid attribute name"));
+                    }
                     check_refs_in(&a.value)?;
                 }
             }

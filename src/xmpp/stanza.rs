@@ -202,7 +202,8 @@ pub fn is_safe_child(c: &Element) -> bool {
 /// Rewrites an outgoing message for an encrypted conversation (DESIGN §3):
 /// the body becomes `ciphertext`; every child not on the allowlist (HTML,
 /// subject, OOB, reply, fallback, correction, thread, …) is removed, as
-/// are `no-store`/`no-storage` hints; EME `<encryption namespace='urn:xmpp:otr:0'/>`,
+/// are `no-store`/`no-storage` hints, and the kept children are emptied
+/// (attributes stay); EME `<encryption namespace='urn:xmpp:otr:0'/>`,
 /// carbons `<private/>`, `<no-copy/>` and `<no-permanent-store/>` are added
 /// once. `to`, `type`, `id` and other attributes are kept.
 pub fn rewrite_for_encryption(el: &mut Element, ciphertext: &str) {
@@ -211,6 +212,13 @@ pub fn rewrite_for_encryption(el: &mut Element, ciphertext: &str) {
         super::Node::Element(c) => is_safe_child(c),
         super::Node::Text(_) => false,
     });
+    // Allowed children keep their attributes only. They are empty by their
+    // XEPs (a `<delay>` reason is the server's, not the client's); any text
+    // or element inside one would otherwise ride along unencrypted (found
+    // by the stanza_rewrite fuzz target).
+    for c in el.children_mut() {
+        c.retain_nodes(|_| false);
+    }
     // Drop what we are about to add, so nothing is doubled.
     el.remove_children(|c| c.is("no-copy", ns::HINTS) || c.is("no-permanent-store", ns::HINTS));
     el.append_child(Element::new("body", &ns_msg).with_text(ciphertext));
@@ -333,5 +341,32 @@ mod tests {
         // Idempotent on the added elements.
         rewrite_for_encryption(&mut m, "?OTR:AAMD.");
         assert_eq!(m.to_xml(&NsScope::client_stream()), xml);
+    }
+
+    #[test]
+    fn encryption_rewrite_empties_allowed_children() {
+        // Found by fuzz/stanza_rewrite: content nested in an allowed child
+        // survived the rewrite in clear.
+        let mut m = parse(concat!(
+            "<message to='bob@example.org' type='chat' id='m1'>",
+            "<composing xmlns='http://jabber.org/protocol/chatstates'><body>the secret body text</body></composing>",
+            "<received xmlns='urn:xmpp:receipts' id='r1'>the secret body text</received>",
+            "<delay xmlns='urn:xmpp:delay' stamp='2023-11-14T22:13:20Z'>Offline storage</delay>",
+            "<body>the secret body text</body></message>"
+        ));
+        rewrite_for_encryption(&mut m, "?OTR:AAMD.");
+        let xml = m.to_xml(&NsScope::client_stream());
+        assert!(!xml.contains("secret"), "{xml}");
+        assert!(!xml.contains("Offline"), "{xml}");
+        assert!(
+            xml.starts_with(concat!(
+                "<message to='bob@example.org' type='chat' id='m1'>",
+                "<composing xmlns='http://jabber.org/protocol/chatstates'/>",
+                "<received xmlns='urn:xmpp:receipts' id='r1'/>",
+                "<delay xmlns='urn:xmpp:delay' stamp='2023-11-14T22:13:20Z'/>",
+                "<body>?OTR:AAMD.</body>"
+            )),
+            "{xml}"
+        );
     }
 }

@@ -288,3 +288,35 @@ fn comments_inside_stanza_kept() {
     let frames = frames_of(&[s.as_bytes()], FramerConfig::default()).unwrap();
     assert_eq!(frames[1], Frame::Stanza(b"<a><!-- <b> --></a>".to_vec()));
 }
+
+#[test]
+fn invalid_names_are_not_well_formed() {
+    // Found by fuzz/stanza_rewrite: quick-xml took `message2from='…]]>g'`
+    // as an element name (quotes and `>` included); the parsed element
+    // then serialised into XML the framer itself rejects.
+    let crash = "<message2from='bob@example]]>g' to=':fb@example.org/phop:otr:1'/>";
+    for bad in [
+        crash,
+        "<a x,y='1'/>",
+        "<a -x='1'/>",
+        "<a><b=/></a>",
+        "<1a/>",
+    ] {
+        let s = format!("{HDR}{bad}");
+        let r = frames_of(&[s.as_bytes()], FramerConfig::default());
+        assert!(
+            matches!(r, Err(FramerError::NotWellFormed(_))),
+            "{bad}: {r:?}"
+        );
+        let scope = crate::xmpp::element::NsScope::client_stream();
+        let parsed = crate::xmpp::Element::parse(bad.as_bytes(), &scope);
+        assert!(parsed.is_err(), "{bad}");
+    }
+    for good in ["<a-b.c_d:e xmlns:a-b.c_d='u'/>", "<é x_y.z-1='v'/>"] {
+        let s = format!("{HDR}{good}");
+        assert!(
+            frames_of(&[s.as_bytes()], FramerConfig::default()).is_ok(),
+            "{good}"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! Fuzz target: see `o2tr_proxy_fuzz::smp`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    o2tr_proxy_fuzz::smp(data);
+});
