@@ -7,8 +7,21 @@
 //! and drives it with a raw XMPP client (STARTTLS, SASL PLAIN, bind).
 //!
 //! ```text
-//! cargo run --release --example load -- [--pairs N] [--messages M] [--idle K]
+//! cargo run --release --example load -- [--pairs N] [--messages M] [--idle K] [--stub] [--memory-store]
 //! ```
+//!
+//! `--memory-store` gives the proxies a `MemoryStore` instead of the
+//! on-disk `SqliteStore`, to separate the proxies' work from fsync waits;
+//! `--wipe-immediately` makes the `SqliteStore` run its TRUNCATE checkpoint
+//! inside every call that supersedes secret content (the behaviour before
+//! issue 8; the shipped store defers it to the once-a-second maintenance),
+//! to show what that checkpoint costs.
+//!
+//! With `--stub`, an in-process stub XMPP server (module `stub`) replaces
+//! ejabberd: the figures are then the proxies' own latency and throughput,
+//! not the server's. Idle connections are measured at 1, 100 and 1,000 (up
+//! to K), directly and through proxy A, so the proxy's share per
+//! connection is the difference.
 //!
 //! Results are in docs/performance.md, section "Load test".
 
@@ -22,8 +35,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use o2tr_proxy::otr::policy::Policy;
 use o2tr_proxy::proxy::{self, ProxyConfig};
 use o2tr_proxy::router::{RouterConfig, RouterFactory, SharedStore};
-use o2tr_proxy::store::{SqliteStore, Store};
-use o2tr_proxy::xmpp::element::NsScope;
+use o2tr_proxy::store::{MemoryStore, SqliteStore, Store};
+use o2tr_proxy::xmpp::element::{NsScope, escape_attr};
 use o2tr_proxy::xmpp::{Element, Frame, Framer, FramerConfig, features, ns};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -55,6 +68,13 @@ struct Args {
     pairs: usize,
     messages: usize,
     idle: usize,
+    stub: bool,
+    /// Proxies keep their state in memory (no fsync): `--memory-store`.
+    memory_store: bool,
+    /// SqliteStore with the TRUNCATE checkpoint inside every wiping call:
+    /// `--wipe-immediately` (NOT the shipped behaviour; shows what the
+    /// checkpoint costs).
+    wipe_now: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -62,6 +82,9 @@ fn parse_args() -> Result<Args> {
         pairs: 4,
         messages: 200,
         idle: 100,
+        stub: false,
+        memory_store: false,
+        wipe_now: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -75,15 +98,20 @@ fn parse_args() -> Result<Args> {
             "--pairs" => a.pairs = val("--pairs")?,
             "--messages" => a.messages = val("--messages")?,
             "--idle" => a.idle = val("--idle")?,
+            "--stub" => a.stub = true,
+            "--memory-store" => a.memory_store = true,
+            "--wipe-immediately" => a.wipe_now = true,
             "-h" | "--help" => {
-                println!("usage: load [--pairs N (4)] [--messages M (200)] [--idle K (100)]");
+                println!(
+                    "usage: load [--pairs N (4)] [--messages M (200)] [--idle K (100)] [--stub] [--memory-store] [--wipe-immediately]"
+                );
                 std::process::exit(0);
             }
             f => bail!("unknown argument {f:?}"),
         }
     }
-    if !(1..=50).contains(&a.pairs) || !(1..=10_000).contains(&a.messages) || a.idle > 500 {
-        bail!("bounds: 1 <= pairs <= 50, 1 <= messages <= 10000, idle <= 500");
+    if !(1..=50).contains(&a.pairs) || !(1..=10_000).contains(&a.messages) || a.idle > 2000 {
+        bail!("bounds: 1 <= pairs <= 50, 1 <= messages <= 10000, idle <= 2000");
     }
     Ok(a)
 }
@@ -244,9 +272,15 @@ struct Proxy {
 }
 
 impl Proxy {
-    async fn start(ej: &Ejabberd, dir: &Path) -> Result<Proxy> {
+    async fn start(up: (u16, &Path), dir: &Path, args: &Args) -> Result<Proxy> {
         let (ca, cert, key) = client_leg_pki(&dir.join("pki"))?;
-        let store: Box<dyn Store> = Box::new(SqliteStore::open(&dir.join("state"))?);
+        let store: Box<dyn Store> = if args.memory_store {
+            Box::new(MemoryStore::new())
+        } else {
+            let mut s = SqliteStore::open(&dir.join("state"))?;
+            s.set_wipe_immediately(args.wipe_now);
+            Box::new(s)
+        };
         let store: SharedStore = Arc::new(Mutex::new(store));
         let router = RouterFactory::new(
             RouterConfig {
@@ -258,11 +292,11 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let mut cfg = ProxyConfig::new();
         cfg.listen = listener.local_addr()?;
-        cfg.upstream = Some(("127.0.0.1".into(), ej.port));
-        cfg.upstream_ca = Some(ej.ca.clone());
+        cfg.upstream = Some(("127.0.0.1".into(), up.0));
+        cfg.upstream_ca = Some(up.1.to_path_buf());
         cfg.tls_cert = Some(cert);
         cfg.tls_key = Some(key);
-        cfg.max_connections = 1024;
+        cfg.max_connections = 4096;
         cfg.hooks = Arc::new(router);
         let port = cfg.listen.port();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -485,6 +519,246 @@ impl Client {
     }
 }
 
+// ------------------------------------------------------------ stub upstream
+
+/// A minimal in-process XMPP server standing in for ejabberd in `--stub`
+/// mode, so the proxies' own cost is measured without the server's: it
+/// answers STARTTLS, accepts any SASL PLAIN login, binds the requested
+/// resource, echoes initial presence, routes `<message/>` and directed
+/// `<presence/>` by JID (adding `from`), and answers any other `<iq/>`
+/// addressed to the server with an empty result. No roster, no offline
+/// storage, no stream management: a fast stub, not a server.
+mod stub {
+    use super::*;
+    use std::collections::HashMap;
+    use tokio::io::{ReadHalf, WriteHalf};
+    use tokio::sync::mpsc;
+    use tokio_rustls::rustls::ServerConfig;
+    use tokio_rustls::rustls::pki_types::PrivateKeyDer;
+
+    type Tx = mpsc::UnboundedSender<String>;
+    /// Bare JID → (full JID, outgoing queue) of each bound session.
+    type Routes = Arc<Mutex<HashMap<String, Vec<(String, Tx)>>>>;
+
+    pub struct Stub {
+        pub port: u16,
+        pub ca: PathBuf,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    impl Drop for Stub {
+        fn drop(&mut self) {
+            if let Some(tx) = self.stop.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    fn server_header() -> String {
+        format!(
+            "<?xml version='1.0'?><stream:stream from='{DOMAIN}' id='stub' version='1.0' xml:lang='en' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
+        )
+    }
+
+    pub async fn start(dir: &Path) -> Result<Stub> {
+        let (ca, cert, key) = client_leg_pki(dir)?;
+        let certs = CertificateDer::pem_file_iter(&cert)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(&key)?;
+        let cfg =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let routes: Routes = Arc::default();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut rx => break,
+                    acc = listener.accept() => {
+                        let Ok((tcp, _)) = acc else { continue };
+                        let (acceptor, routes) = (acceptor.clone(), Arc::clone(&routes));
+                        // A session ends with an error when its client just
+                        // closes the connection too: nothing to report.
+                        tokio::spawn(async move {
+                            let _ = session(tcp, acceptor, routes).await;
+                        });
+                    }
+                }
+            }
+        });
+        Ok(Stub {
+            port,
+            ca,
+            stop: Some(tx),
+        })
+    }
+
+    async fn session(
+        tcp: TcpStream,
+        acceptor: tokio_rustls::TlsAcceptor,
+        routes: Routes,
+    ) -> Result<()> {
+        tcp.set_nodelay(true)?;
+        let mut xs = Xs::new(tcp);
+        xs.header().await?;
+        xs.send(&format!(
+            "{}<stream:features><starttls xmlns='{}'><required/></starttls></stream:features>",
+            server_header(),
+            ns::TLS
+        ))
+        .await?;
+        if !xs.stanza().await?.is("starttls", ns::TLS) {
+            bail!("expected <starttls/>");
+        }
+        xs.send(&format!("<proceed xmlns='{}'/>", ns::TLS)).await?;
+        let tls = acceptor.accept(xs.io).await?;
+        let mut xs = Xs::new(tls);
+        xs.header().await?;
+        xs.send(&format!(
+            "{}<stream:features><mechanisms xmlns='{}'><mechanism>PLAIN</mechanism></mechanisms></stream:features>",
+            server_header(),
+            ns::SASL
+        ))
+        .await?;
+        let auth = xs.until("auth", |e| e.is("auth", ns::SASL)).await?;
+        use base64::Engine as _;
+        let plain = base64::engine::general_purpose::STANDARD.decode(auth.text().trim())?;
+        let user = plain
+            .split(|&b| b == 0)
+            .nth(1)
+            .map(|u| String::from_utf8_lossy(u).into_owned())
+            .context("bad PLAIN")?;
+        xs.send(&format!("<success xmlns='{}'/>", ns::SASL)).await?;
+        xs.framer.reset();
+        xs.header().await?;
+        xs.send(&format!(
+            "{}<stream:features><bind xmlns='{}'/></stream:features>",
+            server_header(),
+            ns::BIND
+        ))
+        .await?;
+        let bind = xs.until("bind", |e| e.name() == "iq").await?;
+        let resource = bind
+            .get_child("bind", ns::BIND)
+            .and_then(|b| b.get_child("resource", ns::BIND))
+            .map(|r| r.text())
+            .unwrap_or_else(|| "stub".into());
+        let bare = format!("{user}@{DOMAIN}");
+        let full = format!("{bare}/{resource}");
+        xs.send(&format!(
+            "<iq type='result' id='{}'><bind xmlns='{}'><jid>{full}</jid></bind></iq>",
+            escape_attr(bind.attr("id").unwrap_or("")),
+            ns::BIND
+        ))
+        .await?;
+
+        // Bound: one task writes, this one reads and routes.
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        routes
+            .lock()
+            .map_err(|_| anyhow!("routes poisoned"))?
+            .entry(bare.clone())
+            .or_default()
+            .push((full.clone(), tx.clone()));
+        let Xs { io, framer, scope } = xs;
+        let (rd, mut wr): (ReadHalf<_>, WriteHalf<_>) = tokio::io::split(io);
+        let writer = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                // Coalesce what is queued into one write.
+                let mut out = first;
+                while let Ok(more) = rx.try_recv() {
+                    out.push_str(&more);
+                }
+                if wr.write_all(out.as_bytes()).await.is_err() || wr.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+        let res = route_loop(rd, framer, scope, &full, &tx, &routes).await;
+        if let Ok(mut r) = routes.lock()
+            && let Some(v) = r.get_mut(&bare)
+        {
+            v.retain(|(f, _)| f != &full);
+        }
+        drop(tx);
+        writer.abort();
+        res
+    }
+
+    async fn route_loop<R: AsyncRead + Unpin>(
+        mut rd: R,
+        mut framer: Framer,
+        scope: NsScope,
+        full: &str,
+        own: &Tx,
+        routes: &Routes,
+    ) -> Result<()> {
+        let out_scope = NsScope::client_stream();
+        let mut buf = vec![0u8; 16384];
+        loop {
+            let frame = match framer.next()? {
+                Some(f) => f,
+                None => {
+                    let n = rd.read(&mut buf).await?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    framer.push(&buf[..n]);
+                    continue;
+                }
+            };
+            let raw = match frame {
+                Frame::Stanza(raw) => raw,
+                Frame::StreamEnd(_) => return Ok(()),
+                _ => continue,
+            };
+            let mut el = Element::parse(&raw, &scope)?;
+            let to = el.attr("to").map(str::to_owned);
+            match (el.name(), to) {
+                ("presence", None) => {
+                    el.set_attr("from", full);
+                    let _ = own.send(el.to_xml(&out_scope));
+                }
+                ("message" | "presence", Some(to)) => {
+                    el.set_attr("from", full);
+                    deliver(routes, &to, el.to_xml(&out_scope));
+                }
+                ("iq", to) if to.as_deref().is_none_or(|t| t == DOMAIN || t == full) => {
+                    let t = el.attr("type").unwrap_or("");
+                    if t == "get" || t == "set" {
+                        let _ = own.send(format!(
+                            "<iq type='result' id='{}' to='{}'/>",
+                            escape_attr(el.attr("id").unwrap_or("")),
+                            escape_attr(full)
+                        ));
+                    }
+                }
+                ("iq", Some(to)) => {
+                    el.set_attr("from", full);
+                    deliver(routes, &to, el.to_xml(&out_scope));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// To the session with that full JID, or (bare JID) the first bound one.
+    fn deliver(routes: &Routes, to: &str, xml: String) {
+        let bare = to.split('/').next().unwrap_or(to);
+        let Ok(r) = routes.lock() else { return };
+        if let Some(v) = r.get(bare) {
+            let pick = v.iter().find(|(f, _)| f == to).or_else(|| v.first());
+            if let Some((_, tx)) = pick {
+                let _ = tx.send(xml);
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------ measurements
 
 /// Figures of one scenario.
@@ -495,6 +769,8 @@ struct Figures {
     setup: Vec<Duration>,
     alt: Vec<Duration>,
     alt_rate: f64,
+    /// One way a→b, one message at a time: no DH ratchet step.
+    oneway: Vec<Duration>,
     burst: Vec<Duration>,
     burst_rate: f64,
     burst_elapsed: Duration,
@@ -587,6 +863,30 @@ async fn exchange(pairs: Vec<Pair>, m: usize, fig: &mut Figures) -> Result<Vec<P
     }
     fig.alt_rate = total as f64 / t0.elapsed().as_secs_f64();
 
+    // One way, one at a time: a→b, each sent after the previous arrived.
+    // After the first, no message takes a DH ratchet step.
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut p in pairs {
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(m);
+            for i in 0..m {
+                p.a.send_stamped(&p.b_jid, "oneway", i).await?;
+                let (seq, d) = p.b.recv_stamped("oneway").await?;
+                if seq != i {
+                    bail!("one-way: expected {i}, got {seq}");
+                }
+                lat.push(d);
+            }
+            Ok::<_, anyhow::Error>((p, lat))
+        });
+    }
+    let mut pairs = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (p, lat) = r??;
+        fig.oneway.extend(lat.into_iter().skip(1));
+        pairs.push(p);
+    }
+
     // Burst: a sends m messages back to back while b receives.
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -667,43 +967,68 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
 
-    eprintln!("starting ejabberd…");
-    let ej = Ejabberd::start(work.path().join("ejabberd"))?;
+    raise_fd_limit();
     let idle_users = args.idle.div_ceil(SESSIONS_PER_USER);
-    let mut users = Vec::new();
-    for i in 0..args.pairs {
-        users.push(format!("alice{i}"));
-        users.push(format!("bob{i}"));
-    }
-    users.extend((0..idle_users).map(|i| format!("idle{i}")));
-    eprintln!("registering {} users…", users.len());
-    ej.register_all(&users)?;
-
-    let res = rt.block_on(run(&args, &ej, work.path()));
-    // Proxies and clients end with the runtime, before ejabberd stops.
-    drop(rt);
-    drop(ej);
+    let res = if args.stub {
+        eprintln!("starting the in-process stub upstream…");
+        rt.block_on(async {
+            let stub = stub::start(&work.path().join("stub")).await?;
+            run(&args, (stub.port, stub.ca.as_path()), work.path()).await
+        })
+    } else {
+        eprintln!("starting ejabberd…");
+        let ej = Ejabberd::start(work.path().join("ejabberd"))?;
+        let mut users = Vec::new();
+        for i in 0..args.pairs {
+            users.push(format!("alice{i}"));
+            users.push(format!("bob{i}"));
+        }
+        for side in ["d", "p"] {
+            users.extend((0..idle_users).map(|i| format!("idle{side}{i}")));
+        }
+        eprintln!("registering {} users…", users.len());
+        ej.register_all(&users)?;
+        let res = rt.block_on(run(&args, (ej.port, ej.ca.as_path()), work.path()));
+        // Proxies and clients end with the runtime, before ejabberd stops.
+        drop(rt);
+        drop(ej);
+        res
+    };
     let (direct, proxied, mem) = res?;
     report(&args, direct, proxied, mem, started.elapsed());
     Ok(())
 }
 
-/// (idle connections, RSS delta KiB) samples.
-type Mem = Vec<(usize, i64)>;
+/// Raises the soft limit on open files to the hard one: every proxied
+/// idle connection holds up to four descriptors in this process (client,
+/// proxy client leg, proxy upstream leg, and the stub's end).
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            eprintln!("could not raise the open-files limit: {e}");
+        }
+    }
+}
 
-async fn run(args: &Args, ej: &Ejabberd, work: &Path) -> Result<(Figures, Figures, Mem)> {
+/// (idle connections, RSS delta KiB direct, RSS delta KiB through proxy A).
+type Mem = Vec<(usize, i64, i64)>;
+
+async fn run(args: &Args, up: (u16, &Path), work: &Path) -> Result<(Figures, Figures, Mem)> {
     let (n, m) = (args.pairs, args.messages);
 
     eprintln!("direct: {n} pairs × {m} messages…");
     let mut direct = Figures::default();
-    let ej_end = (ej.port, ej.ca.as_path());
+    let ej_end = up;
     let pairs = login_pairs(n, ej_end, ej_end, &mut direct.login).await?;
     drop(exchange(pairs, m, &mut direct).await?);
     relogin(n, ej_end, ej_end, &mut direct.relogin).await?;
 
     eprintln!("through two proxies: {n} pairs × {m} messages…");
-    let pa = Proxy::start(ej, &work.join("proxy-a")).await?;
-    let pb = Proxy::start(ej, &work.join("proxy-b")).await?;
+    let pa = Proxy::start(up, &work.join("proxy-a"), args).await?;
+    let pb = Proxy::start(up, &work.join("proxy-b"), args).await?;
     let mut proxied = Figures::default();
     let mut pairs = login_pairs(
         n,
@@ -730,41 +1055,57 @@ async fn run(args: &Args, ej: &Ejabberd, work: &Path) -> Result<(Figures, Figure
 
     let mut mem = Vec::new();
     if args.idle > 0 {
-        eprintln!(
-            "memory: up to {} idle connections through proxy A…",
-            args.idle
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss0 = vm_rss_kib()?;
-        let mut idle = Vec::new();
-        let mut k = 0;
-        for target in [1, args.idle] {
-            let mut tasks = tokio::task::JoinSet::new();
-            while k < target {
-                let (user, res) = (
-                    format!("idle{}", k / SESSIONS_PER_USER),
-                    format!("r{}", k % SESSIONS_PER_USER),
-                );
-                let ca = pa.ca.clone();
-                let port = pa.port;
-                tasks.spawn(async move { login(port, &ca, &user, &res).await });
-                k += 1;
-                // At most 10 logins in flight.
-                if tasks.len() >= 10 {
-                    idle.push(tasks.join_next().await.context("join")???);
+        let steps: Vec<usize> = [1, 100, 1000]
+            .into_iter()
+            .filter(|&k| k < args.idle)
+            .chain([args.idle])
+            .collect();
+        // Direct first, then through proxy A, all held open to the end so
+        // the second set cannot reuse memory the first one freed.
+        let mut held = Vec::new();
+        let mut deltas = Vec::new();
+        for (side, end) in [("d", up), ("p", (pa.port, pa.ca.as_path()))] {
+            eprintln!(
+                "memory: up to {} idle connections {}…",
+                args.idle,
+                if side == "d" {
+                    "directly"
+                } else {
+                    "through proxy A"
                 }
-            }
-            while let Some(c) = tasks.join_next().await {
-                idle.push(c??);
-            }
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let rss = vm_rss_kib()?;
-            mem.push((idle.len(), rss as i64 - rss0 as i64));
-            if target == args.idle {
-                break;
+            let rss0 = vm_rss_kib()?;
+            let mut row = Vec::new();
+            let mut k = 0;
+            for &target in &steps {
+                let mut tasks = tokio::task::JoinSet::new();
+                while k < target {
+                    let (user, res) = (
+                        format!("idle{side}{}", k / SESSIONS_PER_USER),
+                        format!("r{}", k % SESSIONS_PER_USER),
+                    );
+                    let ca = end.1.to_path_buf();
+                    let port = end.0;
+                    tasks.spawn(async move { login(port, &ca, &user, &res).await });
+                    k += 1;
+                    // At most 10 logins in flight.
+                    if tasks.len() >= 10 {
+                        held.push(tasks.join_next().await.context("join")???);
+                    }
+                }
+                while let Some(c) = tasks.join_next().await {
+                    held.push(c??);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                row.push(vm_rss_kib()? as i64 - rss0 as i64);
             }
+            deltas.push(row);
         }
-        drop(idle);
+        for (i, &k) in steps.iter().enumerate() {
+            mem.push((k, deltas[0][i], deltas[1][i]));
+        }
+        drop(held);
     }
     drop((pa, pb));
     Ok((direct, proxied, mem))
@@ -774,7 +1115,24 @@ fn report(args: &Args, mut d: Figures, mut p: Figures, mem: Mem, total: Duration
     let (n, m) = (args.pairs, args.messages);
     println!();
     println!("o2tr-proxy load test: {n} pairs, {m} alternating + {m} burst messages per pair");
-    println!("(loopback, one ejabberd, two in-process proxies with OTR policy Always)");
+    if args.stub {
+        println!(
+            "(loopback, an in-process STUB upstream instead of a server — not ejabberd —, \
+             two in-process proxies with OTR policy Always)"
+        );
+    } else {
+        println!("(loopback, one ejabberd, two in-process proxies with OTR policy Always)");
+    }
+    println!(
+        "(proxy state: {})",
+        if args.memory_store {
+            "MemoryStore, nothing written to disk"
+        } else if args.wipe_now {
+            "SqliteStore on disk, synchronous=FULL, checkpoint inside every wiping call"
+        } else {
+            "SqliteStore on disk, synchronous=FULL (acks NORMAL), wipe checkpoint each tick"
+        }
+    );
     println!();
     println!("| figure | direct | through 2 proxies | added |");
     println!("|---|---|---|---|");
@@ -790,6 +1148,18 @@ fn report(args: &Args, mut d: Figures, mut p: Figures, mem: Mem, total: Duration
     let (d99, p99) = (pct(&mut d.alt, 0.99), pct(&mut p.alt, 0.99));
     row("alternating latency p50", d50, p50);
     row("alternating latency p99", d99, p99);
+    let (d50, p50) = (pct(&mut d.oneway, 0.5), pct(&mut p.oneway, 0.5));
+    let (d99, p99) = (pct(&mut d.oneway, 0.99), pct(&mut p.oneway, 0.99));
+    row(
+        "one-way, one at a time (no ratchet step) latency p50",
+        d50,
+        p50,
+    );
+    row(
+        "one-way, one at a time (no ratchet step) latency p99",
+        d99,
+        p99,
+    );
     let (d50, p50) = (pct(&mut d.burst, 0.5), pct(&mut p.burst, 0.5));
     let (d99, p99) = (pct(&mut d.burst, 0.99), pct(&mut p.burst, 0.99));
     row("burst latency p50", d50, p50);
@@ -827,12 +1197,14 @@ fn report(args: &Args, mut d: Figures, mut p: Figures, mem: Mem, total: Duration
     );
     if !mem.is_empty() {
         println!();
-        println!("| idle connections through proxy A | RSS delta | per connection |");
-        println!("|---|---|---|");
-        for (k, delta) in &mem {
+        println!(
+            "| idle connections | RSS delta direct | through proxy A | proxy's share per connection |"
+        );
+        println!("|---|---|---|---|");
+        for (k, d, p) in &mem {
             println!(
-                "| {k} | {delta} KiB | {:.0} KiB |",
-                *delta as f64 / (*k).max(1) as f64
+                "| {k} | {d} KiB | {p} KiB | {:.1} KiB |",
+                (p - d) as f64 / (*k).max(1) as f64
             );
         }
     }

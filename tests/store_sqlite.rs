@@ -362,8 +362,8 @@ fn replaced_and_deleted_secrets_leave_no_bytes_on_disk_after_maintenance() {
         wipe(&mut s);
         assert_absent(&db, &old, "replaced snapshot");
         assert_present_in_db(&db, &new, "current snapshot");
-        assert!(s.delete_snapshot(&k).unwrap());
-        wipe(&mut s);
+        assert!(s.delete_snapshot(&k).unwrap()); // checkpoints by itself
+        assert!(!s.has_unwiped());
         assert_absent(&db, &new, "deleted snapshot");
     }
 
@@ -374,8 +374,8 @@ fn replaced_and_deleted_secrets_leave_no_bytes_on_disk_after_maintenance() {
         .unwrap();
     s.checkpoint().unwrap();
     assert_present_in_db(&db, &pat, "before expiry");
-    assert_eq!(s.expire_snapshots(6).unwrap(), vec![key(0x300)]);
-    wipe(&mut s);
+    assert_eq!(s.expire_snapshots(6).unwrap(), vec![key(0x300)]); // checkpoints too
+    assert!(!s.has_unwiped());
     assert_absent(&db, &pat, "expired snapshot");
 
     // A replaced private key.

@@ -34,7 +34,9 @@
 //! * **Wiping**: replaced or deleted snapshots, keys, held messages and
 //!   acknowledged inbox plaintexts do not stay on disk: `secure_delete=ON`
 //!   zeroes freed content in the database file at once, and the old page
-//!   versions leave the WAL at the next `wal_checkpoint(TRUNCATE)`, run by
+//!   versions leave the WAL at the next `wal_checkpoint(TRUNCATE)`: at once
+//!   for the explicit [`Store::delete_snapshot`] and
+//!   [`Store::expire_snapshots`]; for the per-message changes, by
 //!   [`Store::maintenance`] (the router calls it every second and on
 //!   disconnect), when the WAL grows past [`WAL_WIPE_BYTES`], at open
 //!   (after a crash) and at close. Bound: superseded key material is on

@@ -59,14 +59,17 @@ pub const WAL_WIPE_BYTES: u64 = 4 << 20;
 ///
 /// Every mutating call commits before returning; snapshot, key, held,
 /// inbox and outbox writes with `synchronous=FULL`, acks with `NORMAL` (see
-/// the module docs). Calls that replace or delete secret content (snapshot
-/// replaced or deleted, expiry, key replaced, held message released, inbox
-/// entry acknowledged) leave the old bytes in the `-wal` file until the
-/// next `wal_checkpoint(TRUNCATE)`: [`Store::maintenance`] (run it about
+/// the module docs). Calls that replace or delete secret content on the
+/// per-message path (snapshot replaced, snapshot deleted or held message
+/// released inside [`Store::commit_step`], key replaced, held message
+/// released, inbox entry acknowledged) leave the old bytes in the `-wal`
+/// file until the next `wal_checkpoint(TRUNCATE)`: [`Store::maintenance`] (run it about
 /// once a second; it does nothing when nothing is pending), a WAL larger
 /// than [`WAL_WIPE_BYTES`], [`SqliteStore::open`] or drop. If a checkpoint
 /// cannot complete (another process is reading the database, e.g. a CLI
-/// command), the store stays "unwiped" and the next one retries.
+/// command), the store stays "unwiped" and the next one retries. The rare,
+/// explicit [`Store::delete_snapshot`] and [`Store::expire_snapshots`]
+/// still checkpoint before returning.
 ///
 /// Cost (measured on the development VM, ext4): a commit is one fsync
 /// (~5 ms); a checkpoint ~25 ms. [`SqliteStore::set_wipe_immediately`]
@@ -220,6 +223,21 @@ impl SqliteStore {
                     "WAL checkpoint failed; old content stays in the WAL until the next one"
                 );
             }
+        }
+    }
+
+    /// Checkpoint at once after an explicit deletion of whole conversations
+    /// ([`Store::delete_snapshot`], [`Store::expire_snapshots`]): rare, and
+    /// the user expects those keys gone when the call returns. Failure is
+    /// logged and left to the next maintenance, as in [`Self::superseded`].
+    fn wipe_now(&mut self) {
+        self.unwiped = true;
+        if let Err(err) = self.checkpoint() {
+            tracing::warn!(
+                path = %self.path.display(),
+                cause = %err,
+                "WAL checkpoint after deletion failed; old content stays in the WAL until the next one"
+            );
         }
     }
 
@@ -505,7 +523,7 @@ impl Store for SqliteStore {
             params![key.account, key.peer, i64::from(key.instance)],
         )?;
         if n > 0 {
-            self.superseded();
+            self.wipe_now();
         }
         Ok(n > 0)
     }
@@ -546,7 +564,7 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         if !keys.is_empty() {
-            self.superseded();
+            self.wipe_now();
         }
         Ok(keys)
     }
