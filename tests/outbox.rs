@@ -318,7 +318,7 @@ fn tick_wipes_delivered_plaintext_from_the_wal() {
     let s = split(a.from_client(typed(ALICE, "bob@example.test", &secret), now()));
     a.flushed();
     let (_, seen_b) = pump(&mut *a, &mut *b, s.server, Vec::new());
-    assert_eq!(seen_b, [secret.clone()]);
+    assert_eq!(seen_b, std::slice::from_ref(&secret));
     let db = state_b.join(o2tr_proxy::store::DB_FILE_NAME);
     let wal = state_b.join(format!("{}-wal", o2tr_proxy::store::DB_FILE_NAME));
     let holds = |p: &Path| {
