@@ -292,3 +292,56 @@ fn libotr_does_not_show_a_resent_duplicate() {
         "{o:?}"
     );
 }
+
+/// The secure-delete wipe is deferred out of the per-message path to the
+/// hook's tick (issue 8): a delivered plaintext is still in the receiver's
+/// WAL after the flush (the control: the check below can fail), and gone
+/// from the database and its WAL after one tick, which truncates the WAL.
+#[test]
+fn tick_wipes_delivered_plaintext_from_the_wal() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (state_a, state_b) = (dir_a.path().join("state"), dir_b.path().join("state"));
+    let store_a = sqlite(&state_a);
+    let store_b = sqlite(&state_b);
+    let mut a = hook(&store_a, RouterConfig::default(), ALICE);
+    let mut b = hook(&store_b, RouterConfig::default(), BOB);
+    let s = split(a.from_client(typed(ALICE, "bob@example.test", "hello"), now()));
+    a.flushed();
+    let (_, seen_b) = pump(&mut *a, &mut *b, s.server, Vec::new());
+    assert!(seen_b.iter().any(|t| t == "hello"), "bob saw {seen_b:?}");
+    a.tick(now());
+    b.tick(now());
+
+    let secret: String = (0..40)
+        .map(|_| char::from(b'a' + rand::random::<u8>() % 26))
+        .collect();
+    let s = split(a.from_client(typed(ALICE, "bob@example.test", &secret), now()));
+    a.flushed();
+    let (_, seen_b) = pump(&mut *a, &mut *b, s.server, Vec::new());
+    assert_eq!(seen_b, std::slice::from_ref(&secret));
+    let db = state_b.join(o2tr_proxy::store::DB_FILE_NAME);
+    let wal = state_b.join(format!("{}-wal", o2tr_proxy::store::DB_FILE_NAME));
+    let holds = |p: &Path| {
+        std::fs::read(p)
+            .unwrap_or_default()
+            .windows(secret.len())
+            .any(|w| w == secret.as_bytes())
+    };
+    assert!(
+        holds(&wal),
+        "before the tick the acknowledged inbox row is in the WAL"
+    );
+    b.tick(now());
+    assert!(!holds(&db), "plaintext in the database file");
+    assert!(!holds(&wal), "plaintext in the WAL");
+    assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
+    assert!(
+        store_b
+            .lock()
+            .unwrap()
+            .inbox("bob@example.test", "alice@example.test")
+            .unwrap()
+            .is_empty(),
+        "the flush acknowledged the entry"
+    );
+}

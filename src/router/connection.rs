@@ -19,7 +19,10 @@ use crate::otr::conversation::{Action, Config, Conversation, Notice};
 use crate::otr::policy::Policy;
 use crate::proxy::{Outgoing, StanzaHook};
 use crate::store::ekm::{self, Effect};
-use crate::store::{ConversationKey, DurableOp, InboxMessage, OutboxMessage, SessionState, Trust};
+use crate::store::{
+    ConversationKey, DurableOp, Error as StoreError, InboxMessage, OutboxMessage, SessionState,
+    Trust,
+};
 use crate::xmpp::element::NsScope;
 use crate::xmpp::stanza::{self, MessageType};
 use crate::xmpp::{Element, Jid, ns};
@@ -214,6 +217,21 @@ impl Router {
                 // duplicate by its counter.
                 tracing::error!(id, cause = %e, "could not acknowledge outbox entry");
             }
+        }
+    }
+
+    /// Let the store wipe superseded keys and acknowledged plaintexts from
+    /// its journal (DESIGN §5): the store defers that checkpoint out of the
+    /// per-message path, and every tick (~1 s) and disconnect runs it, which
+    /// bounds how long such bytes stay on disk. A no-op when nothing is
+    /// pending (the store is shared: one connection's tick wipes for all).
+    fn wipe_superseded(&self) {
+        match self.shared.store().maintenance() {
+            Ok(()) => {}
+            Err(StoreError::CheckpointBusy) => {
+                tracing::debug!("store wipe postponed: another process is reading the database")
+            }
+            Err(e) => tracing::warn!(cause = %e, "store wipe failed; retried next tick"),
         }
     }
 
@@ -871,6 +889,7 @@ impl StanzaHook for Router {
 
     fn tick(&mut self, now: SystemTime) -> Vec<Outgoing> {
         self.settle();
+        self.wipe_superseded();
         let now = unix(now);
         let mut out = Vec::new();
         self.resend_outbox(now, &mut out);
@@ -916,6 +935,8 @@ impl StanzaHook for Router {
                 }
             }
         }
+        drop(store);
+        self.wipe_superseded();
         tracing::info!(
             account,
             conversations = self.peers.len(),

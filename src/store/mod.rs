@@ -26,14 +26,22 @@
 //! * **Persist before release** (DESIGN §5): every mutating call is durable
 //!   when it returns `Ok` — for [`SqliteStore`] the transaction is committed
 //!   with `synchronous=FULL`, so the WAL is fsynced before the call returns.
-//!   A call that returns `Err` changed nothing.
-//! * **Wiping**: replaced or deleted snapshots, keys and held messages do not
-//!   stay in the database file: `secure_delete=ON` zeroes freed content and a
-//!   `wal_checkpoint(TRUNCATE)` after each such change empties the WAL. The
-//!   wipe is deferred only when a reader in another process holds the WAL
-//!   (logged) or when the caller turned it off for replacements with
-//!   [`SqliteStore::set_wipe_on_replace`] (then it calls
-//!   [`SqliteStore::checkpoint`] itself).
+//!   The exception are the acknowledgements [`Store::ack_inbox`] and
+//!   [`Store::ack_outbox`]: committed in order but not fsynced, so a power
+//!   cut may undo the newest ones (an entry is then handed out once more,
+//!   at-least-once, which the router and the peer tolerate). A call that
+//!   returns `Err` changed nothing.
+//! * **Wiping**: replaced or deleted snapshots, keys, held messages and
+//!   acknowledged inbox plaintexts do not stay on disk: `secure_delete=ON`
+//!   zeroes freed content in the database file at once, and the old page
+//!   versions leave the WAL at the next `wal_checkpoint(TRUNCATE)`: at once
+//!   for the explicit [`Store::delete_snapshot`] and
+//!   [`Store::expire_snapshots`]; for the per-message changes, by
+//!   [`Store::maintenance`] (the router calls it every second and on
+//!   disconnect), when the WAL grows past [`WAL_WIPE_BYTES`], at open
+//!   (after a crash) and at close. Bound: superseded key material is on
+//!   disk ~1–2 s at most while the proxy runs; a crash inside that window
+//!   leaves it in the `-wal` file until the next start.
 //! * Secrets come back wrapped in [`Zeroizing`]; no type here prints secret
 //!   bytes through `Debug`.
 //! * Time is passed in (`now`, unix seconds); the store never reads a clock.
@@ -59,7 +67,7 @@ use zeroize::Zeroizing;
 pub use ekm::{CommitReceipt, DurableOp, InboxEntry, InboxMessage, OutboxMessage};
 pub use memory::MemoryStore;
 pub use schema::SCHEMA_VERSION;
-pub use sqlite::{DB_FILE_NAME, SqliteStore};
+pub use sqlite::{DB_FILE_NAME, SqliteStore, WAL_WIPE_BYTES};
 
 /// Result of every store operation.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -406,4 +414,16 @@ pub trait Store: Send {
     /// The partially reassembled incoming fragments of (`account`, `peer`)
     /// stored by the last [`DurableOp::Fragments`], in order.
     fn fragments(&self, account: &str, peer: &str) -> Result<Vec<String>>;
+
+    /// Finishes deferred wiping: removes content that earlier calls
+    /// replaced or deleted from any journal it still lingers in
+    /// ([`SqliteStore`]: a `wal_checkpoint(TRUNCATE)`, only if such content
+    /// is pending, so an idle call costs nothing). Call it about once a
+    /// second and before shutting down; that bounds how long superseded
+    /// keys and plaintexts stay on disk. [`Error::CheckpointBusy`] when
+    /// another connection's read prevented it (retry later). The default
+    /// (for stores with no journal, like [`MemoryStore`]) does nothing.
+    fn maintenance(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

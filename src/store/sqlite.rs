@@ -1,10 +1,27 @@
 //! [`SqliteStore`]: the embedded, durable [`Store`] (DESIGN §2 store, §5
-//! "persist before release", "superseded keys are wiped at once").
+//! "persist before release", "superseded keys are wiped").
 //!
 //! One SQLite database file, `o2tr.db` in the state directory, opened with
 //! WAL, `synchronous=FULL` (each commit fsyncs the WAL before returning),
 //! `secure_delete=ON` (freed content is zeroed), foreign keys on. The schema
 //! is versioned with `PRAGMA user_version` and a migrations list (`schema.rs`).
+//!
+//! Two choices keep the per-message cost at one fsync (issue 8):
+//!
+//! * **Deferred wipe.** Replacing or deleting secret content leaves the old
+//!   page versions in the `-wal` file until a `wal_checkpoint(TRUNCATE)`.
+//!   That checkpoint (~25 ms) is not run inside every save: the store marks
+//!   itself "unwiped" and the owner calls [`Store::maintenance`] about once a
+//!   second (the router does, from its tick and on disconnect); the store
+//!   also checkpoints by itself when the WAL passes [`WAL_WIPE_BYTES`], when
+//!   opened (a crash may have left old bytes in the WAL) and when dropped.
+//! * **Relaxed acks.** [`Store::ack_inbox`] and [`Store::ack_outbox`] commit
+//!   with `synchronous=NORMAL` (no fsync). In WAL mode commits stay ordered,
+//!   so a power cut can only lose the newest acks, never apply one without
+//!   the snapshot commit before it; a lost ack means an entry is handed out
+//!   again after a restart, which the design tolerates (the client gets a
+//!   duplicate inbox message, the peer drops a re-sent stanza as a replay).
+//!   The next `FULL` commit (or checkpoint) makes earlier acks durable too.
 //!
 //! Opening never changes a file it refuses: permissions and the SQLite
 //! header are checked first, then the file is opened read-only to check the
@@ -32,25 +49,39 @@ use super::{Trust, disk};
 /// File name of the database inside the state directory.
 pub const DB_FILE_NAME: &str = "o2tr.db";
 
+/// The WAL size above which a store holding superseded secret bytes
+/// checkpoints at the end of a write instead of waiting for
+/// [`Store::maintenance`]: bounds both the disk space and how much old
+/// content a burst can leave behind.
+pub const WAL_WIPE_BYTES: u64 = 4 << 20;
+
 /// The SQLite-backed [`Store`]. `Send`, not `Sync`: share it behind a mutex.
 ///
-/// Every mutating call commits before returning. Calls that replace or
-/// delete secret content (snapshot replaced or deleted, expiry, key
-/// replaced, held message released) then run a `wal_checkpoint(TRUNCATE)`
-/// so the old bytes leave the `-wal` file too. If that checkpoint cannot
-/// complete (another process is reading the database, e.g. a CLI command),
-/// the change stays committed, a warning is logged, and the old bytes are
-/// wiped by a later checkpoint.
+/// Every mutating call commits before returning; snapshot, key, held,
+/// inbox and outbox writes with `synchronous=FULL`, acks with `NORMAL` (see
+/// the module docs). Calls that replace or delete secret content on the
+/// per-message path (snapshot replaced, snapshot deleted or held message
+/// released inside [`Store::commit_step`], key replaced, held message
+/// released, inbox entry acknowledged) leave the old bytes in the `-wal`
+/// file until the next `wal_checkpoint(TRUNCATE)`: [`Store::maintenance`] (run it about
+/// once a second; it does nothing when nothing is pending), a WAL larger
+/// than [`WAL_WIPE_BYTES`], [`SqliteStore::open`] or drop. If a checkpoint
+/// cannot complete (another process is reading the database, e.g. a CLI
+/// command), the store stays "unwiped" and the next one retries. The rare,
+/// explicit [`Store::delete_snapshot`] and [`Store::expire_snapshots`]
+/// still checkpoint before returning.
 ///
 /// Cost (measured on the development VM, ext4): a commit is one fsync
-/// (~6 ms); a save that replaces a snapshot adds the checkpoint (~25 ms
-/// more). A caller that saves in bursts can turn the per-replace checkpoint
-/// off with [`SqliteStore::set_wipe_on_replace`] and call
-/// [`SqliteStore::checkpoint`] itself after the burst.
+/// (~5 ms); a checkpoint ~25 ms. [`SqliteStore::set_wipe_immediately`]
+/// restores the checkpoint inside every wiping call (slow; for callers
+/// that cannot run maintenance).
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
-    wipe_on_replace: bool,
+    wal_path: PathBuf,
+    wipe_immediately: bool,
+    /// Superseded secret content may remain in the `-wal` file.
+    unwiped: bool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -122,20 +153,36 @@ impl SqliteStore {
         for suffix in ["-wal", "-shm"] {
             disk::restrict_if_exists(&disk::companion(path, suffix))?;
         }
-        Ok(Self {
+        let mut store = Self {
             conn,
             path: path.to_path_buf(),
-            wipe_on_replace: true,
-        })
+            wal_path: disk::companion(path, "-wal"),
+            wipe_immediately: false,
+            // A crash may have left superseded bytes in the WAL: wipe now.
+            unwiped: true,
+        };
+        match store.maintenance() {
+            Ok(()) => {}
+            Err(Error::CheckpointBusy) => tracing::warn!(
+                path = %path.display(),
+                "WAL checkpoint at open incomplete (another process is reading); retried later"
+            ),
+            Err(e) => return Err(e),
+        }
+        Ok(store)
     }
 
-    /// Whether [`Store::save_snapshot`] and [`Store::set_account_key`] run a
-    /// TRUNCATE checkpoint when they replace existing bytes (default `true`).
-    /// With `false`, the replaced bytes stay in the `-wal` file until the
-    /// caller runs [`Self::checkpoint`] (or a delete, expiry or release
-    /// does). Deletions always checkpoint.
-    pub fn set_wipe_on_replace(&mut self, on: bool) {
-        self.wipe_on_replace = on;
+    /// Whether every call that replaces or deletes secret content runs the
+    /// TRUNCATE checkpoint itself before returning (default `false`: the
+    /// wipe waits for [`Store::maintenance`], the WAL size limit, or drop).
+    pub fn set_wipe_immediately(&mut self, on: bool) {
+        self.wipe_immediately = on;
+    }
+
+    /// Whether superseded secret content may still be in the `-wal` file
+    /// (a wiping change was committed and no checkpoint completed since).
+    pub fn has_unwiped(&self) -> bool {
+        self.unwiped
     }
 
     /// The database file's path.
@@ -148,26 +195,63 @@ impl SqliteStore {
     /// replaced or deleted earlier (already zeroed by `secure_delete` in the
     /// new page versions) no longer exists in either file. Returns
     /// [`Error::CheckpointBusy`] if another connection's read prevented it.
-    pub fn checkpoint(&self) -> Result<()> {
+    pub fn checkpoint(&mut self) -> Result<()> {
         let busy: i64 = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
         if busy != 0 {
             return Err(Error::CheckpointBusy);
         }
+        self.unwiped = false;
         Ok(())
     }
 
-    /// Checkpoint after a committed wipe-worthy change: failure is logged,
-    /// not returned, because the change itself is already durable.
-    fn wipe(&self) {
+    /// Called after a committed change that superseded secret content: the
+    /// old bytes are now only in the WAL. Checkpoints at once when asked to
+    /// or when the WAL is large, else leaves it to [`Store::maintenance`].
+    /// A failed checkpoint is logged, not returned: the change itself is
+    /// already durable, and the store stays "unwiped" so the next
+    /// maintenance retries.
+    fn superseded(&mut self) {
+        self.unwiped = true;
+        let large = std::fs::metadata(&self.wal_path).is_ok_and(|m| m.len() > WAL_WIPE_BYTES);
+        if self.wipe_immediately || large {
+            if let Err(err) = self.checkpoint() {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    cause = %err,
+                    "WAL checkpoint failed; old content stays in the WAL until the next one"
+                );
+            }
+        }
+    }
+
+    /// Checkpoint at once after an explicit deletion of whole conversations
+    /// ([`Store::delete_snapshot`], [`Store::expire_snapshots`]): rare, and
+    /// the user expects those keys gone when the call returns. Failure is
+    /// logged and left to the next maintenance, as in [`Self::superseded`].
+    fn wipe_now(&mut self) {
+        self.unwiped = true;
         if let Err(err) = self.checkpoint() {
             tracing::warn!(
                 path = %self.path.display(),
                 cause = %err,
-                "WAL checkpoint after deletion failed; old content stays in the WAL until the next checkpoint"
+                "WAL checkpoint after deletion failed; old content stays in the WAL until the next one"
             );
         }
+    }
+
+    /// Runs `f` (one autocommit statement or transaction) with
+    /// `synchronous=NORMAL`: committed, ordered after every earlier commit,
+    /// but not fsynced. For acknowledgements only (see the module docs).
+    fn relaxed<T>(&mut self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let out = f(&self.conn);
+        // Setting the pragma touches no file, so this does not fail in
+        // practice; if it did, the error is returned rather than leaving
+        // later snapshot commits unsynced silently.
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(out?)
     }
 
     fn snapshots_where(
@@ -276,9 +360,7 @@ impl Store for SqliteStore {
              ON CONFLICT(account) DO UPDATE SET private_key = excluded.private_key",
             params![account, key],
         )?;
-        if self.wipe_on_replace {
-            self.wipe();
-        }
+        self.superseded();
         Ok(())
     }
 
@@ -408,8 +490,8 @@ impl Store for SqliteStore {
             ],
         )?;
         tx.commit()?;
-        if replaced && self.wipe_on_replace {
-            self.wipe();
+        if replaced {
+            self.superseded();
         }
         Ok(())
     }
@@ -441,7 +523,7 @@ impl Store for SqliteStore {
             params![key.account, key.peer, i64::from(key.instance)],
         )?;
         if n > 0 {
-            self.wipe();
+            self.wipe_now();
         }
         Ok(n > 0)
     }
@@ -482,7 +564,7 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         if !keys.is_empty() {
-            self.wipe();
+            self.wipe_now();
         }
         Ok(keys)
     }
@@ -513,7 +595,7 @@ impl Store for SqliteStore {
             .conn
             .execute("DELETE FROM held_message WHERE id = ?1", [id])?;
         if n > 0 {
-            self.wipe();
+            self.superseded();
         }
         Ok(n > 0)
     }
@@ -631,8 +713,8 @@ impl Store for SqliteStore {
             }
         }
         tx.commit()?;
-        if deleted || (replaced && self.wipe_on_replace) {
-            self.wipe();
+        if deleted || replaced {
+            self.superseded();
         }
         Ok(receipt)
     }
@@ -646,12 +728,15 @@ impl Store for SqliteStore {
     }
 
     fn ack_inbox(&mut self, account: &str, peer: &str, through: i64) -> Result<usize> {
-        let n = self.conn.execute(
-            "DELETE FROM inbox WHERE account = ?1 AND peer = ?2 AND id <= ?3",
-            params![account, peer, through],
-        )?;
+        let n = self.relaxed(|c| {
+            c.execute(
+                "DELETE FROM inbox WHERE account = ?1 AND peer = ?2 AND id <= ?3",
+                params![account, peer, through],
+            )
+        })?;
         if n > 0 {
-            self.wipe();
+            // Plaintext: wiped by the next checkpoint.
+            self.superseded();
         }
         Ok(n)
     }
@@ -687,10 +772,15 @@ impl Store for SqliteStore {
 
     fn ack_outbox(&mut self, id: i64) -> Result<bool> {
         // Ciphertext only: no wipe needed.
-        let n = self
-            .conn
-            .execute("DELETE FROM outbox WHERE id = ?1", [id])?;
+        let n = self.relaxed(|c| c.execute("DELETE FROM outbox WHERE id = ?1", [id]))?;
         Ok(n > 0)
+    }
+
+    fn maintenance(&mut self) -> Result<()> {
+        if self.unwiped {
+            self.checkpoint()?;
+        }
+        Ok(())
     }
 
     fn fragments(&self, account: &str, peer: &str) -> Result<Vec<String>> {
@@ -701,6 +791,16 @@ impl Store for SqliteStore {
             .query_map(params![account, peer], |r| r.get::<_, String>(0))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(texts)
+    }
+}
+
+impl Drop for SqliteStore {
+    /// Clean shutdown: wipe what is pending before SQLite's own close-time
+    /// checkpoint (which does the same, but silently).
+    fn drop(&mut self) {
+        if let Err(err) = self.maintenance() {
+            tracing::warn!(path = %self.path.display(), cause = %err, "WAL checkpoint at close failed");
+        }
     }
 }
 
@@ -732,6 +832,25 @@ mod tests {
         assert_eq!(q("secure_delete"), "Integer(1)");
         assert_eq!(q("foreign_keys"), "Integer(1)");
         assert_eq!(q("user_version"), format!("Integer({SCHEMA_VERSION})"));
+    }
+
+    #[test]
+    fn acks_commit_relaxed_then_full_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(dir.path()).unwrap();
+        let sync =
+            |c: &Connection| c.pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0));
+        let inside = s.relaxed(sync).unwrap();
+        assert_eq!(inside, 1, "NORMAL inside an ack");
+        assert_eq!(sync(&s.conn).unwrap(), 2, "FULL again after it");
+        // A failing statement restores FULL too.
+        assert!(
+            s.relaxed(|c| c.execute("DELETE FROM no_such_table", []))
+                .is_err()
+        );
+        assert_eq!(sync(&s.conn).unwrap(), 2);
+        assert!(!s.ack_outbox(1).unwrap());
+        assert_eq!(sync(&s.conn).unwrap(), 2);
     }
 
     #[test]
