@@ -9,11 +9,12 @@
 //! stream-reset race); the bind result gives the account JID; after that
 //! `<message>` stanzas go through the hook.
 
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -246,6 +247,8 @@ enum ConnError {
     ClientTls(io::Error),
     #[error("timed out during negotiation")]
     Timeout,
+    #[error("upstream link dead: no answer to a ping within {0:?}")]
+    ServerSilent(Duration),
 }
 
 fn client_leg_err(e: LegError) -> ConnError {
@@ -293,6 +296,10 @@ pub(crate) async fn handle(
                         want_sm: shared.config.upstream_sm,
                         sm_offered: false,
                         sm: None,
+                        liveness: Liveness::new(
+                            shared.config.upstream_ping_interval,
+                            shared.config.upstream_ping_timeout,
+                        ),
                     };
                     relay.run(pending, &mut shutdown).await
                 }
@@ -469,6 +476,97 @@ struct Relay<'a> {
     sm_offered: bool,
     /// Upstream SM state once the proxy sent `<enable/>`.
     sm: Option<UpstreamSm>,
+    /// Dead-link detection on the upstream leg.
+    liveness: Liveness,
+}
+
+/// How many ping ids are remembered so that late answers are still
+/// consumed (never shown to the client).
+const PING_IDS_KEPT: usize = 8;
+
+/// Upstream dead-link detection: ping after `interval` of silence, give up
+/// `timeout` after a ping that nothing answered. Any byte from the server
+/// counts as an answer (a busy link needs no ping).
+#[derive(Debug)]
+struct Liveness {
+    interval: Duration,
+    timeout: Duration,
+    /// When the server last sent anything.
+    last_heard: Instant,
+    /// When the unanswered ping was sent.
+    pinged_at: Option<Instant>,
+    /// Ids of our XEP-0199 pings, newest last, whose results are consumed.
+    ids: VecDeque<String>,
+    next_id: u64,
+}
+
+/// What the relay should do about the upstream's silence.
+#[derive(Debug, PartialEq, Eq)]
+enum LivenessStep {
+    Nothing,
+    Ping,
+    Dead,
+}
+
+impl Liveness {
+    fn new(interval: Duration, timeout: Duration) -> Liveness {
+        Liveness {
+            interval,
+            timeout,
+            last_heard: Instant::now(),
+            pinged_at: None,
+            ids: VecDeque::new(),
+            next_id: 1,
+        }
+    }
+
+    fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+        self.pinged_at = None;
+    }
+
+    fn step(&self, now: Instant) -> LivenessStep {
+        if self.interval.is_zero() {
+            return LivenessStep::Nothing;
+        }
+        match self.pinged_at {
+            Some(at) if now.saturating_duration_since(at) >= self.timeout => LivenessStep::Dead,
+            Some(_) => LivenessStep::Nothing,
+            None if now.saturating_duration_since(self.last_heard) >= self.interval => {
+                LivenessStep::Ping
+            }
+            None => LivenessStep::Nothing,
+        }
+    }
+
+    /// Records a ping sent now; returns the id for an XEP-0199 ping.
+    fn pinged(&mut self, now: Instant) -> String {
+        self.pinged_at = Some(now);
+        let id = format!("o2tr-ping-{}-{}", self.next_id, random_id());
+        self.next_id += 1;
+        if self.ids.len() == PING_IDS_KEPT {
+            self.ids.pop_front();
+        }
+        self.ids.push_back(id.clone());
+        id
+    }
+
+    /// True (and forgotten) if `el` answers one of our pings.
+    fn consume_answer(&mut self, el: &Element) -> bool {
+        if !el.is("iq", ns::CLIENT) || !matches!(el.attr("type"), Some("result" | "error")) {
+            return false;
+        }
+        let Some(id) = el.attr("id") else {
+            return false;
+        };
+        match self.ids.iter().position(|i| i == id) {
+            Some(pos) => {
+                self.ids.remove(pos);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// XEP-0198 counters of the upstream leg (the proxy is the SM client).
@@ -580,11 +678,12 @@ impl Relay<'_> {
                 },
                 r = self.server.read_some() => match r {
                     Ok(0) => return Err(ConnError::ServerGone),
-                    Ok(_) => {}
+                    Ok(_) => self.liveness.heard(Instant::now()),
                     Err(e) => return Err(ConnError::ServerIo(e)),
                 },
                 _ = tick.tick() => {
                     if self.bound.is_some() {
+                        self.check_liveness().await?;
                         let outs = self.hook.tick(SystemTime::now());
                         self.dispatch(outs).await?;
                     }
@@ -631,6 +730,38 @@ impl Relay<'_> {
         }
         self.server.close_with(b"").await;
         self.client.close_with(b"").await;
+    }
+
+    /// Pings a silent upstream, or gives up on one that did not answer.
+    async fn check_liveness(&mut self) -> Result<(), ConnError> {
+        let now = Instant::now();
+        match self.liveness.step(now) {
+            LivenessStep::Nothing => Ok(()),
+            LivenessStep::Dead => Err(ConnError::ServerSilent(self.liveness.timeout)),
+            LivenessStep::Ping => {
+                if self.sm.as_ref().is_some_and(|sm| sm.enabled) {
+                    // The server must answer `<r/>` with `<a/>` (consumed
+                    // in on_server_sm); no stanza counted.
+                    self.liveness.pinged(now);
+                    let r = format!("<r xmlns='{}'/>", ns::SM3);
+                    return self.send_server(r.as_bytes()).await;
+                }
+                let id = self.liveness.pinged(now);
+                let to = self
+                    .bound
+                    .as_ref()
+                    .map(|j| format!(" to='{}'", escape_attr(j.domain())))
+                    .unwrap_or_default();
+                let ping = format!(
+                    "<iq type='get' id='{id}'{to}><ping xmlns='{}'/></iq>",
+                    ns::PING
+                );
+                if let Some(sm) = self.sm.as_mut() {
+                    sm.h_out = sm.h_out.wrapping_add(1);
+                }
+                self.send_server(ping.as_bytes()).await
+            }
+        }
     }
 
     fn count_out(&mut self, el: &Element) {
@@ -807,6 +938,10 @@ impl Relay<'_> {
                         sm.h_in = sm.h_in.wrapping_add(1);
                     }
                 }
+                if self.liveness.consume_answer(&el) {
+                    // Our own ping's answer: the client never asked.
+                    return Ok(Flow::Go);
+                }
                 if features::is_features(&el) {
                     self.sm_offered = el.has_child("sm", ns::SM3);
                     let mut el = el;
@@ -878,6 +1013,155 @@ mod tests {
         assert!(o.contains("?OTR:AAMDabc."), "{o}");
         let x = redact(b"<message><body>?OTR:AAMD.</body><html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>leak1</p></body></html><x xmlns='jabber:x:oob'><url>https://x/leak2</url></x></message>", false);
         assert!(!x.contains("leak1") && !x.contains("leak2"), "{x}");
+    }
+
+    #[test]
+    fn liveness_pings_after_silence_and_gives_up_after_timeout() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut l = Liveness::new(s(60), s(20));
+        l.heard(t0);
+        assert_eq!(l.step(t0 + s(59)), LivenessStep::Nothing);
+        assert_eq!(l.step(t0 + s(60)), LivenessStep::Ping);
+        let id = l.pinged(t0 + s(60));
+        assert_eq!(l.step(t0 + s(79)), LivenessStep::Nothing);
+        assert_eq!(l.step(t0 + s(80)), LivenessStep::Dead);
+        // Any data clears the pending ping.
+        l.heard(t0 + s(70));
+        assert_eq!(l.step(t0 + s(80)), LivenessStep::Nothing);
+        let scope = NsScope::client_stream();
+        let answer = |typ: &str, id: &str| {
+            Element::parse(format!("<iq type='{typ}' id='{id}'/>").as_bytes(), &scope).unwrap()
+        };
+        assert!(!l.consume_answer(&answer("result", "someone-else")));
+        assert!(!l.consume_answer(&answer("get", &id)));
+        assert!(l.consume_answer(&answer("error", &id)));
+        assert!(!l.consume_answer(&answer("result", &id)), "consumed once");
+        // Off when the interval is zero.
+        let off = Liveness::new(Duration::ZERO, s(1));
+        assert_eq!(off.step(t0 + s(3600)), LivenessStep::Nothing);
+    }
+
+    const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
+        xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+
+    /// Reads from `io` until the text read so far contains `needle`;
+    /// returns everything read.
+    async fn read_until(io: &mut tokio::io::DuplexStream, seen: &mut String, needle: &str) {
+        let mut buf = [0u8; 4096];
+        let found = tokio::time::timeout(Duration::from_secs(10), async {
+            while !seen.contains(needle) {
+                let n = io.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok() && seen.contains(needle),
+            "no {needle:?} in {seen:?}"
+        );
+    }
+
+    /// Runs a bound relay between two in-memory legs, with `sm` as the
+    /// upstream SM state, while `script` plays client and server.
+    async fn with_relay<F, Fut>(sm: Option<UpstreamSm>, script: F) -> Result<&'static str, String>
+    where
+        F: FnOnce(tokio::io::DuplexStream, tokio::io::DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (client_near, client_far) = tokio::io::duplex(64 * 1024);
+        let (server_near, server_far) = tokio::io::duplex(64 * 1024);
+        let ctx = Ctx {
+            id: 1,
+            debug: false,
+            plaintext: false,
+            fcfg: FramerConfig::default(),
+        };
+        let mut hook = super::super::PassThrough;
+        let mut relay = Relay {
+            ctx: &ctx,
+            hook: &mut hook,
+            client: Leg::new(Box::new(client_near) as Box<dyn Io>, ctx.fcfg),
+            server: Leg::new(Box::new(server_near) as Box<dyn Io>, ctx.fcfg),
+            client_scope: NsScope::client_stream(),
+            to_client_scope: NsScope::client_stream(),
+            bind_ids: Vec::new(),
+            bound: Jid::parse("alice@example.test/r1").ok(),
+            want_sm: sm.is_some(),
+            sm_offered: sm.is_some(),
+            sm,
+            liveness: Liveness::new(Duration::from_millis(300), Duration::from_millis(300)),
+        };
+        let (_stop, mut shutdown) = broadcast::channel::<()>(1);
+        let (res, ()) = tokio::join!(
+            relay.run(None, &mut shutdown),
+            script(client_far, server_far)
+        );
+        res.map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn silent_upstream_gets_pinged_answers_are_consumed_and_silence_ends_it() {
+        let res = with_relay(None, |mut client, mut server| async move {
+            client.write_all(HEADER.as_bytes()).await.unwrap();
+            server.write_all(HEADER.as_bytes()).await.unwrap();
+            let mut from_proxy = String::new();
+            read_until(&mut server, &mut from_proxy, "urn:xmpp:ping").await;
+            assert!(from_proxy.contains("to='example.test'"), "{from_proxy}");
+            let id = from_proxy
+                .split("id='")
+                .nth(1)
+                .and_then(|r| r.split('\'').next())
+                .unwrap()
+                .to_owned();
+            let answer = format!(
+                "<iq type='result' id='{id}' from='example.test'/>\
+                 <message from='bob@example.test/x' to='alice@example.test/r1'>\
+                 <body>after the ping</body></message>"
+            );
+            server.write_all(answer.as_bytes()).await.unwrap();
+            let mut to_client = String::new();
+            read_until(&mut client, &mut to_client, "after the ping").await;
+            // Still alive, so it pings again after more silence; this time
+            // nobody answers.
+            from_proxy.clear();
+            read_until(&mut server, &mut from_proxy, "urn:xmpp:ping").await;
+            read_until(&mut client, &mut to_client, "remote-connection-failed").await;
+            assert!(!to_client.contains("o2tr-ping"), "{to_client}");
+            assert!(!to_client.contains("urn:xmpp:ping"), "{to_client}");
+        })
+        .await;
+        let err = res.unwrap_err();
+        assert!(err.contains("upstream link dead"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn with_upstream_sm_the_ping_is_an_ack_request() {
+        let sm = UpstreamSm {
+            enabled: true,
+            ..UpstreamSm::default()
+        };
+        let res = with_relay(Some(sm), |mut client, mut server| async move {
+            client.write_all(HEADER.as_bytes()).await.unwrap();
+            server.write_all(HEADER.as_bytes()).await.unwrap();
+            let mut from_proxy = String::new();
+            read_until(&mut server, &mut from_proxy, "<r xmlns='urn:xmpp:sm:3'/>").await;
+            assert!(!from_proxy.contains("urn:xmpp:ping"), "{from_proxy}");
+            server
+                .write_all(b"<a xmlns='urn:xmpp:sm:3' h='0'/>")
+                .await
+                .unwrap();
+            from_proxy.clear();
+            read_until(&mut server, &mut from_proxy, "<r xmlns='urn:xmpp:sm:3'/>").await;
+            let mut to_client = String::new();
+            read_until(&mut client, &mut to_client, "remote-connection-failed").await;
+            assert!(!to_client.contains("urn:xmpp:sm"), "{to_client}");
+        })
+        .await;
+        assert!(res.unwrap_err().contains("upstream link dead"));
     }
 
     #[test]
