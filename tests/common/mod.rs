@@ -7,4 +7,5 @@ pub mod interop;
 pub mod pair;
 pub mod peer;
 pub mod proxy;
+pub mod relay;
 pub mod xmpp_client;
