@@ -102,7 +102,7 @@ pub struct RunArgs {
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub upstream_insecure: Option<bool>,
     /// XEP-0198 stream management on the upstream leg, so stanzas lost in
-    /// a link cut without a FIN go to offline storage [default: false]
+    /// a link cut without a FIN go to offline storage [default: true]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub upstream_sm: Option<bool>,

@@ -580,6 +580,52 @@ struct UpstreamSm {
     h_out: u32,
     /// The server's last acknowledged count.
     acked_out: u32,
+    /// `h_in` before the first stanza of an OTR fragment run that has not
+    /// been completed yet. Acks stop there: the fragments live only in the
+    /// conversation's memory, so if the connection dies now the server must
+    /// re-route them (offline storage) and the whole message comes again.
+    partial_from: Option<u32>,
+}
+
+impl UpstreamSm {
+    /// The count to acknowledge.
+    fn ack_h(&self) -> u32 {
+        self.partial_from.unwrap_or(self.h_in)
+    }
+
+    /// Counts one inbound stanza (`el`), tracking OTR fragment runs.
+    fn count_in(&mut self, el: &Element) {
+        let before = self.h_in;
+        self.h_in = self.h_in.wrapping_add(1);
+        if !stanza::is_message(el) {
+            return;
+        }
+        let body = el.get_child("body", ns::CLIENT).map(|b| b.text());
+        match body.as_deref().and_then(otr_fragment_position) {
+            Some((k, n)) if k < n => {
+                self.partial_from.get_or_insert(before);
+            }
+            // A last fragment completes the run. (Fragments of two senders
+            // interleaved may release the other's early: rare, and no
+            // worse than without this.)
+            Some(_) => self.partial_from = None,
+            None => {}
+        }
+    }
+}
+
+/// `(k, n)` of an OTR fragment body (`?OTR|s|r,k,n,…,` or `?OTR,k,n,…,`).
+fn otr_fragment_position(body: &str) -> Option<(u32, u32)> {
+    let rest = body.trim_start().strip_prefix("?OTR")?;
+    let rest = match rest.strip_prefix('|') {
+        // v3: skip the two instance tags.
+        Some(r) => r.split_once(',')?.1,
+        None => rest.strip_prefix(',')?,
+    };
+    let mut it = rest.splitn(3, ',');
+    let k = it.next()?.trim().parse().ok()?;
+    let n = it.next()?.trim().parse().ok()?;
+    Some((k, n))
 }
 
 /// True for a stanza XEP-0198 counts.
@@ -703,8 +749,11 @@ impl Relay<'_> {
     /// The client closed its stream (RFC 6120 §4.4): the server may still
     /// send stanzas until it closes too. Relay them (hook included) until
     /// the server's `</stream:stream>`, EOF or a short timeout, then close
-    /// both legs.
+    /// both legs. With upstream SM, messages are not relayed: a client that
+    /// closed its stream may never show them, and left unacknowledged the
+    /// server re-routes them (to offline storage) when the session ends.
     async fn drain_server_after_client_close(&mut self) {
+        let sm_on = self.sm.as_ref().is_some_and(|sm| sm.enabled);
         let drained = tokio::time::timeout(CLOSE_TIMEOUT, async {
             loop {
                 let f = match self.server.next_frame().await {
@@ -716,6 +765,16 @@ impl Relay<'_> {
                     self.ctx.log_frame("P→C", &b);
                     let _ = self.client.send(&b).await;
                     return;
+                }
+                if sm_on && self.bound.is_some() {
+                    if let Frame::Stanza(raw) = &f {
+                        let is_msg = Element::parse(raw, &self.to_client_scope)
+                            .is_ok_and(|el| stanza::is_message(&el));
+                        if is_msg {
+                            tracing::debug!("message after the client's close left unacknowledged");
+                            continue;
+                        }
+                    }
                 }
                 if self.on_server(f).await.is_err() {
                     return;
@@ -777,7 +836,14 @@ impl Relay<'_> {
         if !self.want_sm || !self.sm_offered || self.sm.is_some() {
             return Ok(());
         }
-        let enable = format!("<enable xmlns='{}' resume='true'/>", ns::SM3);
+        // No resume='true': the proxy never resumes (a reconnecting client
+        // gets a new session), and a session kept for resumption makes
+        // ejabberd, when the window ends while the user's new session is
+        // online, bounce the unacknowledged messages back to their senders
+        // (resend_on_timeout: if_offline) instead of storing them. Without
+        // resumption the dead session ends at once and they go to offline
+        // storage (found by the chaos campaign).
+        let enable = format!("<enable xmlns='{}'/>", ns::SM3);
         self.send_server(enable.as_bytes()).await?;
         self.sm = Some(UpstreamSm::default());
         Ok(())
@@ -785,7 +851,12 @@ impl Relay<'_> {
 
     /// Sends `<a h/>` with the inbound count, if SM is on.
     async fn send_ack(&mut self) -> Result<(), ConnError> {
-        let Some(h) = self.sm.as_ref().filter(|sm| sm.enabled).map(|sm| sm.h_in) else {
+        let Some(h) = self
+            .sm
+            .as_ref()
+            .filter(|sm| sm.enabled)
+            .map(|sm| sm.ack_h())
+        else {
             return Ok(());
         };
         let a = format!("<a xmlns='{}' h='{h}'/>", ns::SM3);
@@ -935,7 +1006,7 @@ impl Relay<'_> {
                 }
                 if self.sm.as_ref().is_some_and(|sm| sm.enabled) && is_counted_stanza(&el) {
                     if let Some(sm) = self.sm.as_mut() {
-                        sm.h_in = sm.h_in.wrapping_add(1);
+                        sm.count_in(&el);
                     }
                 }
                 if self.liveness.consume_answer(&el) {
@@ -1162,6 +1233,37 @@ mod tests {
         })
         .await;
         assert!(res.unwrap_err().contains("upstream link dead"));
+    }
+
+    #[test]
+    fn acks_stop_before_an_unfinished_otr_fragment_run() {
+        assert_eq!(
+            otr_fragment_position("?OTR|1a|2b,00002,00005,abc,"),
+            Some((2, 5))
+        );
+        assert_eq!(otr_fragment_position("?OTR,1,3,abc,"), Some((1, 3)));
+        assert_eq!(otr_fragment_position("?OTR:AAMD"), None);
+        assert_eq!(otr_fragment_position("hello"), None);
+        let scope = NsScope::client_stream();
+        let msg = |body: &str| {
+            Element::parse(
+                format!("<message><body>{body}</body></message>").as_bytes(),
+                &scope,
+            )
+            .unwrap()
+        };
+        let presence = Element::parse(b"<presence/>", &scope).unwrap();
+        let mut sm = UpstreamSm {
+            enabled: true,
+            ..UpstreamSm::default()
+        };
+        sm.count_in(&msg("hi"));
+        sm.count_in(&msg("?OTR|1|2,00001,00003,a,"));
+        sm.count_in(&presence);
+        sm.count_in(&msg("?OTR|1|2,00002,00003,b,"));
+        assert_eq!((sm.h_in, sm.ack_h()), (4, 1), "the run is not acknowledged");
+        sm.count_in(&msg("?OTR|1|2,00003,00003,c,"));
+        assert_eq!(sm.ack_h(), 5, "complete: everything acknowledged");
     }
 
     #[test]

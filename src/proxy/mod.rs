@@ -68,7 +68,7 @@ pub struct ProxyConfig {
     /// With `debug_packets`, do not redact bodies and SASL payloads.
     pub log_plaintext: bool,
     /// Terminate XEP-0198 stream management on the upstream leg: after
-    /// bind the proxy enables SM (with resumption) with the server itself,
+    /// bind the proxy enables SM (without resumption) with the server itself,
     /// answers its `<r/>` with its own count and sends a final `<a/>`
     /// before a clean close. The server then knows which stanzas never
     /// reached the proxy when the link dies without a FIN, and (ejabberd
@@ -92,8 +92,9 @@ pub struct ProxyConfig {
 
 impl ProxyConfig {
     /// Defaults: listen on 127.0.0.1:5222, resolve upstream, verify with
-    /// the web PKI, no certificate, 1 MiB stanzas, 256 connections, ping a
-    /// silent upstream after 60 s and give up 20 s later,
+    /// the web PKI, no certificate, 1 MiB stanzas, 256 connections,
+    /// upstream SM on, ping a silent upstream after 60 s and give up 20 s
+    /// later,
     /// [`PassThrough`] hook.
     pub fn new() -> ProxyConfig {
         ProxyConfig {
@@ -108,7 +109,7 @@ impl ProxyConfig {
             max_connections: 256,
             debug_packets: false,
             log_plaintext: false,
-            upstream_sm: false,
+            upstream_sm: true,
             upstream_ping_interval: DEFAULT_UPSTREAM_PING_INTERVAL,
             upstream_ping_timeout: DEFAULT_UPSTREAM_PING_TIMEOUT,
             hooks: Arc::new(PassThrough),
