@@ -10,6 +10,7 @@
 #   O2TR_CHAOS_UPSTREAM_SM=true|false   the proxies' --upstream-sm
 #   O2TR_CHAOS_ONLY=2,5                 only these fault kinds (see FAULTS)
 #   O2TR_TEST_PROXY_LOG=FILE            keep the proxies' logs
+#   O2TR_CHAOS_BUDGET_SECS=N            start no new trial after N seconds
 # Prints the per-fault table at the end and writes it to
 # target/chaos-report.txt. Exit status: the test's (non-zero if any trial
 # failed a check).

@@ -952,6 +952,12 @@ fn chaos_campaign() {
             .filter_map(|i| FAULTS.get(i).copied())
             .collect()
     });
+    // O2TR_CHAOS_BUDGET_SECS: start no new trial after this long.
+    let budget = std::env::var("O2TR_CHAOS_BUDGET_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(Duration::from_secs);
+    let mut done = 0;
     let mut order: Vec<Fault> = Vec::new();
     for t in 0..trials {
         if order.is_empty() {
@@ -1022,18 +1028,25 @@ fn chaos_campaign() {
                 c.failures.push(line);
             }
         }
-        if (t + 1) % 10 == 0 {
+        done = t + 1;
+        if done % 10 == 0 {
             eprintln!(
-                "[chaos] {} trials done in {:.0} s",
-                t + 1,
+                "[chaos] {done} trials done in {:.0} s",
                 started.elapsed().as_secs_f64()
             );
+        }
+        if done % 50 == 0 {
+            eprintln!("{}", print_table(&c, seed, done));
+        }
+        if budget.is_some_and(|b| started.elapsed() > b) {
+            eprintln!("[chaos] time budget spent after {done} of {trials} trials");
+            break;
         }
     }
     // The offline spool and archive never saw a plaintext either.
     let db = c.ej.dump_db();
     let db_leak = db.contains(&format!("chaos-{}", c.tok));
-    let table = print_table(&c, seed, trials);
+    let table = print_table(&c, seed, done);
     eprintln!(
         "{table}total {:.0} s; server database plaintext: {}",
         started.elapsed().as_secs_f64(),
