@@ -47,6 +47,9 @@ pub const KEYS: &[&str] = &[
     "upstream_ca",
     "upstream_insecure",
     "dns_server",
+    "upstream_sm",
+    "upstream_ping_secs",
+    "upstream_ping_timeout_secs",
     "tls_cert",
     "tls_key",
     "allow_plaintext_client",
@@ -92,6 +95,12 @@ pub struct RawConfig {
     /// DNS server (`IP` or `IP:PORT`) for the upstream SRV lookup, instead
     /// of the system's resolver configuration.
     pub dns_server: Option<String>,
+    /// XEP-0198 stream management on the upstream leg.
+    pub upstream_sm: Option<bool>,
+    /// Ping a silent upstream after this many seconds (0 = never).
+    pub upstream_ping_secs: Option<u64>,
+    /// Give up on an upstream that answers no ping within this many seconds.
+    pub upstream_ping_timeout_secs: Option<u64>,
     /// PEM certificate chain offered to clients.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
@@ -280,6 +289,12 @@ pub struct Config {
     pub upstream_insecure: bool,
     /// DNS server for the upstream lookup (`None`: the system's).
     pub dns_server: Option<SocketAddr>,
+    /// Upstream stream management.
+    pub upstream_sm: bool,
+    /// Idle seconds before pinging the upstream (0 = never).
+    pub upstream_ping_secs: u64,
+    /// Seconds a ping may go unanswered.
+    pub upstream_ping_timeout_secs: u64,
     /// Client leg security.
     pub client_tls: ClientTls,
     /// Whether plaintext clients were allowed by the user.
@@ -406,6 +421,15 @@ pub fn raw_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<RawConfig, C
         upstream_ca: path("upstream_ca"),
         upstream_insecure: boolean("upstream_insecure")?,
         dns_server: get("dns_server"),
+        upstream_sm: boolean("upstream_sm")?,
+        upstream_ping_secs: {
+            let (v, x) = n("upstream_ping_secs");
+            num(v, x)?
+        },
+        upstream_ping_timeout_secs: {
+            let (v, x) = n("upstream_ping_timeout_secs");
+            num(v, x)?
+        },
         tls_cert: path("tls_cert"),
         tls_key: path("tls_key"),
         allow_plaintext_client: boolean("allow_plaintext_client")?,
@@ -552,6 +576,23 @@ pub fn resolve(layers: &Layers) -> Result<Config, ConfigError> {
         check_ca_file(p).map_err(|m| file_err("upstream_ca", p, &sources, m))?;
     }
     let upstream_insecure = get!(upstream_insecure, false);
+    let upstream_sm = get!(upstream_sm, ProxyConfig::new().upstream_sm);
+    let upstream_ping_secs = get!(
+        upstream_ping_secs,
+        crate::proxy::DEFAULT_UPSTREAM_PING_INTERVAL.as_secs()
+    );
+    let upstream_ping_timeout_secs = get!(
+        upstream_ping_timeout_secs,
+        crate::proxy::DEFAULT_UPSTREAM_PING_TIMEOUT.as_secs()
+    );
+    if upstream_ping_timeout_secs == 0 {
+        return Err(invalid(
+            "upstream_ping_timeout_secs",
+            "0",
+            &sources,
+            "must be at least 1 (turn pings off with upstream_ping_secs = 0)".into(),
+        ));
+    }
 
     let state_dir: PathBuf = match layers.pick(|r| r.state_dir.clone()) {
         Some((v, s)) => {
@@ -700,6 +741,9 @@ pub fn resolve(layers: &Layers) -> Result<Config, ConfigError> {
         upstream_ca,
         upstream_insecure,
         dns_server,
+        upstream_sm,
+        upstream_ping_secs,
+        upstream_ping_timeout_secs,
         client_tls,
         allow_plaintext_client,
         state_dir,
@@ -887,9 +931,9 @@ impl Config {
             max_connections: self.max_connections,
             debug_packets: self.debug_packets,
             log_plaintext: self.log_plaintext,
-            // Off until a new login after a server restart is proven with
-            // it (see the upstream SM notes in src/proxy).
-            upstream_sm: false,
+            upstream_sm: self.upstream_sm,
+            upstream_ping_interval: std::time::Duration::from_secs(self.upstream_ping_secs),
+            upstream_ping_timeout: std::time::Duration::from_secs(self.upstream_ping_timeout_secs),
             hooks,
         }
     }
@@ -936,6 +980,15 @@ impl Config {
             (
                 "dns_server",
                 self.dns_server.map(|a| toml_str(&a.to_string())),
+            ),
+            ("upstream_sm", Some(self.upstream_sm.to_string())),
+            (
+                "upstream_ping_secs",
+                Some(self.upstream_ping_secs.to_string()),
+            ),
+            (
+                "upstream_ping_timeout_secs",
+                Some(self.upstream_ping_timeout_secs.to_string()),
             ),
             ("tls_cert", cert),
             ("tls_key", key),

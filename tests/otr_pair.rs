@@ -5,7 +5,7 @@
 mod common;
 
 use common::pair::{ALICE_TAG, BOB_TAG, Pair, keys};
-use o2tr_proxy::otr::conversation::Notice;
+use o2tr_proxy::otr::conversation::{Action, Notice};
 
 fn is_commit(body: &str) -> bool {
     // v3 D-H Commit: version 0x0003, type 0x02 → base64 "AAMC".
@@ -332,4 +332,49 @@ fn missing_and_reordered_messages_are_reported() {
     assert_eq!(late, vec![true, true], "both late messages refused as such");
     // No OTR error went back for them (it would force a new AKE).
     assert!(!p.bob.outbox.iter().any(|b| b.starts_with("?OTR Error")));
+}
+
+/// The responder's new session is durable before its Signature message
+/// leaves: the initiator goes private on that message and may send data at
+/// once, so a crash right after sending it must not lose the session (found
+/// by the chaos campaign: a proxy SIGKILLed during an AKE).
+#[test]
+fn responder_crash_right_after_signature_keeps_the_session() {
+    let mut p = Pair::new();
+    // Bob's query makes alice the initiator and bob the responder.
+    p.bob.start(p.now);
+    let mut signature = Vec::new();
+    for _ in 0..100 {
+        if let Some(m) = p.alice.outbox.pop_front() {
+            let a = p.bob.conv.handle_incoming(&m, p.now, &mut p.bob.rng);
+            let sig = a
+                .iter()
+                .position(|x| matches!(x, Action::Send(s) if s.starts_with("?OTR:AAMS")));
+            let persist = a.iter().position(|x| matches!(x, Action::Persist(_)));
+            p.bob.apply(a);
+            if let Some(sig) = sig {
+                assert!(
+                    persist.is_some_and(|q| q < sig),
+                    "Persist {persist:?} must precede the Signature at {sig}"
+                );
+                signature = p.bob.outbox.drain(..).collect();
+                break;
+            }
+        } else if let Some(m) = p.bob.outbox.pop_front() {
+            p.alice.receive(&m, p.now);
+        } else {
+            break;
+        }
+    }
+    assert!(!signature.is_empty(), "bob sent a Signature message");
+    // Bob's process dies right after sending it.
+    let kb = keys().1.clone();
+    p.bob.restart("bob@example.test", BOB_TAG, kb);
+    for m in signature {
+        p.alice.receive(&m, p.now);
+    }
+    assert!(p.alice.conv.is_private());
+    p.alice.send("right after the AKE", p.now);
+    p.run();
+    assert_eq!(p.bob.texts(), vec!["right after the AKE".to_string()]);
 }

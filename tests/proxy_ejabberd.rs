@@ -1105,3 +1105,69 @@ fn upstream_sm_recovers_stanzas_written_into_a_dead_link() {
     }
     bob.quit();
 }
+
+/// Dead-link detection: the relay between the proxy and ejabberd stops
+/// forwarding (no FIN, no RST). The proxy pings the silent upstream (an SM
+/// `<r/>` with upstream SM, else an XEP-0199 ping), gets no answer and
+/// ends the client's stream with `remote-connection-failed` within seconds
+/// instead of waiting for TCP to give up. While the link is alive its pings
+/// are answered and the answers never reach the client.
+#[test]
+fn dead_upstream_link_is_detected_by_ping() {
+    let ej = Ejabberd::start();
+    ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b")]);
+    for (user, pw, sm) in [("alice", "pw-a", true), ("bob", "pw-b", false)] {
+        let hole = Blackhole::start(ej.addr());
+        let p = Proxy::start(&ej, |c| {
+            c.upstream = Some(("127.0.0.1".into(), hole.port));
+            c.upstream_sm = sm;
+            c.upstream_ping_interval = Duration::from_secs(1);
+            c.upstream_ping_timeout = Duration::from_secs(2);
+        });
+        let domain = ej.domain.clone();
+        let mut raw =
+            p.rt.block_on(raw_login(p.addr, &p.pki.ca(), &domain, user, pw));
+        // Idle long enough for a ping to be sent and answered.
+        let (ping, answer) = if sm {
+            ("<r xmlns='urn:xmpp:sm:3'/>", "S→P <a ")
+        } else {
+            ("urn:xmpp:ping", "o2tr-ping-1")
+        };
+        eventually("a ping answered while the link is alive", || {
+            let log = log_text();
+            let mut sent = false;
+            for l in log.lines() {
+                if l.contains("P→S") && l.contains(ping) {
+                    sent = true;
+                }
+                if sent && l.contains("S→P") && l.contains(answer) {
+                    return true;
+                }
+            }
+            false
+        });
+        hole.freeze();
+        let started = std::time::Instant::now();
+        let err = p.rt.block_on(raw.xs.stream_error());
+        let err = err.expect("no stream error after the link died");
+        assert!(
+            err.has_child("remote-connection-failed", ns::STREAM_ERRORS),
+            "{err:?}"
+        );
+        eprintln!(
+            "[proxy_ejabberd] sm={sm}: dead link detected {:.1} s after the freeze",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(p.is_running());
+        hole.drop_frozen();
+        p.shutdown();
+    }
+    let log = log_text();
+    assert!(log.contains("upstream link dead"), "reason logged");
+    for line in log.lines().filter(|l| l.contains("P→C")) {
+        assert!(
+            !line.contains("o2tr-ping") && !line.contains("urn:xmpp:sm:"),
+            "a ping or its answer reached a client: {line}"
+        );
+    }
+}

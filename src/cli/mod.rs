@@ -105,6 +105,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub upstream_insecure: Option<bool>,
+    /// XEP-0198 stream management on the upstream leg, so stanzas lost in
+    /// a link cut without a FIN go to offline storage [default: true]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub upstream_sm: Option<bool>,
+    /// Ping the server after this many silent seconds; 0 never [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub upstream_ping_secs: Option<u64>,
+    /// Treat the server link as dead when a ping gets no answer within this
+    /// many seconds [default: 20]
+    #[arg(long, value_name = "SECS")]
+    pub upstream_ping_timeout_secs: Option<u64>,
     /// PEM certificate chain offered to clients (with --tls-key)
     /// [default: STATE_DIR/certs/cert.pem if present]
     #[arg(long, value_name = "PEM")]
@@ -173,6 +185,9 @@ impl RunArgs {
             upstream_ca: self.upstream_ca.clone(),
             upstream_insecure: self.upstream_insecure,
             dns_server: self.dns_server.clone(),
+            upstream_sm: self.upstream_sm,
+            upstream_ping_secs: self.upstream_ping_secs,
+            upstream_ping_timeout_secs: self.upstream_ping_timeout_secs,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             allow_plaintext_client: self.allow_plaintext_client,

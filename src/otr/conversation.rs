@@ -926,12 +926,27 @@ impl Conversation {
                 match state.handle_reveal_signature(tags, &rs, &lt, rng) {
                     Ok((state, step)) => {
                         self.set_ake(tag, state);
+                        // The Signature makes the peer go encrypted and send
+                        // data at once: our new session must be durable
+                        // first, or a crash right after sending it leaves
+                        // the peer's messages unreadable (found by the
+                        // chaos campaign). go_encrypted starts with that
+                        // Persist; the Signature goes right after it, before
+                        // the held messages it releases.
+                        let mut done_out = Out::new();
+                        if let Some(done) = step.complete {
+                            self.go_encrypted(tag, done, now, rng, &mut done_out);
+                        }
+                        let persists = done_out
+                            .iter()
+                            .take_while(|a| matches!(a, Action::Persist(_)))
+                            .count();
+                        let rest = done_out.split_off(persists);
+                        out.extend(done_out);
                         if let Some(reply) = step.reply {
                             self.push_encoded(&reply, out);
                         }
-                        if let Some(done) = step.complete {
-                            self.go_encrypted(tag, done, now, rng, out);
-                        }
+                        out.extend(rest);
                     }
                     Err(e) => {
                         tracing::info!(cause = %e, "AKE failed at Reveal Signature");

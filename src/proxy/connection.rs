@@ -9,11 +9,12 @@
 //! stream-reset race); the bind result gives the account JID; after that
 //! `<message>` stanzas go through the hook.
 
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -246,6 +247,8 @@ enum ConnError {
     ClientTls(io::Error),
     #[error("timed out during negotiation")]
     Timeout,
+    #[error("upstream link dead: no answer to a ping within {0:?}")]
+    ServerSilent(Duration),
 }
 
 fn client_leg_err(e: LegError) -> ConnError {
@@ -294,6 +297,10 @@ pub(crate) async fn handle(
                         want_sm: shared.config.upstream_sm,
                         sm_offered: false,
                         sm: None,
+                        liveness: Liveness::new(
+                            shared.config.upstream_ping_interval,
+                            shared.config.upstream_ping_timeout,
+                        ),
                     };
                     relay.run(pending, &mut shutdown).await
                 }
@@ -473,6 +480,97 @@ struct Relay<'a> {
     sm_offered: bool,
     /// Upstream SM state once the proxy sent `<enable/>`.
     sm: Option<UpstreamSm>,
+    /// Dead-link detection on the upstream leg.
+    liveness: Liveness,
+}
+
+/// How many ping ids are remembered so that late answers are still
+/// consumed (never shown to the client).
+const PING_IDS_KEPT: usize = 8;
+
+/// Upstream dead-link detection: ping after `interval` of silence, give up
+/// `timeout` after a ping that nothing answered. Any byte from the server
+/// counts as an answer (a busy link needs no ping).
+#[derive(Debug)]
+struct Liveness {
+    interval: Duration,
+    timeout: Duration,
+    /// When the server last sent anything.
+    last_heard: Instant,
+    /// When the unanswered ping was sent.
+    pinged_at: Option<Instant>,
+    /// Ids of our XEP-0199 pings, newest last, whose results are consumed.
+    ids: VecDeque<String>,
+    next_id: u64,
+}
+
+/// What the relay should do about the upstream's silence.
+#[derive(Debug, PartialEq, Eq)]
+enum LivenessStep {
+    Nothing,
+    Ping,
+    Dead,
+}
+
+impl Liveness {
+    fn new(interval: Duration, timeout: Duration) -> Liveness {
+        Liveness {
+            interval,
+            timeout,
+            last_heard: Instant::now(),
+            pinged_at: None,
+            ids: VecDeque::new(),
+            next_id: 1,
+        }
+    }
+
+    fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+        self.pinged_at = None;
+    }
+
+    fn step(&self, now: Instant) -> LivenessStep {
+        if self.interval.is_zero() {
+            return LivenessStep::Nothing;
+        }
+        match self.pinged_at {
+            Some(at) if now.saturating_duration_since(at) >= self.timeout => LivenessStep::Dead,
+            Some(_) => LivenessStep::Nothing,
+            None if now.saturating_duration_since(self.last_heard) >= self.interval => {
+                LivenessStep::Ping
+            }
+            None => LivenessStep::Nothing,
+        }
+    }
+
+    /// Records a ping sent now; returns the id for an XEP-0199 ping.
+    fn pinged(&mut self, now: Instant) -> String {
+        self.pinged_at = Some(now);
+        let id = format!("o2tr-ping-{}-{}", self.next_id, random_id());
+        self.next_id += 1;
+        if self.ids.len() == PING_IDS_KEPT {
+            self.ids.pop_front();
+        }
+        self.ids.push_back(id.clone());
+        id
+    }
+
+    /// True (and forgotten) if `el` answers one of our pings.
+    fn consume_answer(&mut self, el: &Element) -> bool {
+        if !el.is("iq", ns::CLIENT) || !matches!(el.attr("type"), Some("result" | "error")) {
+            return false;
+        }
+        let Some(id) = el.attr("id") else {
+            return false;
+        };
+        match self.ids.iter().position(|i| i == id) {
+            Some(pos) => {
+                self.ids.remove(pos);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// XEP-0198 counters of the upstream leg (the proxy is the SM client).
@@ -486,6 +584,52 @@ struct UpstreamSm {
     h_out: u32,
     /// The server's last acknowledged count.
     acked_out: u32,
+    /// `h_in` before the first stanza of an OTR fragment run that has not
+    /// been completed yet. Acks stop there: the fragments live only in the
+    /// conversation's memory, so if the connection dies now the server must
+    /// re-route them (offline storage) and the whole message comes again.
+    partial_from: Option<u32>,
+}
+
+impl UpstreamSm {
+    /// The count to acknowledge.
+    fn ack_h(&self) -> u32 {
+        self.partial_from.unwrap_or(self.h_in)
+    }
+
+    /// Counts one inbound stanza (`el`), tracking OTR fragment runs.
+    fn count_in(&mut self, el: &Element) {
+        let before = self.h_in;
+        self.h_in = self.h_in.wrapping_add(1);
+        if !stanza::is_message(el) {
+            return;
+        }
+        let body = el.get_child("body", ns::CLIENT).map(|b| b.text());
+        match body.as_deref().and_then(otr_fragment_position) {
+            Some((k, n)) if k < n => {
+                self.partial_from.get_or_insert(before);
+            }
+            // A last fragment completes the run. (Fragments of two senders
+            // interleaved may release the other's early: rare, and no
+            // worse than without this.)
+            Some(_) => self.partial_from = None,
+            None => {}
+        }
+    }
+}
+
+/// `(k, n)` of an OTR fragment body (`?OTR|s|r,k,n,…,` or `?OTR,k,n,…,`).
+fn otr_fragment_position(body: &str) -> Option<(u32, u32)> {
+    let rest = body.trim_start().strip_prefix("?OTR")?;
+    let rest = match rest.strip_prefix('|') {
+        // v3: skip the two instance tags.
+        Some(r) => r.split_once(',')?.1,
+        None => rest.strip_prefix(',')?,
+    };
+    let mut it = rest.splitn(3, ',');
+    let k = it.next()?.trim().parse().ok()?;
+    let n = it.next()?.trim().parse().ok()?;
+    Some((k, n))
 }
 
 /// True for a stanza XEP-0198 counts.
@@ -584,11 +728,12 @@ impl Relay<'_> {
                 },
                 r = self.server.read_some() => match r {
                     Ok(0) => return Err(ConnError::ServerGone),
-                    Ok(_) => {}
+                    Ok(_) => self.liveness.heard(Instant::now()),
                     Err(e) => return Err(ConnError::ServerIo(e)),
                 },
                 _ = tick.tick() => {
                     if self.bound.is_some() {
+                        self.check_liveness().await?;
                         let outs = self.hook.tick(SystemTime::now());
                         self.dispatch(outs).await?;
                     }
@@ -608,8 +753,11 @@ impl Relay<'_> {
     /// The client closed its stream (RFC 6120 §4.4): the server may still
     /// send stanzas until it closes too. Relay them (hook included) until
     /// the server's `</stream:stream>`, EOF or a short timeout, then close
-    /// both legs.
+    /// both legs. With upstream SM, messages are not relayed: a client that
+    /// closed its stream may never show them, and left unacknowledged the
+    /// server re-routes them (to offline storage) when the session ends.
     async fn drain_server_after_client_close(&mut self) {
+        let sm_on = self.sm.as_ref().is_some_and(|sm| sm.enabled);
         let drained = tokio::time::timeout(CLOSE_TIMEOUT, async {
             loop {
                 let f = match self.server.next_frame().await {
@@ -621,6 +769,16 @@ impl Relay<'_> {
                     self.ctx.log_frame("P→C", &b);
                     let _ = self.client.send(&b).await;
                     return;
+                }
+                if sm_on && self.bound.is_some() {
+                    if let Frame::Stanza(raw) = &f {
+                        let is_msg = Element::parse(raw, &self.to_client_scope)
+                            .is_ok_and(|el| stanza::is_message(&el));
+                        if is_msg {
+                            tracing::debug!("message after the client's close left unacknowledged");
+                            continue;
+                        }
+                    }
                 }
                 if self.on_server(f).await.is_err() {
                     return;
@@ -637,6 +795,38 @@ impl Relay<'_> {
         self.client.close_with(b"").await;
     }
 
+    /// Pings a silent upstream, or gives up on one that did not answer.
+    async fn check_liveness(&mut self) -> Result<(), ConnError> {
+        let now = Instant::now();
+        match self.liveness.step(now) {
+            LivenessStep::Nothing => Ok(()),
+            LivenessStep::Dead => Err(ConnError::ServerSilent(self.liveness.timeout)),
+            LivenessStep::Ping => {
+                if self.sm.as_ref().is_some_and(|sm| sm.enabled) {
+                    // The server must answer `<r/>` with `<a/>` (consumed
+                    // in on_server_sm); no stanza counted.
+                    self.liveness.pinged(now);
+                    let r = format!("<r xmlns='{}'/>", ns::SM3);
+                    return self.send_server(r.as_bytes()).await;
+                }
+                let id = self.liveness.pinged(now);
+                let to = self
+                    .bound
+                    .as_ref()
+                    .map(|j| format!(" to='{}'", escape_attr(j.domain())))
+                    .unwrap_or_default();
+                let ping = format!(
+                    "<iq type='get' id='{id}'{to}><ping xmlns='{}'/></iq>",
+                    ns::PING
+                );
+                if let Some(sm) = self.sm.as_mut() {
+                    sm.h_out = sm.h_out.wrapping_add(1);
+                }
+                self.send_server(ping.as_bytes()).await
+            }
+        }
+    }
+
     fn count_out(&mut self, el: &Element) {
         if is_counted_stanza(el) {
             if let Some(sm) = self.sm.as_mut() {
@@ -650,7 +840,14 @@ impl Relay<'_> {
         if !self.want_sm || !self.sm_offered || self.sm.is_some() {
             return Ok(());
         }
-        let enable = format!("<enable xmlns='{}' resume='true'/>", ns::SM3);
+        // No resume='true': the proxy never resumes (a reconnecting client
+        // gets a new session), and a session kept for resumption makes
+        // ejabberd, when the window ends while the user's new session is
+        // online, bounce the unacknowledged messages back to their senders
+        // (resend_on_timeout: if_offline) instead of storing them. Without
+        // resumption the dead session ends at once and they go to offline
+        // storage (found by the chaos campaign).
+        let enable = format!("<enable xmlns='{}'/>", ns::SM3);
         self.send_server(enable.as_bytes()).await?;
         self.sm = Some(UpstreamSm::default());
         Ok(())
@@ -658,7 +855,12 @@ impl Relay<'_> {
 
     /// Sends `<a h/>` with the inbound count, if SM is on.
     async fn send_ack(&mut self) -> Result<(), ConnError> {
-        let Some(h) = self.sm.as_ref().filter(|sm| sm.enabled).map(|sm| sm.h_in) else {
+        let Some(h) = self
+            .sm
+            .as_ref()
+            .filter(|sm| sm.enabled)
+            .map(|sm| sm.ack_h())
+        else {
             return Ok(());
         };
         let a = format!("<a xmlns='{}' h='{h}'/>", ns::SM3);
@@ -823,8 +1025,12 @@ impl Relay<'_> {
                 }
                 if self.sm.as_ref().is_some_and(|sm| sm.enabled) && is_counted_stanza(&el) {
                     if let Some(sm) = self.sm.as_mut() {
-                        sm.h_in = sm.h_in.wrapping_add(1);
+                        sm.count_in(&el);
                     }
+                }
+                if self.liveness.consume_answer(&el) {
+                    // Our own ping's answer: the client never asked.
+                    return Ok(Flow::Go);
                 }
                 if el.ns() == ns::TLS {
                     // The proxy never forwards <starttls/>: a <proceed/> or
@@ -921,6 +1127,187 @@ mod tests {
         assert!(o.contains("?OTR:AAMDabc."), "{o}");
         let x = redact(b"<message><body>?OTR:AAMD.</body><html xmlns='http://jabber.org/protocol/xhtml-im'><body xmlns='http://www.w3.org/1999/xhtml'><p>leak1</p></body></html><x xmlns='jabber:x:oob'><url>https://x/leak2</url></x></message>", false);
         assert!(!x.contains("leak1") && !x.contains("leak2"), "{x}");
+    }
+
+    #[test]
+    fn liveness_pings_after_silence_and_gives_up_after_timeout() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut l = Liveness::new(s(60), s(20));
+        l.heard(t0);
+        assert_eq!(l.step(t0 + s(59)), LivenessStep::Nothing);
+        assert_eq!(l.step(t0 + s(60)), LivenessStep::Ping);
+        let id = l.pinged(t0 + s(60));
+        assert_eq!(l.step(t0 + s(79)), LivenessStep::Nothing);
+        assert_eq!(l.step(t0 + s(80)), LivenessStep::Dead);
+        // Any data clears the pending ping.
+        l.heard(t0 + s(70));
+        assert_eq!(l.step(t0 + s(80)), LivenessStep::Nothing);
+        let scope = NsScope::client_stream();
+        let answer = |typ: &str, id: &str| {
+            Element::parse(format!("<iq type='{typ}' id='{id}'/>").as_bytes(), &scope).unwrap()
+        };
+        assert!(!l.consume_answer(&answer("result", "someone-else")));
+        assert!(!l.consume_answer(&answer("get", &id)));
+        assert!(l.consume_answer(&answer("error", &id)));
+        assert!(!l.consume_answer(&answer("result", &id)), "consumed once");
+        // Off when the interval is zero.
+        let off = Liveness::new(Duration::ZERO, s(1));
+        assert_eq!(off.step(t0 + s(3600)), LivenessStep::Nothing);
+    }
+
+    const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
+        xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+
+    /// Reads from `io` until the text read so far contains `needle`;
+    /// returns everything read.
+    async fn read_until(io: &mut tokio::io::DuplexStream, seen: &mut String, needle: &str) {
+        let mut buf = [0u8; 4096];
+        let found = tokio::time::timeout(Duration::from_secs(10), async {
+            while !seen.contains(needle) {
+                let n = io.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok() && seen.contains(needle),
+            "no {needle:?} in {seen:?}"
+        );
+    }
+
+    /// Runs a bound relay between two in-memory legs, with `sm` as the
+    /// upstream SM state, while `script` plays client and server.
+    async fn with_relay<F, Fut>(sm: Option<UpstreamSm>, script: F) -> Result<&'static str, String>
+    where
+        F: FnOnce(tokio::io::DuplexStream, tokio::io::DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (client_near, client_far) = tokio::io::duplex(64 * 1024);
+        let (server_near, server_far) = tokio::io::duplex(64 * 1024);
+        let ctx = Ctx {
+            id: 1,
+            debug: false,
+            plaintext: false,
+            fcfg: FramerConfig::default(),
+        };
+        let mut hook = super::super::PassThrough;
+        let mut relay = Relay {
+            ctx: &ctx,
+            hook: &mut hook,
+            client: Leg::new(Box::new(client_near) as Box<dyn Io>, ctx.fcfg),
+            server: Leg::new(Box::new(server_near) as Box<dyn Io>, ctx.fcfg),
+            client_scope: NsScope::client_stream(),
+            to_client_scope: NsScope::client_stream(),
+            bind_ids: Vec::new(),
+            bound: Jid::parse("alice@example.test/r1").ok(),
+            want_sm: sm.is_some(),
+            sm_offered: sm.is_some(),
+            sm,
+            liveness: Liveness::new(Duration::from_millis(300), Duration::from_millis(300)),
+            sasl_pending: false,
+        };
+        let (_stop, mut shutdown) = broadcast::channel::<()>(1);
+        let (res, ()) = tokio::join!(
+            relay.run(None, &mut shutdown),
+            script(client_far, server_far)
+        );
+        res.map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn silent_upstream_gets_pinged_answers_are_consumed_and_silence_ends_it() {
+        let res = with_relay(None, |mut client, mut server| async move {
+            client.write_all(HEADER.as_bytes()).await.unwrap();
+            server.write_all(HEADER.as_bytes()).await.unwrap();
+            let mut from_proxy = String::new();
+            read_until(&mut server, &mut from_proxy, "urn:xmpp:ping").await;
+            assert!(from_proxy.contains("to='example.test'"), "{from_proxy}");
+            let id = from_proxy
+                .split("id='")
+                .nth(1)
+                .and_then(|r| r.split('\'').next())
+                .unwrap()
+                .to_owned();
+            let answer = format!(
+                "<iq type='result' id='{id}' from='example.test'/>\
+                 <message from='bob@example.test/x' to='alice@example.test/r1'>\
+                 <body>after the ping</body></message>"
+            );
+            server.write_all(answer.as_bytes()).await.unwrap();
+            let mut to_client = String::new();
+            read_until(&mut client, &mut to_client, "after the ping").await;
+            // Still alive, so it pings again after more silence; this time
+            // nobody answers.
+            from_proxy.clear();
+            read_until(&mut server, &mut from_proxy, "urn:xmpp:ping").await;
+            read_until(&mut client, &mut to_client, "remote-connection-failed").await;
+            assert!(!to_client.contains("o2tr-ping"), "{to_client}");
+            assert!(!to_client.contains("urn:xmpp:ping"), "{to_client}");
+        })
+        .await;
+        let err = res.unwrap_err();
+        assert!(err.contains("upstream link dead"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn with_upstream_sm_the_ping_is_an_ack_request() {
+        let sm = UpstreamSm {
+            enabled: true,
+            ..UpstreamSm::default()
+        };
+        let res = with_relay(Some(sm), |mut client, mut server| async move {
+            client.write_all(HEADER.as_bytes()).await.unwrap();
+            server.write_all(HEADER.as_bytes()).await.unwrap();
+            let mut from_proxy = String::new();
+            read_until(&mut server, &mut from_proxy, "<r xmlns='urn:xmpp:sm:3'/>").await;
+            assert!(!from_proxy.contains("urn:xmpp:ping"), "{from_proxy}");
+            server
+                .write_all(b"<a xmlns='urn:xmpp:sm:3' h='0'/>")
+                .await
+                .unwrap();
+            from_proxy.clear();
+            read_until(&mut server, &mut from_proxy, "<r xmlns='urn:xmpp:sm:3'/>").await;
+            let mut to_client = String::new();
+            read_until(&mut client, &mut to_client, "remote-connection-failed").await;
+            assert!(!to_client.contains("urn:xmpp:sm"), "{to_client}");
+        })
+        .await;
+        assert!(res.unwrap_err().contains("upstream link dead"));
+    }
+
+    #[test]
+    fn acks_stop_before_an_unfinished_otr_fragment_run() {
+        assert_eq!(
+            otr_fragment_position("?OTR|1a|2b,00002,00005,abc,"),
+            Some((2, 5))
+        );
+        assert_eq!(otr_fragment_position("?OTR,1,3,abc,"), Some((1, 3)));
+        assert_eq!(otr_fragment_position("?OTR:AAMD"), None);
+        assert_eq!(otr_fragment_position("hello"), None);
+        let scope = NsScope::client_stream();
+        let msg = |body: &str| {
+            Element::parse(
+                format!("<message><body>{body}</body></message>").as_bytes(),
+                &scope,
+            )
+            .unwrap()
+        };
+        let presence = Element::parse(b"<presence/>", &scope).unwrap();
+        let mut sm = UpstreamSm {
+            enabled: true,
+            ..UpstreamSm::default()
+        };
+        sm.count_in(&msg("hi"));
+        sm.count_in(&msg("?OTR|1|2,00001,00003,a,"));
+        sm.count_in(&presence);
+        sm.count_in(&msg("?OTR|1|2,00002,00003,b,"));
+        assert_eq!((sm.h_in, sm.ack_h()), (4, 1), "the run is not acknowledged");
+        sm.count_in(&msg("?OTR|1|2,00003,00003,c,"));
+        assert_eq!(sm.ack_h(), 5, "complete: everything acknowledged");
     }
 
     #[test]

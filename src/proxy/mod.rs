@@ -35,6 +35,11 @@ use tokio::sync::{Semaphore, broadcast, mpsc};
 
 pub use hook::{HookFactory, Outgoing, PassThrough, StanzaHook};
 
+/// Default idle time before the proxy pings a silent upstream.
+pub const DEFAULT_UPSTREAM_PING_INTERVAL: Duration = Duration::from_secs(60);
+/// Default time a ping may go unanswered before the link counts as dead.
+pub const DEFAULT_UPSTREAM_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Proxy settings.
 #[derive(Clone)]
 pub struct ProxyConfig {
@@ -66,7 +71,7 @@ pub struct ProxyConfig {
     /// With `debug_packets`, do not redact bodies and SASL payloads.
     pub log_plaintext: bool,
     /// Terminate XEP-0198 stream management on the upstream leg: after
-    /// bind the proxy enables SM (with resumption) with the server itself,
+    /// bind the proxy enables SM (without resumption) with the server itself,
     /// answers its `<r/>` with its own count and sends a final `<a/>`
     /// before a clean close. The server then knows which stanzas never
     /// reached the proxy when the link dies without a FIN, and (ejabberd
@@ -74,6 +79,16 @@ pub struct ProxyConfig {
     /// instead of losing them. The proxy does not resume sessions (that
     /// would need the password). SM is never offered to the client.
     pub upstream_sm: bool,
+    /// Dead-link detection: after the upstream has been silent this long
+    /// (after bind), the proxy asks for a sign of life — an XEP-0199 ping,
+    /// or an SM `<r/>` when upstream SM is on. `Duration::ZERO` turns it
+    /// off. A link cut without a FIN otherwise looks alive for as long as
+    /// the kernel keeps retransmitting (many minutes).
+    pub upstream_ping_interval: Duration,
+    /// How long to wait for any data after such a ping before treating the
+    /// link as dead: the client gets `remote-connection-failed` and the
+    /// hook's sessions are suspended, exactly as when the server closed.
+    pub upstream_ping_timeout: Duration,
     /// Makes the per-connection message hook.
     pub hooks: Arc<dyn HookFactory>,
 }
@@ -81,6 +96,8 @@ pub struct ProxyConfig {
 impl ProxyConfig {
     /// Defaults: listen on 127.0.0.1:5222, resolve upstream, verify with
     /// the web PKI, no certificate, 1 MiB stanzas, 256 connections,
+    /// upstream SM on, ping a silent upstream after 60 s and give up 20 s
+    /// later,
     /// [`PassThrough`] hook.
     pub fn new() -> ProxyConfig {
         ProxyConfig {
@@ -96,7 +113,9 @@ impl ProxyConfig {
             max_connections: 256,
             debug_packets: false,
             log_plaintext: false,
-            upstream_sm: false,
+            upstream_sm: true,
+            upstream_ping_interval: DEFAULT_UPSTREAM_PING_INTERVAL,
+            upstream_ping_timeout: DEFAULT_UPSTREAM_PING_TIMEOUT,
             hooks: Arc::new(PassThrough),
         }
     }
@@ -127,6 +146,8 @@ impl std::fmt::Debug for ProxyConfig {
             .field("debug_packets", &self.debug_packets)
             .field("log_plaintext", &self.log_plaintext)
             .field("upstream_sm", &self.upstream_sm)
+            .field("upstream_ping_interval", &self.upstream_ping_interval)
+            .field("upstream_ping_timeout", &self.upstream_ping_timeout)
             .finish_non_exhaustive()
     }
 }

@@ -7,5 +7,6 @@ pub mod interop;
 pub mod pair;
 pub mod peer;
 pub mod proxy;
+pub mod relay;
 pub mod tamper_relay;
 pub mod xmpp_client;

@@ -155,6 +155,18 @@ pub struct ProxyProcess {
 
 impl ProxyProcess {
     pub fn start(ej: &Ejabberd, state_dir: &Path, port: u16) -> Self {
+        Self::start_with(ej, state_dir, port, ej.port, &[])
+    }
+
+    /// Like [`start`](Self::start), with the upstream at
+    /// `127.0.0.1:upstream_port` (e.g. a relay) and extra `run` flags.
+    pub fn start_with(
+        ej: &Ejabberd,
+        state_dir: &Path,
+        port: u16,
+        upstream_port: u16,
+        extra: &[String],
+    ) -> Self {
         use std::io::{BufRead, BufReader};
         let pki_dir = state_dir.with_extension("pki");
         if !pki_dir.join("ca.pem").exists() {
@@ -162,7 +174,7 @@ impl ProxyProcess {
         }
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_o2tr-proxy"))
             .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--upstream", &format!("127.0.0.1:{}", ej.port)])
+            .args(["--upstream", &format!("127.0.0.1:{upstream_port}")])
             .arg("--upstream-ca")
             .arg(&ej.ca_pem)
             .arg("--tls-cert")
@@ -172,7 +184,11 @@ impl ProxyProcess {
             .arg("--state-dir")
             .arg(state_dir)
             .args(["--policy", "always", "--log-format", "human"])
-            .env("RUST_LOG", "info")
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("O2TR_TEST_PROXY_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -194,8 +210,24 @@ impl ProxyProcess {
                 Err(_) => panic!("o2tr-proxy did not log `listening on` within 30 s"),
             }
         }
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+        // Keep draining stderr so the child never blocks on a full pipe;
+        // O2TR_TEST_PROXY_LOG=FILE keeps the lines (prefixed with the port).
+        let keep = std::env::var_os("O2TR_TEST_PROXY_LOG").and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut keep = keep;
+            while let Ok(line) = rx.recv() {
+                if let Some(f) = keep.as_mut() {
+                    let _ = writeln!(f, "[{port}] {line}");
+                }
+            }
+        });
         ProxyProcess {
             port,
             pki_dir,

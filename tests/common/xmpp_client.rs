@@ -316,6 +316,13 @@ impl XmppClient {
         self.command(&line, COMMAND_TIMEOUT).1
     }
 
+    /// Like [`send`](Self::send), but `Err` (not a panic) when the client
+    /// refuses, e.g. because it knows it is disconnected.
+    pub fn try_send(&mut self, to: &str, body: &str) -> Result<String, String> {
+        let line = format!("SEND {to} {}", b64(body));
+        self.try_command(&line, COMMAND_TIMEOUT).map(|(_, id)| id)
+    }
+
     /// Send a raw stanza as is.
     pub fn send_raw(&mut self, xml: &str) {
         self.command(&format!("SENDRAW {}", b64(xml)), COMMAND_TIMEOUT);
@@ -453,6 +460,14 @@ impl XmppClient {
         let (_, jid) = self.command("CONNECT", LOGIN_TIMEOUT);
         self.full_jid = jid.trim().to_string();
         self.full_jid.clone()
+    }
+
+    /// Like [`reconnect`](Self::reconnect), but a failed login is an
+    /// `Err` instead of a panic (the process stays usable).
+    pub fn try_reconnect(&mut self) -> Result<String, String> {
+        let (_, jid) = self.try_command("CONNECT", LOGIN_TIMEOUT)?;
+        self.full_jid = jid.trim().to_string();
+        Ok(self.full_jid.clone())
     }
 
     /// Disconnect and end the process.
