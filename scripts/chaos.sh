@@ -20,5 +20,8 @@ trials="${1:-1000}"
 seed="${2:-$(( $(date +%s%N) % 1000000007 ))}"
 echo "chaos: $trials trials, seed $seed" >&2
 export O2TR_CHAOS_TRIALS="$trials" O2TR_CHAOS_SEED="$seed"
+# All seven fault kinds unless told otherwise (cargo test alone leaves out
+# the kinds with an open bug).
+export O2TR_CHAOS_ONLY="${O2TR_CHAOS_ONLY:-0,1,2,3,4,5,6}"
 export O2TR_CHAOS_REPORT="$PWD/target/chaos-report.txt"
 exec cargo test --release --locked --test chaos -- --nocapture --test-threads=1
