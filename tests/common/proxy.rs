@@ -31,17 +31,31 @@ pub struct TestProxy {
 
 impl TestProxy {
     pub fn start(ej: &Ejabberd, state_dir: &Path, policy: Policy) -> Self {
-        Self::start_via(ej, state_dir, policy, ej.port, &ej.ca_pem)
+        Self::launch(ej, state_dir, policy, ej.port, &ej.ca_pem, true)
     }
 
     /// Like [`start`](Self::start), but the upstream is `127.0.0.1:upstream_port`
-    /// (a relay in front of `ej`) trusted through `upstream_ca`.
+    /// (a tampering relay in front of `ej`) trusted through `upstream_ca`.
+    /// Upstream SM is off: the relay injects and drops stanzas without
+    /// rewriting XEP-0198 counters (a real server's counts stay consistent
+    /// with what it sends), so SM would end the stream on a count mismatch.
     pub fn start_via(
         ej: &Ejabberd,
         state_dir: &Path,
         policy: Policy,
         upstream_port: u16,
         upstream_ca: &Path,
+    ) -> Self {
+        Self::launch(ej, state_dir, policy, upstream_port, upstream_ca, false)
+    }
+
+    fn launch(
+        ej: &Ejabberd,
+        state_dir: &Path,
+        policy: Policy,
+        upstream_port: u16,
+        upstream_ca: &Path,
+        upstream_sm: bool,
     ) -> Self {
         let pki_dir = state_dir.with_extension("pki");
         if !pki_dir.join("ca.pem").exists() {
@@ -69,6 +83,7 @@ impl TestProxy {
         cfg.listen = listener.local_addr().unwrap();
         cfg.upstream = Some(("127.0.0.1".into(), upstream_port));
         cfg.upstream_ca = Some(upstream_ca.to_path_buf());
+        cfg.upstream_sm = upstream_sm;
         cfg.tls_cert = Some(pki_dir.join("cert.pem"));
         cfg.tls_key = Some(pki_dir.join("key.pem"));
         cfg.hooks = Arc::new(router);
