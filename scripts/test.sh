@@ -15,5 +15,7 @@ echo "== cargo test"
 RUST_TEST_THREADS="${O2TR_TEST_THREADS:-2}" cargo test --locked --all-targets
 echo "== cargo test --doc"
 cargo test --locked --doc
+echo "== cargo doc (broken intra-doc links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps
 echo "== docker deployment checks (offline: compose config, hadolint, rendered ejabberd.yml)"
 bash scripts/check-docker.sh

@@ -1,6 +1,6 @@
 //! Errors of the OTR core.
 //!
-//! [`Error`] separates malformed input ([`Error::Message`], [`Error::Codec`])
+//! [`enum@Error`] separates malformed input ([`Error::Message`], [`Error::Codec`])
 //! from a well-formed message that fails a protocol check
 //! ([`PeerMisbehaved`]). The conversation layer decides from the error which
 //! notice the user gets and whether the peer gets an OTR error message.
