@@ -1,7 +1,8 @@
 //! The control contact in the client's roster (DESIGN §6), end to end:
 //! slixmpp through the proxy to a real ejabberd on loopback. The client's
 //! roster shows `control@o2tr.localhost`; removing it is answered by the
-//! proxy; the server's roster never holds it.
+//! proxy, and so is a presence subscription to it; the server's roster
+//! never holds it.
 
 mod common;
 
@@ -26,6 +27,13 @@ fn control_contact_is_in_the_roster_and_never_on_the_server() {
     );
     // Removing it is answered locally (the command waits for the result).
     alice.remove_roster_item(CONTROL);
+    assert!(alice.is_connected());
+    // A presence subscription to it is answered by the proxy too; were it
+    // relayed, the server would add the contact with `ask='subscribe'`.
+    alice.send_raw(&format!("<presence to='{CONTROL}' type='subscribe'/>"));
+    alice.send_raw(&format!("<presence to='{CONTROL}' type='subscribed'/>"));
+    // A round trip through the same stream: the presences went first.
+    let _ = alice.roster();
     assert!(alice.is_connected());
 
     // The server's roster, seen without the proxy, never had it.

@@ -991,7 +991,7 @@ impl Relay<'_> {
                         self.bind_ids.push(id.to_owned());
                     }
                 }
-                if self.bound.is_some() && stanza::is_hooked(&el) {
+                if self.bound.is_some() && stanza::is_hooked_from_client(&el) {
                     let outs = self.hook.from_client(el, SystemTime::now());
                     self.dispatch(outs).await?;
                 } else {

@@ -2,7 +2,8 @@
 //!
 //! The relay calls a [`StanzaHook`] only for `<message>` stanzas, roster
 //! `<iq>`s and bare iq results after resource binding (RFC 6120 §7; see
-//! [`crate::xmpp::stanza::is_hooked`]); everything else, and all traffic
+//! [`crate::xmpp::stanza::is_hooked`]), and for the client's directed
+//! presences ([`crate::xmpp::stanza::is_hooked_from_client`]); everything else, and all traffic
 //! before binding, is forwarded byte for byte without calling it. The hook returns
 //! what to send — including the unchanged message if it does not touch it.
 
@@ -27,7 +28,8 @@ pub trait StanzaHook: Send {
     /// Resource binding succeeded: `jid` is the account's full JID. Called
     /// once, before any other method but [`StanzaHook::disconnected`].
     fn bound(&mut self, jid: &Jid);
-    /// A `<message>` (or roster iq) from the client (after bind).
+    /// A `<message>`, roster iq or directed presence from the client
+    /// (after bind).
     fn from_client(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing>;
     /// A `<message>` (or roster iq) from the server (after bind).
     fn from_server(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing>;

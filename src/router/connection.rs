@@ -770,6 +770,49 @@ impl Router {
         vec![Outgoing::ToServer(el)]
     }
 
+    /// A directed presence from the client: to the control contact it is
+    /// answered here (a subscription is granted at once, a probe gets its
+    /// presence) and never reaches the server, which would otherwise add
+    /// the contact to the account's roster; any other goes out unchanged.
+    fn handle_client_presence(&mut self, el: Element) -> Vec<Outgoing> {
+        let to_control = stanza::to(&el)
+            .is_some_and(|j| j.bare().to_string().to_lowercase() == self.shared.cfg.control_jid);
+        if !to_control {
+            return vec![Outgoing::ToServer(el)];
+        }
+        let Some(acc) = &self.account else {
+            return Vec::new();
+        };
+        let account = acc.jid.to_string();
+        let control = &self.shared.cfg.control_jid;
+        match el.attr("type") {
+            Some("subscribe") => vec![
+                Outgoing::ToClient(
+                    Element::new("presence", ns::CLIENT)
+                        .with_attr("from", control)
+                        .with_attr("to", &account)
+                        .with_attr("type", "subscribed"),
+                ),
+                Outgoing::ToClient(self.control_presence(&account)),
+            ],
+            Some("probe") => vec![Outgoing::ToClient(self.control_presence(&account))],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The control contact's available presence, addressed to `to`.
+    fn control_presence(&self, to: &str) -> Element {
+        Element::new("presence", ns::CLIENT)
+            .with_attr(
+                "from",
+                &format!("{}/o2tr-proxy", self.shared.cfg.control_jid),
+            )
+            .with_attr("to", to)
+            .with_child(
+                Element::new("status", ns::CLIENT).with_text("o2tr-proxy control: send `help`"),
+            )
+    }
+
     /// An iq from the server: the result of a client's roster request gets
     /// the control contact added; an empty result (the client's cached
     /// roster is current, XEP-0237) is followed by a roster push of it.
@@ -867,6 +910,8 @@ impl StanzaHook for Router {
         self.deliver_undelivered(&mut out);
         if stanza.is("iq", ns::CLIENT) {
             out.extend(self.handle_client_iq(stanza));
+        } else if stanza.is("presence", ns::CLIENT) {
+            out.extend(self.handle_client_presence(stanza));
         } else {
             out.extend(self.handle_client_message(stanza, now));
         }
@@ -896,16 +941,7 @@ impl StanzaHook for Router {
         if !self.control_announced {
             if let Some(acc) = &self.account {
                 // The control contact shows as online (DESIGN §6).
-                let presence = Element::new("presence", ns::CLIENT)
-                    .with_attr(
-                        "from",
-                        &format!("{}/o2tr-proxy", self.shared.cfg.control_jid),
-                    )
-                    .with_attr("to", &acc.jid.to_string())
-                    .with_child(
-                        Element::new("status", ns::CLIENT)
-                            .with_text("o2tr-proxy control: send `help`"),
-                    );
+                let presence = self.control_presence(&acc.jid.to_string());
                 out.push(Outgoing::ToClient(presence));
                 self.control_announced = true;
             }
@@ -1056,5 +1092,36 @@ mod tests {
         // Unrelated iqs are not hooked at all.
         let ping = parse("<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>");
         assert!(!crate::xmpp::stanza::is_hooked(&ping));
+    }
+
+    #[test]
+    fn presence_to_the_control_contact_stays_local() {
+        let mut r = router();
+        r.bound(&crate::xmpp::Jid::parse("alice@example.test/pc").unwrap());
+        let subscribe = parse("<presence to='Control@o2tr.localhost' type='subscribe'/>");
+        assert!(crate::xmpp::stanza::is_hooked_from_client(&subscribe));
+        let out = r.handle_client_presence(subscribe);
+        let [Outgoing::ToClient(granted), Outgoing::ToClient(online)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(granted.attr("type"), Some("subscribed"));
+        assert_eq!(granted.attr("to"), Some("alice@example.test/pc"));
+        assert_eq!(online.attr("type"), None);
+        let probe = parse("<presence to='control@o2tr.localhost' type='probe'/>");
+        assert_eq!(r.handle_client_presence(probe).len(), 1);
+        for kind in ["subscribed", "unsubscribe", "unsubscribed", "unavailable"] {
+            let p = parse(&format!(
+                "<presence to='control@o2tr.localhost/x' type='{kind}'/>"
+            ));
+            assert!(r.handle_client_presence(p).is_empty(), "{kind}");
+        }
+        // Other contacts are the server's business; broadcasts are not hooked.
+        let other = parse("<presence to='bob@example.test' type='subscribe'/>");
+        assert_eq!(
+            r.handle_client_presence(other.clone()),
+            vec![Outgoing::ToServer(other)]
+        );
+        let broadcast = parse("<presence><show>away</show></presence>");
+        assert!(!crate::xmpp::stanza::is_hooked_from_client(&broadcast));
     }
 }

@@ -50,6 +50,14 @@ pub fn is_hooked(el: &Element) -> bool {
                 || el.attr("id").is_some_and(|i| i.starts_with("o2tr-"))))
 }
 
+/// [`is_hooked`] for a stanza the client sent, plus directed presences
+/// (those with a `to`): a subscription to the control contact must be
+/// answered by the proxy, not relayed (DESIGN §6). Presence broadcasts
+/// (no `to`) are still relayed byte for byte.
+pub fn is_hooked_from_client(el: &Element) -> bool {
+    is_hooked(el) || (el.is("presence", ns::CLIENT) && el.attr("to").is_some())
+}
+
 /// The message type; absent or unknown values are `normal` (RFC 6121 §5.2.2).
 pub fn message_type(el: &Element) -> MessageType {
     match el.attr("type") {
