@@ -805,3 +805,96 @@ pub fn scenario_smp_refused(kind: PeerKind) {
     l.we_say("no SMP here");
     l.they_say("understood");
 }
+
+/// The acceptance tests every peer must pass (issue 2), as one `#[test]`
+/// per scenario: `interop_acceptance_tests!(PeerKind::Libotr);` in a test
+/// binary that uses `common::interop::*`.
+#[macro_export]
+macro_rules! interop_acceptance_tests {
+    ($kind:expr) => {
+        #[test]
+        fn ake_we_start() {
+            scenario_ake($kind, true);
+        }
+
+        #[test]
+        fn ake_they_start() {
+            scenario_ake($kind, false);
+        }
+
+        #[test]
+        fn alternating_200_messages() {
+            scenario_alternating($kind, 200);
+        }
+
+        #[test]
+        fn burst_of_50_then_reply() {
+            scenario_burst($kind);
+        }
+
+        #[test]
+        fn fragmented_both_sides() {
+            scenario_fragmented($kind, 180);
+        }
+
+        #[test]
+        fn whitespace_tag_from_us_starts_ake() {
+            scenario_whitespace($kind, true);
+        }
+
+        #[test]
+        fn whitespace_tag_from_peer_starts_ake() {
+            scenario_whitespace($kind, false);
+        }
+
+        #[test]
+        fn peer_ends_session() {
+            scenario_peer_ends($kind);
+        }
+
+        #[test]
+        fn we_end_session() {
+            scenario_we_end($kind);
+        }
+
+        #[test]
+        fn tampered_ciphertext_from_peer_rejected() {
+            scenario_tampered_incoming($kind, Tamper::Ciphertext);
+        }
+
+        #[test]
+        fn tampered_mac_from_peer_rejected() {
+            scenario_tampered_incoming($kind, Tamper::Mac);
+        }
+
+        #[test]
+        fn tampered_ciphertext_to_peer_rejected() {
+            scenario_tampered_outgoing($kind, Tamper::Ciphertext);
+        }
+
+        #[test]
+        fn tampered_mac_to_peer_rejected() {
+            scenario_tampered_outgoing($kind, Tamper::Mac);
+        }
+
+        #[test]
+        fn replay_from_peer_rejected() {
+            scenario_replay_incoming($kind);
+        }
+
+        #[test]
+        fn replay_to_peer_rejected() {
+            scenario_replay_outgoing($kind);
+        }
+
+        #[test]
+        fn heartbeat_after_silence() {
+            scenario_heartbeat($kind);
+        }
+
+        #[test]
+        fn smp_request_is_refused_with_abort() {
+            scenario_smp_refused($kind);
+        }
+    };
+}
