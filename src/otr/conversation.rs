@@ -1075,7 +1075,10 @@ impl Conversation {
         let was_suspended = std::mem::replace(&mut session.suspended, false);
         session.last_received = now;
         session.sent_since_answer = 0;
-        let (human, tlvs) = match tlv::split_plaintext(&received.plaintext) {
+        // The human part is moved, not copied, into the delivered text (the
+        // delivered String was never wiped anyway; the TLV bytes are).
+        let mut received = received;
+        let (human, tlvs) = match tlv::take_plaintext(&mut received.plaintext) {
             Ok(x) => x,
             Err(e) => {
                 // Authentic but malformed TLVs: keep the text, drop the TLVs.
@@ -1095,7 +1098,6 @@ impl Conversation {
         let mut smp_reply = Vec::new();
         let mut smp_notices = Vec::new();
         if !disconnected {
-            let theirs = session.fingerprint();
             for t in tlvs
                 .iter()
                 .filter(|t| (tlv::types::SMP1..=tlv::types::SMP1Q).contains(&t.typ))
@@ -1103,7 +1105,9 @@ impl Conversation {
                 let step = smp_state.handle_tlv(t, rng);
                 smp_reply.extend(step.reply);
                 if let Some(ev) = step.event {
-                    smp_notices.push(smp_notice(ev, &theirs));
+                    // Only here: the fingerprint is a SHA-1 over the
+                    // peer's public key, not worth doing per message.
+                    smp_notices.push(smp_notice(ev, &session.fingerprint()));
                 }
             }
         } else {

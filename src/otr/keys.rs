@@ -15,28 +15,29 @@ use rand_core::CryptoRng;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::codec::{Reader, Writer};
-use super::crypto::{DhKeyPair, DhPublicKey, aes128_ctr, ct_eq, h1, h2, hmac_sha1, sha1};
+use super::crypto::{AesCtrKey, DhKeyPair, DhPublicKey, HmacSha1Key, ct_eq, h1, h2, sha1};
 use super::error::{Error, PeerMisbehaved};
-use super::message::{DataMessage, Header};
+use super::message::{DataMessage, Header, MacScratch};
 
 /// Length of one revealed MAC key.
 pub const MAC_KEY_BYTES: usize = 20;
 
-/// Keys for one (our key, their key) pairing.
+/// Keys for one (our key, their key) pairing, prepared for use: the AES
+/// key schedules and HMAC states are computed once here, not per message.
 struct SessionKeys {
-    send_aes: [u8; 16],
-    send_mac: [u8; 20],
-    recv_aes: [u8; 16],
-    recv_mac: [u8; 20],
+    send_aes: AesCtrKey,
+    send_mac: HmacSha1Key,
+    recv_aes: AesCtrKey,
+    recv_mac: HmacSha1Key,
+    /// The receiving MAC key itself, revealed once the pairing is forgotten.
+    recv_mac_key: [u8; 20],
     extra: [u8; 32],
 }
 
 impl Drop for SessionKeys {
     fn drop(&mut self) {
-        self.send_aes.zeroize();
-        self.send_mac.zeroize();
-        self.recv_aes.zeroize();
-        self.recv_mac.zeroize();
+        // The prepared AES and HMAC states wipe themselves.
+        self.recv_mac_key.zeroize();
         self.extra.zeroize();
     }
 }
@@ -49,18 +50,20 @@ impl SessionKeys {
         } else {
             (0x02, 0x01)
         };
-        let mut keys = SessionKeys {
-            send_aes: [0; 16],
-            send_mac: [0; 20],
-            recv_aes: [0; 16],
-            recv_mac: [0; 20],
+        let mut send_aes = Zeroizing::new([0u8; 16]);
+        let mut recv_aes = Zeroizing::new([0u8; 16]);
+        send_aes.copy_from_slice(&h1(send_byte, &s)[..16]);
+        recv_aes.copy_from_slice(&h1(recv_byte, &s)[..16]);
+        let send_mac = Zeroizing::new(sha1(&*send_aes));
+        let recv_mac = Zeroizing::new(sha1(&*recv_aes));
+        SessionKeys {
+            send_aes: AesCtrKey::new(&send_aes),
+            send_mac: HmacSha1Key::new(&*send_mac),
+            recv_aes: AesCtrKey::new(&recv_aes),
+            recv_mac: HmacSha1Key::new(&*recv_mac),
+            recv_mac_key: *recv_mac,
             extra: *h2(0xff, &s),
-        };
-        keys.send_aes.copy_from_slice(&h1(send_byte, &s)[..16]);
-        keys.recv_aes.copy_from_slice(&h1(recv_byte, &s)[..16]);
-        keys.send_mac = sha1(&keys.send_aes);
-        keys.recv_mac = sha1(&keys.recv_aes);
-        keys
+        }
     }
 }
 
@@ -153,6 +156,14 @@ impl KeyRatchet {
     }
 
     fn keys(&mut self, i: usize, j: usize) -> Result<&SessionKeys, Error> {
+        self.derive_keys(i, j)?;
+        self.cache[i][j]
+            .as_deref()
+            .ok_or(Error::Peer(PeerMisbehaved::UnknownKeyids))
+    }
+
+    /// Derives and caches the keys of pairing `[i][j]` unless cached.
+    fn derive_keys(&mut self, i: usize, j: usize) -> Result<(), Error> {
         if self.cache[i][j].is_none() {
             let ours = if i == 1 {
                 &self.our_current
@@ -168,9 +179,7 @@ impl KeyRatchet {
             };
             self.cache[i][j] = Some(Box::new(SessionKeys::derive(ours, theirs)));
         }
-        self.cache[i][j]
-            .as_deref()
-            .ok_or(Error::Peer(PeerMisbehaved::UnknownKeyids))
+        Ok(())
     }
 
     /// Encrypt `plaintext` as a data message (spec "When you send a Data
@@ -190,7 +199,7 @@ impl KeyRatchet {
             Err(_) => unreachable_pairing(),
         };
         let mut encrypted = plaintext.to_vec();
-        aes128_ctr(&keys.send_aes, &ctr, &mut encrypted);
+        keys.send_aes.apply(&ctr, &mut encrypted);
         let mut msg = DataMessage {
             flags,
             sender_keyid,
@@ -201,7 +210,9 @@ impl KeyRatchet {
             mac: [0; 20],
             revealed_mac_keys: revealed,
         };
-        msg.mac = hmac_sha1(&keys.send_mac, &msg.authenticated_bytes(header));
+        let mut scratch = MacScratch::default();
+        let mac = keys.send_mac.mac(&msg.mac_input(header, &mut scratch));
+        msg.mac = mac;
         msg
     }
 
@@ -233,14 +244,17 @@ impl KeyRatchet {
         if msg.sender_keyid == 0 || msg.recipient_keyid == 0 {
             return Err(PeerMisbehaved::ZeroKeyid.into());
         }
-        let authenticated = msg.authenticated_bytes(header);
-        let keys = self.keys(i, j)?;
-        if !ct_eq(&hmac_sha1(&keys.recv_mac, &authenticated), &msg.mac) {
+        self.derive_keys(i, j)?;
+        let Some(keys) = self.cache[i][j].as_deref() else {
+            return Err(PeerMisbehaved::UnknownKeyids.into());
+        };
+        let mut scratch = MacScratch::default();
+        if !ct_eq(
+            &keys.recv_mac.mac(&msg.mac_input(header, &mut scratch)),
+            &msg.mac,
+        ) {
             return Err(PeerMisbehaved::DataMacMismatch.into());
         }
-        let recv_aes = Zeroizing::new(keys.recv_aes);
-        let recv_mac = Zeroizing::new(keys.recv_mac);
-        let extra_key = Zeroizing::new(keys.extra);
         let ctr = u64::from_be_bytes(msg.ctr);
         if ctr == 0 {
             return Err(PeerMisbehaved::ZeroCounter.into());
@@ -255,11 +269,13 @@ impl KeyRatchet {
             None
         };
         let mut plaintext = Zeroizing::new(msg.encrypted.clone());
-        aes128_ctr(&recv_aes, &msg.ctr, &mut plaintext);
+        keys.recv_aes.apply(&msg.ctr, &mut plaintext);
+        let recv_mac = keys.recv_mac_key;
+        let extra_key = Zeroizing::new(keys.extra);
         let pairing = &mut self.pairings[i][j];
         let skipped = ctr - pairing.recv_ctr - 1;
         pairing.recv_ctr = ctr;
-        pairing.used_recv_mac = Some(*recv_mac);
+        pairing.used_recv_mac = Some(recv_mac);
 
         let rotated_ours = i == 1;
         if rotated_ours {
