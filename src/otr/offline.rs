@@ -23,9 +23,11 @@ use super::message::Version;
 
 const MAGIC: &[u8; 8] = b"O2TR-EKM";
 /// The snapshot format written. Format 2 adds our DH public values next to
-/// their secrets (restoring then needs no exponentiation); format 1 is
+/// their secrets (restoring then needs no exponentiation); format 3 adds
+/// the derived session keys and our pre-generated next key pair (the first
+/// message after a restore then needs none either). Formats 1 and 2 are
 /// still read.
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
 /// The oldest format still read.
 const FORMAT_V1: u8 = 1;
 
@@ -76,9 +78,21 @@ impl EncryptedSession {
 
     /// The EKM snapshot: contains secret keys and is zeroized on drop.
     pub fn snapshot(&self) -> Zeroizing<Vec<u8>> {
-        // About 1.8 KiB: one allocation, no regrowth (a regrowth would
-        // leave a copy of the secrets in freed memory).
-        let mut w = Writer::with_capacity(2048);
+        // About 2 KiB: one allocation, no regrowth (a regrowth would leave
+        // a copy of the secrets in freed memory). The bound is tight, so
+        // little spare capacity is wiped on drop.
+        let mut w = Writer::with_capacity(
+            8 + 1
+                + 2
+                + 4
+                + 4
+                + 8
+                + 1
+                + 3 * 8
+                + 4
+                + self.their_long_term.encoded_len()
+                + self.ratchet.encoded_len_bound(),
+        );
         w.raw(MAGIC).byte(FORMAT);
         w.short(self.version.number());
         w.int(self.our_tag).int(self.their_tag);
@@ -99,7 +113,7 @@ impl EncryptedSession {
             return Err(Error::Snapshot("not an EKM snapshot"));
         }
         let format = r.byte("format")?;
-        if format != FORMAT && format != FORMAT_V1 {
+        if !(FORMAT_V1..=FORMAT).contains(&format) {
             return Err(Error::Snapshot("unknown snapshot format"));
         }
         let version = match r.short("version")? {
@@ -116,7 +130,7 @@ impl EncryptedSession {
         let last_received = u64::from_be_bytes(r.array("last_received")?);
         let sent_since_answer = r.int("sent_since_answer")?;
         let their_long_term = DsaPublicKey::decode(&mut r)?;
-        let ratchet = KeyRatchet::decode(&mut r, format != FORMAT_V1)?;
+        let ratchet = KeyRatchet::decode(&mut r, format)?;
         r.finish()?;
         Ok(EncryptedSession {
             version,
