@@ -440,21 +440,40 @@ impl KeyRatchet {
         w.data(&self.to_reveal);
     }
 
-    /// Upper bound of [`KeyRatchet::encode`]'s length, so the snapshot
-    /// buffer is allocated once (a regrowth would leave a copy of the
-    /// secrets in freed memory).
-    pub fn encoded_len_bound(&self) -> usize {
-        // keyids, flags, counters and lengths; 3 key pairs of (4 + 40
-        // secret, 4 + 192 public); 2 public keys of theirs; 4 pairings of
-        // 1 + 16 + 1 + 20 and 1 + 64; the MAC keys to reveal.
-        4 + 3 * (4 + 40 + 4 + 192)
+    /// Length of [`KeyRatchet::encode`]'s output, so the snapshot buffer is
+    /// allocated once at its final size: a regrowth would leave a copy of
+    /// the secrets in freed memory, and spare capacity is wiped on drop
+    /// for nothing.
+    pub fn encoded_len(&self) -> usize {
+        // A DATA field or an MPI (our public values are minimal).
+        let field = |len: usize| 4 + len;
+        let pair = |k: &DhKeyPair| field(DhKeyPair::SECRET_LEN) + field(k.public().as_mpi().len());
+        let pairings: usize = self
+            .pairings
+            .iter()
+            .flatten()
+            .map(|p| 16 + 1 + p.used_recv_mac.map_or(0, |m| m.len()))
+            .sum();
+        let cached: usize = self
+            .cache
+            .iter()
+            .flatten()
+            .map(|k| 1 + k.as_ref().map_or(0, |_| 16 + 16 + 32))
+            .sum();
+        4 + pair(&self.our_current)
+            + pair(&self.our_previous)
             + 4
-            + 2 * (4 + 192)
+            + field(self.their_current.as_mpi().len())
             + 1
-            + 4 * (17 + 21 + 65)
+            + self
+                .their_previous
+                .as_ref()
+                .map_or(0, |k| field(k.as_mpi().len()))
+            + pairings
+            + cached
             + 1
-            + 4
-            + self.to_reveal.len()
+            + self.next.as_ref().map_or(0, pair)
+            + field(self.to_reveal.len())
     }
 
     /// Inverse of [`KeyRatchet::encode`] for snapshot `format` 1, 2 or 3.
@@ -589,7 +608,7 @@ mod tests {
     }
 
     fn encoded(k: &KeyRatchet) -> Vec<u8> {
-        let mut w = Writer::with_capacity(k.encoded_len_bound());
+        let mut w = Writer::with_capacity(k.encoded_len());
         k.encode(&mut w);
         w.into_vec()
     }
@@ -689,7 +708,7 @@ mod tests {
     }
 
     #[test]
-    fn encoded_length_stays_within_the_bound() {
+    fn encoded_length_is_exact() {
         let mut rng = ChaCha20Rng::seed_from_u64(9);
         let mut k = ratchet(&mut rng);
         k.rotate_theirs(DhKeyPair::generate(&mut rng).public().clone());
@@ -699,12 +718,10 @@ mod tests {
         }
         k.prepare_answer(&mut rng);
         k.to_reveal.extend_from_slice(&[1; 60]);
-        let len = encoded(&k).len();
-        assert!(
-            len <= k.encoded_len_bound(),
-            "{len} > {}",
-            k.encoded_len_bound()
-        );
+        assert_eq!(encoded(&k).len(), k.encoded_len());
+        // And with nothing optional present.
+        let fresh = ratchet(&mut rng);
+        assert_eq!(encoded(&fresh).len(), fresh.encoded_len());
     }
 
     #[test]
