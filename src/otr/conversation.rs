@@ -544,7 +544,9 @@ impl Conversation {
                             value: Vec::new(),
                         }],
                     );
-                    let msg = encrypt(&mut s, FLAG_IGNORE_UNREADABLE, &body, now);
+                    // The session ends with this message: nothing to prepare
+                    // for an answer.
+                    let msg = encrypt_last(&mut s, FLAG_IGNORE_UNREADABLE, &body, now);
                     out.push(Action::Forget { instance: tag });
                     self.push_encoded(&msg, &mut out);
                     out.push(Action::Notify(Notice::Ended));
@@ -581,7 +583,6 @@ impl Conversation {
         now: u64,
         rng: &mut R,
     ) -> Out {
-        let _ = rng;
         let mut out = Vec::new();
         if let Some(tag) = self.selected {
             let limit = self.cfg.max_unanswered;
@@ -597,7 +598,7 @@ impl Conversation {
                 }
                 return out;
             }
-            if self.encrypt_user_text(tag, text, now, &mut out) {
+            if self.encrypt_user_text(tag, text, now, rng, &mut out) {
                 return out;
             }
         }
@@ -649,7 +650,14 @@ impl Conversation {
 
     /// Encrypt and queue a user message on instance `tag`. Returns false if
     /// that instance is not encrypted.
-    fn encrypt_user_text(&mut self, tag: u32, text: &str, now: u64, out: &mut Out) -> bool {
+    fn encrypt_user_text<R: CryptoRng + ?Sized>(
+        &mut self,
+        tag: u32,
+        text: &str,
+        now: u64,
+        rng: &mut R,
+        out: &mut Out,
+    ) -> bool {
         let Some(inst) = self.instances.get_mut(&tag) else {
             return false;
         };
@@ -657,7 +665,7 @@ impl Conversation {
             return false;
         };
         let resumed = std::mem::replace(&mut s.suspended, false);
-        let msg = encrypt(s, 0, text.as_bytes(), now);
+        let msg = encrypt(s, 0, text.as_bytes(), now, rng);
         s.sent_since_answer = s.sent_since_answer.saturating_add(1);
         let snapshot = s.snapshot();
         out.push(Action::Persist(Persist {
@@ -672,11 +680,11 @@ impl Conversation {
     }
 
     /// Send every held message on the selected encrypted instance.
-    fn flush_held(&mut self, now: u64, out: &mut Out) {
+    fn flush_held<R: CryptoRng + ?Sized>(&mut self, now: u64, rng: &mut R, out: &mut Out) {
         let Some(tag) = self.selected else { return };
         let mut count = 0;
         while let Some(text) = self.held.front().cloned() {
-            if !self.encrypt_user_text(tag, &text, now, out) {
+            if !self.encrypt_user_text(tag, &text, now, rng, out) {
                 break;
             }
             self.held.pop_front();
@@ -1031,7 +1039,7 @@ impl Conversation {
             ssid,
             refreshed,
         }));
-        self.flush_held(now, out);
+        self.flush_held(now, rng, out);
     }
 
     fn on_data<R: CryptoRng + ?Sized>(
@@ -1075,7 +1083,10 @@ impl Conversation {
         let was_suspended = std::mem::replace(&mut session.suspended, false);
         session.last_received = now;
         session.sent_since_answer = 0;
-        let (human, tlvs) = match tlv::split_plaintext(&received.plaintext) {
+        // The human part is moved, not copied, into the delivered text (the
+        // delivered String was never wiped anyway; the TLV bytes are).
+        let mut received = received;
+        let (human, tlvs) = match tlv::take_plaintext(&mut received.plaintext) {
             Ok(x) => x,
             Err(e) => {
                 // Authentic but malformed TLVs: keep the text, drop the TLVs.
@@ -1095,7 +1106,6 @@ impl Conversation {
         let mut smp_reply = Vec::new();
         let mut smp_notices = Vec::new();
         if !disconnected {
-            let theirs = session.fingerprint();
             for t in tlvs
                 .iter()
                 .filter(|t| (tlv::types::SMP1..=tlv::types::SMP1Q).contains(&t.typ))
@@ -1103,7 +1113,9 @@ impl Conversation {
                 let step = smp_state.handle_tlv(t, rng);
                 smp_reply.extend(step.reply);
                 if let Some(ev) = step.event {
-                    smp_notices.push(smp_notice(ev, &theirs));
+                    // Only here: the fingerprint is a SHA-1 over the
+                    // peer's public key, not worth doing per message.
+                    smp_notices.push(smp_notice(ev, &session.fingerprint()));
                 }
             }
         } else {
@@ -1125,11 +1137,11 @@ impl Conversation {
         if !disconnected {
             if smp {
                 let body = tlv::join_plaintext(b"", &smp_reply);
-                replies.push(encrypt(session, FLAG_IGNORE_UNREADABLE, &body, now));
+                replies.push(encrypt(session, FLAG_IGNORE_UNREADABLE, &body, now, rng));
             } else if self.cfg.heartbeat_secs > 0
                 && now.saturating_sub(session.last_sent) >= self.cfg.heartbeat_secs
             {
-                replies.push(encrypt(session, FLAG_IGNORE_UNREADABLE, b"", now));
+                replies.push(encrypt(session, FLAG_IGNORE_UNREADABLE, b"", now, rng));
             }
         }
         if disconnected {
@@ -1172,7 +1184,7 @@ impl Conversation {
         } else {
             self.selected = Some(tag);
             if was_suspended {
-                self.flush_held(now, out);
+                self.flush_held(now, rng, out);
             }
         }
     }
@@ -1206,7 +1218,7 @@ impl Conversation {
             return out;
         };
         let tlvs = inst.smp.start(&ctx, secret.as_bytes(), question, rng);
-        self.send_smp(tag, &tlvs, now, &mut out);
+        self.send_smp(tag, &tlvs, now, rng, &mut out);
         out
     }
 
@@ -1230,7 +1242,7 @@ impl Conversation {
             return out;
         };
         match inst.smp.answer(&ctx, secret.as_bytes(), rng) {
-            Ok(tlvs) => self.send_smp(tag, &tlvs, now, &mut out),
+            Ok(tlvs) => self.send_smp(tag, &tlvs, now, rng, &mut out),
             Err(e) => tracing::debug!(cause = %e, "SMP answer refused"),
         }
         out
@@ -1259,7 +1271,7 @@ impl Conversation {
                 continue;
             };
             let tlvs = inst.smp.abort();
-            self.send_smp(tag, &tlvs, now, &mut out);
+            self.send_smp(tag, &tlvs, now, rng, &mut out);
         }
         out
     }
@@ -1306,7 +1318,14 @@ impl Conversation {
 
     /// Encrypt `tlvs` (empty human part, IGNORE_UNREADABLE) on `tag`:
     /// persist, then send.
-    fn send_smp(&mut self, tag: u32, tlvs: &[Tlv], now: u64, out: &mut Out) {
+    fn send_smp<R: CryptoRng + ?Sized>(
+        &mut self,
+        tag: u32,
+        tlvs: &[Tlv],
+        now: u64,
+        rng: &mut R,
+        out: &mut Out,
+    ) {
         let Some(inst) = self.instances.get_mut(&tag) else {
             return;
         };
@@ -1315,7 +1334,7 @@ impl Conversation {
         };
         let resumed = std::mem::replace(&mut s.suspended, false);
         let body = tlv::join_plaintext(b"", tlvs);
-        let msg = encrypt(s, FLAG_IGNORE_UNREADABLE, &body, now);
+        let msg = encrypt(s, FLAG_IGNORE_UNREADABLE, &body, now, rng);
         out.push(Action::Persist(Persist {
             instance: tag,
             snapshot: s.snapshot(),
@@ -1369,7 +1388,21 @@ fn utf8_text(human: Vec<u8>) -> String {
 }
 
 /// Encrypt `plaintext` on `s` and wrap it as an encoded message.
-fn encrypt(s: &mut EncryptedSession, flags: u8, plaintext: &[u8], now: u64) -> EncodedMessage {
+fn encrypt<R: CryptoRng + ?Sized>(
+    s: &mut EncryptedSession,
+    flags: u8,
+    plaintext: &[u8],
+    now: u64,
+    rng: &mut R,
+) -> EncodedMessage {
+    let msg = encrypt_last(s, flags, plaintext, now);
+    s.ratchet.prepare_answer(rng);
+    msg
+}
+
+/// [`encrypt`] without preparing for an answer (the session's last
+/// message).
+fn encrypt_last(s: &mut EncryptedSession, flags: u8, plaintext: &[u8], now: u64) -> EncodedMessage {
     let header = data_header(s.version, s.our_tag, s.their_tag);
     let data = s.ratchet.encrypt(&header, flags, plaintext);
     s.last_sent = now;

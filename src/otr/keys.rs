@@ -15,28 +15,35 @@ use rand_core::CryptoRng;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::codec::{Reader, Writer};
-use super::crypto::{DhKeyPair, DhPublicKey, aes128_ctr, ct_eq, h1, h2, hmac_sha1, sha1};
+use super::crypto::{AesCtrKey, DhKeyPair, DhPublicKey, HmacSha1Key, ct_eq, h1, h2, sha1};
 use super::error::{Error, PeerMisbehaved};
-use super::message::{DataMessage, Header};
+use super::message::{DataMessage, Header, MacScratch};
 
 /// Length of one revealed MAC key.
 pub const MAC_KEY_BYTES: usize = 20;
 
-/// Keys for one (our key, their key) pairing.
+/// Keys for one (our key, their key) pairing, prepared for use: the AES
+/// key schedules and HMAC states are computed once here, not per message.
 struct SessionKeys {
-    send_aes: [u8; 16],
-    send_mac: [u8; 20],
-    recv_aes: [u8; 16],
-    recv_mac: [u8; 20],
+    /// The raw keys everything else is computed from (format-3 snapshots
+    /// store these three).
+    send_aes_key: [u8; 16],
+    recv_aes_key: [u8; 16],
+    send_aes: AesCtrKey,
+    send_mac: HmacSha1Key,
+    recv_aes: AesCtrKey,
+    recv_mac: HmacSha1Key,
+    /// The receiving MAC key itself, revealed once the pairing is forgotten.
+    recv_mac_key: [u8; 20],
     extra: [u8; 32],
 }
 
 impl Drop for SessionKeys {
     fn drop(&mut self) {
-        self.send_aes.zeroize();
-        self.send_mac.zeroize();
-        self.recv_aes.zeroize();
-        self.recv_mac.zeroize();
+        // The prepared AES and HMAC states wipe themselves.
+        self.send_aes_key.zeroize();
+        self.recv_aes_key.zeroize();
+        self.recv_mac_key.zeroize();
         self.extra.zeroize();
     }
 }
@@ -49,18 +56,28 @@ impl SessionKeys {
         } else {
             (0x02, 0x01)
         };
-        let mut keys = SessionKeys {
-            send_aes: [0; 16],
-            send_mac: [0; 20],
-            recv_aes: [0; 16],
-            recv_mac: [0; 20],
-            extra: *h2(0xff, &s),
-        };
-        keys.send_aes.copy_from_slice(&h1(send_byte, &s)[..16]);
-        keys.recv_aes.copy_from_slice(&h1(recv_byte, &s)[..16]);
-        keys.send_mac = sha1(&keys.send_aes);
-        keys.recv_mac = sha1(&keys.recv_aes);
-        keys
+        let mut send_aes = Zeroizing::new([0u8; 16]);
+        let mut recv_aes = Zeroizing::new([0u8; 16]);
+        send_aes.copy_from_slice(&h1(send_byte, &s)[..16]);
+        recv_aes.copy_from_slice(&h1(recv_byte, &s)[..16]);
+        Self::from_raw(&send_aes, &recv_aes, &h2(0xff, &s))
+    }
+
+    /// The spec's MAC keys are SHA-1 of the AES keys; everything else is
+    /// prepared from the three raw keys.
+    fn from_raw(send_aes: &[u8; 16], recv_aes: &[u8; 16], extra: &[u8; 32]) -> Self {
+        let send_mac = Zeroizing::new(sha1(send_aes));
+        let recv_mac = Zeroizing::new(sha1(recv_aes));
+        SessionKeys {
+            send_aes_key: *send_aes,
+            recv_aes_key: *recv_aes,
+            send_aes: AesCtrKey::new(send_aes),
+            send_mac: HmacSha1Key::new(&*send_mac),
+            recv_aes: AesCtrKey::new(recv_aes),
+            recv_mac: HmacSha1Key::new(&*recv_mac),
+            recv_mac_key: *recv_mac,
+            extra: *extra,
+        }
     }
 }
 
@@ -111,6 +128,11 @@ pub struct KeyRatchet {
     /// `[i][j]`: i = 0 → our previous key, 1 → our current; j likewise for theirs.
     pairings: [[Pairing; 2]; 2],
     cache: [[Option<Box<SessionKeys>>; 2]; 2],
+    /// Our next DH key pair, generated when we send (see
+    /// [`KeyRatchet::encrypt`]) so that the rotation on receipt — for a
+    /// restored session, on its first offline message — needs no key
+    /// generation. As secret as our current keys, wiped the same way.
+    next: Option<DhKeyPair>,
     /// Receiving MAC keys to reveal in the next data message we send.
     to_reveal: Zeroizing<Vec<u8>>,
 }
@@ -133,6 +155,7 @@ impl KeyRatchet {
             their_previous: None,
             pairings: Default::default(),
             cache: Default::default(),
+            next: None,
             to_reveal: Zeroizing::new(Vec::new()),
         }
     }
@@ -153,6 +176,14 @@ impl KeyRatchet {
     }
 
     fn keys(&mut self, i: usize, j: usize) -> Result<&SessionKeys, Error> {
+        self.derive_keys(i, j)?;
+        self.cache[i][j]
+            .as_deref()
+            .ok_or(Error::Peer(PeerMisbehaved::UnknownKeyids))
+    }
+
+    /// Derives and caches the keys of pairing `[i][j]` unless cached.
+    fn derive_keys(&mut self, i: usize, j: usize) -> Result<(), Error> {
         if self.cache[i][j].is_none() {
             let ours = if i == 1 {
                 &self.our_current
@@ -168,14 +199,13 @@ impl KeyRatchet {
             };
             self.cache[i][j] = Some(Box::new(SessionKeys::derive(ours, theirs)));
         }
-        self.cache[i][j]
-            .as_deref()
-            .ok_or(Error::Peer(PeerMisbehaved::UnknownKeyids))
+        Ok(())
     }
 
     /// Encrypt `plaintext` as a data message (spec "When you send a Data
     /// Message"). Advances the send counter; the caller must persist the
-    /// ratchet before the message leaves.
+    /// ratchet before the message leaves. Callers that expect an answer
+    /// call [`KeyRatchet::prepare_answer`] next.
     pub fn encrypt(&mut self, header: &Header, flags: u8, plaintext: &[u8]) -> DataMessage {
         let ctr_value = self.pairings[0][1].send_ctr.wrapping_add(1);
         self.pairings[0][1].send_ctr = ctr_value;
@@ -190,7 +220,7 @@ impl KeyRatchet {
             Err(_) => unreachable_pairing(),
         };
         let mut encrypted = plaintext.to_vec();
-        aes128_ctr(&keys.send_aes, &ctr, &mut encrypted);
+        keys.send_aes.apply(&ctr, &mut encrypted);
         let mut msg = DataMessage {
             flags,
             sender_keyid,
@@ -201,8 +231,30 @@ impl KeyRatchet {
             mac: [0; 20],
             revealed_mac_keys: revealed,
         };
-        msg.mac = hmac_sha1(&keys.send_mac, &msg.authenticated_bytes(header));
+        let mut scratch = MacScratch::default();
+        let mac = keys.send_mac.mac(&msg.mac_input(header, &mut scratch));
+        msg.mac = mac;
         msg
+    }
+
+    /// Prepares for the peer's answer to what we sent: that answer comes
+    /// under (our current key, their current key) — the key we announce as
+    /// `next_dh`, and theirs — so those session keys are derived now unless
+    /// they are already, and our next key pair is generated unless there is
+    /// one (the receipt of the answer rotates to it). Both go into the
+    /// snapshot persisted with the message, so when we go offline now the
+    /// first offline message needs no exponentiation and no key generation.
+    /// Live traffic does the same work as before (the receipt would have
+    /// derived that pairing and generated that key), only earlier; in a
+    /// one-way burst it is done once.
+    pub fn prepare_answer<R: CryptoRng + ?Sized>(&mut self, rng: &mut R) {
+        // Pairing (our current, their current) always exists.
+        if self.derive_keys(1, 1).is_err() {
+            unreachable_pairing();
+        }
+        if self.next.is_none() {
+            self.next = Some(DhKeyPair::generate(rng));
+        }
     }
 
     /// Verify and decrypt a data message (spec "When you receive a Data
@@ -233,14 +285,17 @@ impl KeyRatchet {
         if msg.sender_keyid == 0 || msg.recipient_keyid == 0 {
             return Err(PeerMisbehaved::ZeroKeyid.into());
         }
-        let authenticated = msg.authenticated_bytes(header);
-        let keys = self.keys(i, j)?;
-        if !ct_eq(&hmac_sha1(&keys.recv_mac, &authenticated), &msg.mac) {
+        self.derive_keys(i, j)?;
+        let Some(keys) = self.cache[i][j].as_deref() else {
+            return Err(PeerMisbehaved::UnknownKeyids.into());
+        };
+        let mut scratch = MacScratch::default();
+        if !ct_eq(
+            &keys.recv_mac.mac(&msg.mac_input(header, &mut scratch)),
+            &msg.mac,
+        ) {
             return Err(PeerMisbehaved::DataMacMismatch.into());
         }
-        let recv_aes = Zeroizing::new(keys.recv_aes);
-        let recv_mac = Zeroizing::new(keys.recv_mac);
-        let extra_key = Zeroizing::new(keys.extra);
         let ctr = u64::from_be_bytes(msg.ctr);
         if ctr == 0 {
             return Err(PeerMisbehaved::ZeroCounter.into());
@@ -255,11 +310,13 @@ impl KeyRatchet {
             None
         };
         let mut plaintext = Zeroizing::new(msg.encrypted.clone());
-        aes128_ctr(&recv_aes, &msg.ctr, &mut plaintext);
+        keys.recv_aes.apply(&msg.ctr, &mut plaintext);
+        let recv_mac = keys.recv_mac_key;
+        let extra_key = Zeroizing::new(keys.extra);
         let pairing = &mut self.pairings[i][j];
         let skipped = ctr - pairing.recv_ctr - 1;
         pairing.recv_ctr = ctr;
-        pairing.used_recv_mac = Some(*recv_mac);
+        pairing.used_recv_mac = Some(recv_mac);
 
         let rotated_ours = i == 1;
         if rotated_ours {
@@ -291,7 +348,10 @@ impl KeyRatchet {
         let [cprev, ccur] = &mut self.cache;
         std::mem::swap(cprev, ccur);
         *ccur = Default::default();
-        let fresh = DhKeyPair::generate(rng);
+        let fresh = match self.next.take() {
+            Some(k) => k,
+            None => DhKeyPair::generate(rng),
+        };
         self.our_previous = std::mem::replace(&mut self.our_current, fresh);
         self.our_keyid += 1;
     }
@@ -313,10 +373,16 @@ impl KeyRatchet {
         self.their_keyid += 1;
     }
 
-    /// Serialize the ratchet for the EKM snapshot (format 2: each of our
-    /// key pairs as its secret followed by its public value, so restoring
-    /// needs no exponentiation). Contains secrets: the caller keeps the
-    /// result in zeroizing memory.
+    /// Serialize the ratchet for the EKM snapshot (format 3). Format 2:
+    /// each of our key pairs as its secret followed by its public value, so
+    /// restoring needs no exponentiation. Format 3 adds, between the
+    /// pairings and the MAC keys to reveal, the derived session keys of
+    /// each pairing that has them (flag byte, then the sending and
+    /// receiving AES keys and the extra symmetric key; the MAC keys are
+    /// their SHA-1) and our pre-generated next key pair (flag byte, then
+    /// secret and public value), so the first message after a restore
+    /// needs no exponentiation either. Contains secrets: the caller keeps
+    /// the result in zeroizing memory.
     pub fn encode(&self, w: &mut Writer) {
         w.int(self.our_keyid);
         for pair in [&self.our_current, &self.our_previous] {
@@ -347,18 +413,81 @@ impl KeyRatchet {
                 }
             }
         }
+        for row in &self.cache {
+            for k in row {
+                match k {
+                    Some(k) => {
+                        w.byte(1)
+                            .raw(&k.send_aes_key)
+                            .raw(&k.recv_aes_key)
+                            .raw(&k.extra);
+                    }
+                    None => {
+                        w.byte(0);
+                    }
+                }
+            }
+        }
+        match &self.next {
+            Some(pair) => {
+                w.byte(1).data(&pair.dangerous_secret_bytes());
+                w.mpi(pair.public().as_mpi());
+            }
+            None => {
+                w.byte(0);
+            }
+        }
         w.data(&self.to_reveal);
     }
 
-    /// Inverse of [`KeyRatchet::encode`]. `with_publics` is false for
-    /// format-1 snapshots, which hold only our secrets: their public values
-    /// are recomputed (two fixed-base exponentiations).
-    pub fn decode(r: &mut Reader<'_>, with_publics: bool) -> Result<Self, Error> {
+    /// Length of [`KeyRatchet::encode`]'s output, so the snapshot buffer is
+    /// allocated once at its final size: a regrowth would leave a copy of
+    /// the secrets in freed memory, and spare capacity is wiped on drop
+    /// for nothing.
+    pub fn encoded_len(&self) -> usize {
+        // A DATA field or an MPI (our public values are minimal).
+        let field = |len: usize| 4 + len;
+        let pair = |k: &DhKeyPair| field(DhKeyPair::SECRET_LEN) + field(k.public().as_mpi().len());
+        let pairings: usize = self
+            .pairings
+            .iter()
+            .flatten()
+            .map(|p| 16 + 1 + p.used_recv_mac.map_or(0, |m| m.len()))
+            .sum();
+        let cached: usize = self
+            .cache
+            .iter()
+            .flatten()
+            .map(|k| 1 + k.as_ref().map_or(0, |_| 16 + 16 + 32))
+            .sum();
+        4 + pair(&self.our_current)
+            + pair(&self.our_previous)
+            + 4
+            + field(self.their_current.as_mpi().len())
+            + 1
+            + self
+                .their_previous
+                .as_ref()
+                .map_or(0, |k| field(k.as_mpi().len()))
+            + pairings
+            + cached
+            + 1
+            + self.next.as_ref().map_or(0, pair)
+            + field(self.to_reveal.len())
+    }
+
+    /// Inverse of [`KeyRatchet::encode`] for snapshot `format` 1, 2 or 3.
+    /// Format-1 snapshots hold only our secrets: their public values are
+    /// recomputed (two fixed-base exponentiations). Formats 1 and 2 have no
+    /// derived keys and no next key pair: they are derived and generated
+    /// when first needed, as before.
+    pub fn decode(r: &mut Reader<'_>, format: u8) -> Result<Self, Error> {
+        let with_publics = format >= 2;
         let our_keyid = r.int("our_keyid")?;
         if our_keyid < 2 {
             return Err(Error::Snapshot("our keyid below 2"));
         }
-        let mut read_pair = |what: &'static str| -> Result<DhKeyPair, Error> {
+        let read_pair = |r: &mut Reader<'_>, what: &'static str| -> Result<DhKeyPair, Error> {
             let secret = r.data(what)?;
             if with_publics {
                 let public = DhPublicKey::from_mpi(r.mpi(what)?)?;
@@ -367,8 +496,8 @@ impl KeyRatchet {
                 Ok(DhKeyPair::from_secret_bytes(secret)?)
             }
         };
-        let our_current = read_pair("our_current")?;
-        let our_previous = read_pair("our_previous")?;
+        let our_current = read_pair(r, "our_current")?;
+        let our_previous = read_pair(r, "our_previous")?;
         let their_keyid = r.int("their_keyid")?;
         if their_keyid == 0 {
             return Err(Error::Snapshot("their keyid 0"));
@@ -391,6 +520,29 @@ impl KeyRatchet {
                 };
             }
         }
+        let mut cache: [[Option<Box<SessionKeys>>; 2]; 2] = Default::default();
+        let mut next = None;
+        if format >= 3 {
+            for row in &mut cache {
+                for k in row.iter_mut() {
+                    *k = match r.byte("keys?")? {
+                        0 => None,
+                        1 => {
+                            let send = Zeroizing::new(r.array::<16>("send_aes")?);
+                            let recv = Zeroizing::new(r.array::<16>("recv_aes")?);
+                            let extra = Zeroizing::new(r.array::<32>("extra_key")?);
+                            Some(Box::new(SessionKeys::from_raw(&send, &recv, &extra)))
+                        }
+                        _ => return Err(Error::Snapshot("bad option flag")),
+                    };
+                }
+            }
+            next = match r.byte("next?")? {
+                0 => None,
+                1 => Some(read_pair(r, "next")?),
+                _ => return Err(Error::Snapshot("bad option flag")),
+            };
+        }
         let reveal = r.data("to_reveal")?;
         if reveal.len() % MAC_KEY_BYTES != 0 {
             return Err(Error::Snapshot("revealed keys not a multiple of 20"));
@@ -403,7 +555,8 @@ impl KeyRatchet {
             their_current,
             their_previous,
             pairings,
-            cache: Default::default(),
+            cache,
+            next,
             to_reveal: Zeroizing::new(reveal.to_vec()),
         })
     }
@@ -455,9 +608,56 @@ mod tests {
     }
 
     fn encoded(k: &KeyRatchet) -> Vec<u8> {
-        let mut w = Writer::with_capacity(1024);
+        let mut w = Writer::with_capacity(k.encoded_len());
         k.encode(&mut w);
         w.into_vec()
+    }
+
+    /// Where the format-3 section (derived keys, next key pair) starts and
+    /// ends in an encoding.
+    fn v3_section(v3: &[u8]) -> (usize, usize) {
+        let mut r = Reader::new(v3);
+        r.int("keyid").unwrap();
+        for _ in 0..2 {
+            r.data("secret").unwrap();
+            r.mpi("public").unwrap();
+        }
+        r.int("their keyid").unwrap();
+        r.mpi("their current").unwrap();
+        if r.byte("flag").unwrap() == 1 {
+            r.mpi("their previous").unwrap();
+        }
+        for _ in 0..4 {
+            r.take(16, "counters").unwrap();
+            if r.byte("flag").unwrap() == 1 {
+                r.take(20, "mac").unwrap();
+            }
+        }
+        let start = r.position();
+        for _ in 0..4 {
+            if r.byte("flag").unwrap() == 1 {
+                r.take(64, "keys").unwrap();
+            }
+        }
+        if r.byte("flag").unwrap() == 1 {
+            r.data("secret").unwrap();
+            r.mpi("public").unwrap();
+        }
+        (start, r.position())
+    }
+
+    /// The format-2 encoding: the format-3 one without its section.
+    fn as_format2(v3: &[u8]) -> Vec<u8> {
+        let (start, end) = v3_section(v3);
+        [&v3[..start], &v3[end..]].concat()
+    }
+
+    fn header() -> Header {
+        Header {
+            version: super::super::message::Version::V3,
+            sender_tag: 0x100,
+            receiver_tag: 0x101,
+        }
     }
 
     /// The format-1 encoding of the same ratchet: our key pairs as secrets
@@ -475,20 +675,82 @@ mod tests {
     }
 
     #[test]
-    fn encoding_round_trips_in_both_formats() {
+    fn encoding_round_trips_in_all_formats() {
         let mut rng = ChaCha20Rng::seed_from_u64(7);
-        let k = ratchet(&mut rng);
-        let v2 = encoded(&k);
-        let back = KeyRatchet::decode(&mut Reader::new(&v2), true).unwrap();
-        assert_eq!(encoded(&back), v2);
+        let mut k = ratchet(&mut rng);
+        // Derived keys of two pairings and a next key pair, as after a send.
+        k.encrypt(&header(), 0, b"x");
+        k.prepare_answer(&mut rng);
+        let v3 = encoded(&k);
+        let back = KeyRatchet::decode(&mut Reader::new(&v3), 3).unwrap();
+        assert_eq!(encoded(&back), v3);
         assert_eq!(back.our_current.public(), k.our_current.public());
         assert_eq!(back.our_previous.public(), k.our_previous.public());
+        assert!(back.cache[0][1].is_some() && back.cache[1][1].is_some());
+        assert!(back.cache[0][0].is_none() && back.cache[1][0].is_none());
+        assert_eq!(
+            back.next.as_ref().map(|n| n.public().clone()),
+            k.next.as_ref().map(|n| n.public().clone())
+        );
+
+        // A format-2 encoding has neither derived keys nor a next key.
+        let v2 = as_format2(&v3);
+        assert!(v2.len() < v3.len());
+        let old2 = KeyRatchet::decode(&mut Reader::new(&v2), 2).unwrap();
+        assert!(old2.next.is_none() && old2.cache.iter().flatten().all(Option::is_none));
+        assert_eq!(as_format2(&encoded(&old2)), v2);
 
         // A format-1 encoding recomputes the same public values.
         let v1 = without_publics(&v2);
         assert!(v1.len() < v2.len());
-        let old = KeyRatchet::decode(&mut Reader::new(&v1), false).unwrap();
-        assert_eq!(encoded(&old), v2);
+        let old1 = KeyRatchet::decode(&mut Reader::new(&v1), 1).unwrap();
+        assert_eq!(as_format2(&encoded(&old1)), v2);
+    }
+
+    #[test]
+    fn encoded_length_is_exact() {
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let mut k = ratchet(&mut rng);
+        k.rotate_theirs(DhKeyPair::generate(&mut rng).public().clone());
+        for (i, j) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            k.derive_keys(i, j).unwrap();
+            k.pairings[i][j].used_recv_mac = Some([7; 20]);
+        }
+        k.prepare_answer(&mut rng);
+        k.to_reveal.extend_from_slice(&[1; 60]);
+        assert_eq!(encoded(&k).len(), k.encoded_len());
+        // And with nothing optional present.
+        let fresh = ratchet(&mut rng);
+        assert_eq!(encoded(&fresh).len(), fresh.encoded_len());
+    }
+
+    #[test]
+    fn restored_sender_answers_without_exponentiation() {
+        let mut rng = ChaCha20Rng::seed_from_u64(10);
+        let a_ake = DhKeyPair::generate(&mut rng);
+        let b_ake = DhKeyPair::generate(&mut rng);
+        let mut a = KeyRatchet::after_ake(a_ake.clone(), b_ake.public().clone(), 1, &mut rng);
+        let mut b = KeyRatchet::after_ake(b_ake, a_ake.public().clone(), 1, &mut rng);
+        // Bob sends and persists; Alice receives and answers while he is away.
+        let to_alice = b.encrypt(&header(), 0, b"bye");
+        b.prepare_answer(&mut rng);
+        let snapshot = encoded(&b);
+        a.decrypt(&header(), &to_alice, &mut rng).unwrap();
+        let offline = a.encrypt(&header(), 0, b"while you were out");
+        // Bob restarts from the snapshot: the pairing of the offline message
+        // is already derived and the key he rotates to already generated.
+        let mut b = KeyRatchet::decode(&mut Reader::new(&snapshot), 3).unwrap();
+        assert!(b.has_cached_keys(offline.sender_keyid, offline.recipient_keyid));
+        let next = b.next.as_ref().map(|k| k.public().clone()).unwrap();
+        let got = b.decrypt(&header(), &offline, &mut rng).unwrap();
+        assert_eq!(&got.plaintext[..], b"while you were out");
+        assert!(got.rotated_ours);
+        assert_eq!(b.our_current.public(), &next);
+        assert!(b.next.is_none());
+        // His answer still reaches Alice.
+        let answer = b.encrypt(&header(), 0, b"back");
+        let got = a.decrypt(&header(), &answer, &mut rng).unwrap();
+        assert_eq!(&got.plaintext[..], b"back");
     }
 
     #[test]
@@ -499,14 +761,9 @@ mod tests {
         let mut a = KeyRatchet::after_ake(a_ake.clone(), b_ake.public().clone(), 1, &mut rng);
         let b = KeyRatchet::after_ake(b_ake, a_ake.public().clone(), 1, &mut rng);
         // Bob restored from his snapshot decrypts what Alice sends.
-        let mut b = KeyRatchet::decode(&mut Reader::new(&encoded(&b)), true).unwrap();
-        let header = Header {
-            version: super::super::message::Version::V3,
-            sender_tag: 0x100,
-            receiver_tag: 0x101,
-        };
-        let msg = a.encrypt(&header, 0, b"hello");
-        let got = b.decrypt(&header, &msg, &mut rng).unwrap();
+        let mut b = KeyRatchet::decode(&mut Reader::new(&encoded(&b)), 3).unwrap();
+        let msg = a.encrypt(&header(), 0, b"hello");
+        let got = b.decrypt(&header(), &msg, &mut rng).unwrap();
         assert_eq!(&got.plaintext[..], b"hello");
     }
 }

@@ -23,11 +23,16 @@ use super::message::Version;
 
 const MAGIC: &[u8; 8] = b"O2TR-EKM";
 /// The snapshot format written. Format 2 adds our DH public values next to
-/// their secrets (restoring then needs no exponentiation); format 1 is
+/// their secrets (restoring then needs no exponentiation); format 3 adds
+/// the derived session keys and our pre-generated next key pair (the first
+/// message after a restore then needs none either). Formats 1 and 2 are
 /// still read.
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
 /// The oldest format still read.
 const FORMAT_V1: u8 = 1;
+/// Bytes before the peer's public key: magic, format, version, tags, ssid,
+/// initiator flag, three timestamps, unanswered count.
+const HEADER_LEN: usize = 8 + 1 + 2 + 4 + 4 + 8 + 1 + 3 * 8 + 4;
 
 /// An encrypted (live or suspended) OTR session.
 pub struct EncryptedSession {
@@ -76,9 +81,12 @@ impl EncryptedSession {
 
     /// The EKM snapshot: contains secret keys and is zeroized on drop.
     pub fn snapshot(&self) -> Zeroizing<Vec<u8>> {
-        // About 1.8 KiB: one allocation, no regrowth (a regrowth would
-        // leave a copy of the secrets in freed memory).
-        let mut w = Writer::with_capacity(2048);
+        // About 1.6 KiB, allocated once at its exact size: a regrowth would
+        // leave a copy of the secrets in freed memory, and spare capacity
+        // would be wiped on drop for nothing.
+        let mut w = Writer::with_capacity(
+            HEADER_LEN + self.their_long_term.encoded_len() + self.ratchet.encoded_len(),
+        );
         w.raw(MAGIC).byte(FORMAT);
         w.short(self.version.number());
         w.int(self.our_tag).int(self.their_tag);
@@ -99,7 +107,7 @@ impl EncryptedSession {
             return Err(Error::Snapshot("not an EKM snapshot"));
         }
         let format = r.byte("format")?;
-        if format != FORMAT && format != FORMAT_V1 {
+        if !(FORMAT_V1..=FORMAT).contains(&format) {
             return Err(Error::Snapshot("unknown snapshot format"));
         }
         let version = match r.short("version")? {
@@ -116,7 +124,7 @@ impl EncryptedSession {
         let last_received = u64::from_be_bytes(r.array("last_received")?);
         let sent_since_answer = r.int("sent_since_answer")?;
         let their_long_term = DsaPublicKey::decode(&mut r)?;
-        let ratchet = KeyRatchet::decode(&mut r, format != FORMAT_V1)?;
+        let ratchet = KeyRatchet::decode(&mut r, format)?;
         r.finish()?;
         Ok(EncryptedSession {
             version,

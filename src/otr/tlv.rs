@@ -3,6 +3,7 @@
 //! and the SMP TLV value format (an INT count, then that many MPIs).
 
 use thiserror::Error;
+use zeroize::Zeroize;
 
 use super::codec::{CodecError, Reader, Writer};
 
@@ -83,6 +84,19 @@ pub fn split_plaintext(decrypted: &[u8]) -> Result<(Vec<u8>, Vec<Tlv>), TlvError
         tlvs.push(Tlv { typ, value });
     }
     Ok((text, tlvs))
+}
+
+/// [`split_plaintext`] without copying the human part: it is `decrypted`
+/// itself, truncated at the NUL (the TLV bytes after it are wiped first),
+/// and `decrypted` is left empty. On error `decrypted` is unchanged.
+pub fn take_plaintext(decrypted: &mut Vec<u8>) -> Result<(Vec<u8>, Vec<Tlv>), TlvError> {
+    let Some(nul) = find_nul(decrypted) else {
+        return Ok((std::mem::take(decrypted), Vec::new()));
+    };
+    let (_, tlvs) = split_plaintext(&decrypted[nul..])?;
+    decrypted[nul..].zeroize();
+    decrypted.truncate(nul);
+    Ok((std::mem::take(decrypted), tlvs))
 }
 
 /// Position of the first NUL byte, eight bytes at a time (a data message
@@ -208,6 +222,25 @@ mod tests {
             join_plaintext(b"hi", &tlvs),
             b"hi\0\x00\x01\x00\x00\x00\x00\x00\x05hello"
         );
+    }
+
+    #[test]
+    fn take_plaintext_agrees_with_split_and_keeps_input_on_error() {
+        for input in [
+            &b"hi\0\x00\x01\x00\x00\x00\x00\x00\x05hello"[..],
+            b"no tlvs at all",
+            b"\0\x00\x00\x00\x00",
+            b"",
+        ] {
+            let mut buf = input.to_vec();
+            let (text, tlvs) = take_plaintext(&mut buf).unwrap();
+            assert_eq!((text, tlvs), split_plaintext(input).unwrap());
+            assert!(buf.is_empty());
+        }
+        let bad = b"hi\0\x00\x01\x00\x09x".to_vec();
+        let mut buf = bad.clone();
+        assert!(take_plaintext(&mut buf).is_err());
+        assert_eq!(buf, bad);
     }
 
     #[test]

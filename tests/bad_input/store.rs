@@ -56,6 +56,16 @@ fn layout(b: &[u8]) -> At {
             r.take(20, "").unwrap();
         }
     }
+    // Format 3: the derived keys of each pairing, then our next key pair.
+    for _ in 0..4 {
+        if r.byte("").unwrap() == 1 {
+            r.take(64, "").unwrap();
+        }
+    }
+    if r.byte("").unwrap() == 1 {
+        r.data("").unwrap();
+        r.mpi("").unwrap();
+    }
     at.reveal = r.position();
     at
 }
@@ -111,7 +121,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "snapshot: unknown format byte",
-            damage: |b, _| b[8] = 3,
+            damage: |b, _| b[8] = 4,
             want: Some(|e| matches!(e, Error::Snapshot("unknown snapshot format"))),
         },
         Case {

@@ -166,6 +166,10 @@ impl DhKeyPair {
         SharedSecret(bytes)
     }
 
+    /// Length of [`dangerous_secret_bytes`](Self::dangerous_secret_bytes)
+    /// (fixed: 320 bits).
+    pub const SECRET_LEN: usize = SECRET_BYTES;
+
     /// The secret exponent as 40 big-endian bytes, for the durable key
     /// snapshot. Handle with care: this is the key.
     pub fn dangerous_secret_bytes(&self) -> Zeroizing<Vec<u8>> {

@@ -230,6 +230,11 @@ impl DsaPublicKey {
         w.mpi(&self.p).mpi(&self.q).mpi(&self.g).mpi(&self.y);
     }
 
+    /// Length of the PUBKEY encoding.
+    pub fn encoded_len(&self) -> usize {
+        2 + 16 + self.p.len() + self.q.len() + self.g.len() + self.y.len()
+    }
+
     /// The PUBKEY encoding as a vector.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut w =

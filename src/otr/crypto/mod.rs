@@ -26,7 +26,10 @@ use super::codec::CodecError;
 pub use self::dh::{DH_MODULUS_BYTES, DhKeyPair, DhPublicKey, SharedSecret, h1, h2};
 pub use self::dsa::{DsaPrivateKey, DsaPublicKey, Fingerprint, PUBKEY_TYPE_DSA};
 
-pub use self::sym::{aes128_ctr, ct_eq, hmac_sha1, hmac_sha256, hmac_sha256_160, sha1, sha256};
+pub use self::sym::{
+    AesCtrKey, HmacSha1Key, aes128_ctr, ct_eq, hmac_sha1, hmac_sha256, hmac_sha256_160, sha1,
+    sha256,
+};
 
 /// Errors from decoding or validating cryptographic values.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

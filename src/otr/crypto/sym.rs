@@ -2,14 +2,22 @@
 //! keys", §"Data Message"): AES-128 in counter mode with OTR's counter
 //! layout, SHA-1, SHA-256, HMAC-SHA1, HMAC-SHA256 (full and truncated to
 //! 160 bits, as the AKE uses), and a constant-time byte comparison.
+//!
+//! The data-message path uses the prepared forms [`AesCtrKey`] and
+//! [`HmacSha1Key`]: a session key is used for many messages (a one-way burst
+//! never changes it), so its AES key schedule and its HMAC inner and outer
+//! hash states are computed once per key instead of once per message (two
+//! SHA-1 compressions and a key expansion saved per message and side, as
+//! libotr does by caching its session keys).
 
-use aes::Aes128;
+use aes::{Aes128, Aes128Enc};
 use ctr::Ctr128BE;
-use ctr::cipher::{KeyIvInit, StreamCipher};
+use ctr::cipher::{Block, BlockCipherEncrypt, KeyIvInit, StreamCipher};
 use hmac::{Hmac, KeyInit, Mac};
 use sha1::{Digest, Sha1};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
 
 /// Encrypts or decrypts `data` in place with AES-128 in counter mode.
 ///
@@ -22,6 +30,73 @@ pub fn aes128_ctr(key: &[u8; 16], ctr_top: &[u8; 8], data: &mut [u8]) {
     iv[..8].copy_from_slice(ctr_top);
     let mut cipher = Ctr128BE::<Aes128>::new(key.into(), &iv.into());
     cipher.apply_keystream(data);
+}
+
+/// An expanded AES-128 key for OTR's counter mode (encryption direction
+/// only: counter mode never decrypts a block). Wiped on drop (the `aes`
+/// crate's `zeroize` feature).
+pub struct AesCtrKey(Aes128Enc);
+
+/// Counter blocks encrypted per call of the block cipher: the AES-NI
+/// backend pipelines eight.
+const CTR_PAR_BLOCKS: usize = 8;
+
+impl AesCtrKey {
+    /// Expands `key`.
+    pub fn new(key: &[u8; 16]) -> Self {
+        Self(Aes128Enc::new(key.into()))
+    }
+
+    /// Encrypts or decrypts `data` in place; the same as [`aes128_ctr`]
+    /// with this key.
+    pub fn apply(&self, ctr_top: &[u8; 8], data: &mut [u8]) {
+        let mut iv = [0u8; 16];
+        iv[..8].copy_from_slice(ctr_top);
+        // The whole 16-byte block is one big-endian counter.
+        let mut ctr = u128::from_be_bytes(iv);
+        let mut stream: [Block<Aes128Enc>; CTR_PAR_BLOCKS] = Default::default();
+        for chunk in data.chunks_mut(CTR_PAR_BLOCKS * 16) {
+            let blocks = chunk.len().div_ceil(16);
+            for b in stream.iter_mut().take(blocks) {
+                *b = ctr.to_be_bytes().into();
+                ctr = ctr.wrapping_add(1);
+            }
+            self.0.encrypt_blocks(&mut stream[..blocks]);
+            for (piece, key) in chunk.chunks_mut(16).zip(stream.iter()) {
+                for (d, k) in piece.iter_mut().zip(key.iter()) {
+                    *d ^= k;
+                }
+            }
+        }
+        // The key stream is as secret as the plaintext it covers.
+        for b in stream.iter_mut() {
+            b.as_mut_slice().zeroize();
+        }
+    }
+}
+
+/// An HMAC-SHA1 key with its inner and outer hash states computed once;
+/// each MAC clones them. Wiped on drop (`hmac`/`sha1` `zeroize` features).
+#[derive(Clone)]
+pub struct HmacSha1Key(Hmac<Sha1>);
+
+impl HmacSha1Key {
+    /// Prepares `key` (any length).
+    pub fn new(key: &[u8]) -> Self {
+        Self(
+            <Hmac<Sha1> as KeyInit>::new_from_slice(key)
+                .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length")),
+        )
+    }
+
+    /// HMAC-SHA1 of the concatenation of `parts` (no copy into one buffer).
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; 20] {
+        let mut mac = self.0.clone();
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().into()
+    }
 }
 
 /// SHA-1 of `data`.
@@ -129,6 +204,42 @@ mod tests {
             )
             .to_vec(),
             hex("aa4ae5e15272d00e95705637ce8a3b55ed402112")
+        );
+    }
+
+    #[test]
+    fn prepared_aes_ctr_equals_the_one_shot_form() {
+        let key = [0x5au8; 16];
+        let top = [9, 8, 7, 6, 5, 4, 3, 2];
+        // Lengths around the 8-block pipeline and partial blocks.
+        for len in [0usize, 1, 15, 16, 17, 127, 128, 129, 300, 1024, 1031] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut a = plain.clone();
+            aes128_ctr(&key, &top, &mut a);
+            let mut b = plain.clone();
+            AesCtrKey::new(&key).apply(&top, &mut b);
+            assert_eq!(a, b, "length {len}");
+        }
+    }
+
+    #[test]
+    fn prepared_hmac_sha1_equals_the_one_shot_form() {
+        let key = HmacSha1Key::new(b"Jefe");
+        assert_eq!(
+            key.mac(&[b"what do ya ", b"", b"want for nothing?"])
+                .to_vec(),
+            hex("effcdf6ae5eb2fa2d27416d5f184df9c259a7c79")
+        );
+        // Reusable: the prepared state is not consumed.
+        assert_eq!(
+            key.mac(&[b"what do ya want for nothing?"]),
+            hmac_sha1(b"Jefe", b"what do ya want for nothing?")
+        );
+        let long = [0xaau8; 80];
+        let data = [0x42u8; 1000];
+        assert_eq!(
+            HmacSha1Key::new(&long).mac(&[&data[..333], &data[333..]]),
+            hmac_sha1(&long, &data)
         );
     }
 
