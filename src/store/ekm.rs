@@ -202,6 +202,16 @@ impl fmt::Debug for DurableOp {
     }
 }
 
+/// One peer's part of a group commit ([`Store::commit_steps`]): the
+/// durable ops of one [`Step`] for (`account`, `peer`).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerStep<'a> {
+    /// Peer bare JID.
+    pub peer: &'a str,
+    /// The ops, applied in order.
+    pub ops: &'a [DurableOp],
+}
+
 /// What a [`Store::commit_step`] assigned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommitReceipt {
@@ -650,6 +660,30 @@ mod tests {
         );
         assert!(s.outbox(A).unwrap().is_empty());
         assert_eq!(s.held_messages(A, P).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn failed_group_commit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("s")).unwrap();
+        s.commit_step(A, P, &[save(1, b"old")], 1).unwrap();
+        let first = [save(1, b"new"), DurableOp::Outbox("c".into())];
+        let second = [DurableOp::Inbox(entry("x"))];
+        let steps = [
+            PeerStep {
+                peer: P,
+                ops: &first,
+            },
+            PeerStep {
+                peer: "carol@z",
+                ops: &second,
+            },
+        ];
+        assert!(s.commit_steps(A, &steps, u64::MAX).is_err());
+        let snap = s.snapshot(&ConversationKey::new(A, P, 1)).unwrap().unwrap();
+        assert_eq!(snap.data.as_slice(), b"old");
+        assert!(s.outbox(A).unwrap().is_empty());
+        assert!(s.all_inbox().unwrap().is_empty());
     }
 
     #[test]
