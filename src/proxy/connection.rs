@@ -1220,6 +1220,19 @@ mod tests {
         F: FnOnce(tokio::io::DuplexStream, tokio::io::DuplexStream) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        with_relay_hook(sm, &mut super::super::PassThrough, script).await
+    }
+
+    /// [`with_relay`] with the given hook.
+    async fn with_relay_hook<F, Fut>(
+        sm: Option<UpstreamSm>,
+        hook: &mut dyn StanzaHook,
+        script: F,
+    ) -> Result<&'static str, String>
+    where
+        F: FnOnce(tokio::io::DuplexStream, tokio::io::DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let (client_near, client_far) = tokio::io::duplex(64 * 1024);
         let (server_near, server_far) = tokio::io::duplex(64 * 1024);
         let ctx = Ctx {
@@ -1228,10 +1241,9 @@ mod tests {
             plaintext: false,
             fcfg: FramerConfig::default(),
         };
-        let mut hook = super::super::PassThrough;
         let mut relay = Relay {
             ctx: &ctx,
-            hook: &mut hook,
+            hook,
             client: Leg::new(Box::new(client_near) as Box<dyn Io>, ctx.fcfg),
             server: Leg::new(Box::new(server_near) as Box<dyn Io>, ctx.fcfg),
             client_scope: NsScope::client_stream(),
@@ -1251,6 +1263,73 @@ mod tests {
             script(client_far, server_far)
         );
         res.map_err(|e| e.to_string())
+    }
+
+    /// Passes stanzas through and records the size of every batch.
+    struct Recording(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl StanzaHook for Recording {
+        fn bound(&mut self, _jid: &Jid) {}
+        fn from_client(&mut self, stanza: Element, _now: SystemTime) -> Vec<Outgoing> {
+            vec![Outgoing::ToServer(stanza)]
+        }
+        fn from_server(&mut self, stanza: Element, _now: SystemTime) -> Vec<Outgoing> {
+            vec![Outgoing::ToClient(stanza)]
+        }
+        fn batch(&mut self, stanzas: Vec<Incoming>, now: SystemTime) -> Vec<Outgoing> {
+            if let Ok(mut b) = self.0.lock() {
+                b.push(stanzas.len());
+            }
+            let mut out = Vec::new();
+            for s in stanzas {
+                out.extend(match s {
+                    Incoming::FromClient(el) => self.from_client(el, now),
+                    Incoming::FromServer(el) => self.from_server(el, now),
+                });
+            }
+            out
+        }
+        fn tick(&mut self, _now: SystemTime) -> Vec<Outgoing> {
+            Vec::new()
+        }
+        fn disconnected(&mut self, _now: SystemTime) {}
+    }
+
+    /// Messages that arrive in one read reach the hook as one batch (one
+    /// commit in the router); a stanza the hook does not see ends the
+    /// batch first, so nothing overtakes anything.
+    #[tokio::test]
+    async fn one_read_is_one_batch_and_order_is_kept() {
+        let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut hook = Recording(std::sync::Arc::clone(&batches));
+        let _ = with_relay_hook(None, &mut hook, |mut client, mut server| async move {
+            client.write_all(HEADER.as_bytes()).await.unwrap();
+            server.write_all(HEADER.as_bytes()).await.unwrap();
+            let mut from_proxy = String::new();
+            read_until(&mut server, &mut from_proxy, "<stream:stream").await;
+            let m = |t: &str| {
+                format!("<message to='bob@example.test' type='chat'><body>{t}</body></message>")
+            };
+            let burst = format!(
+                "{}{}{}<presence><status>between</status></presence>{}",
+                m("one"),
+                m("two"),
+                m("three"),
+                m("four")
+            );
+            client.write_all(burst.as_bytes()).await.unwrap();
+            read_until(&mut server, &mut from_proxy, "four").await;
+            let at = |t: &str| from_proxy.find(t).unwrap_or(usize::MAX);
+            assert!(
+                at("one") < at("two")
+                    && at("two") < at("three")
+                    && at("three") < at("between")
+                    && at("between") < at("four"),
+                "{from_proxy}"
+            );
+        })
+        .await;
+        assert_eq!(*batches.lock().unwrap(), [3, 1]);
     }
 
     #[tokio::test]
