@@ -64,6 +64,10 @@
 //! ekm::release_oldest_held(store, account, peer, step.release_held)?;
 //! // After a restart: restore_peer(..) and hand `pending` to the client first.
 //! ```
+//!
+//! Several steps that are ready together (the stanzas of one read) can
+//! share one transaction, [`Store::commit_steps`] (group commit: one fsync
+//! for all); their effects are then performed, in order, after it.
 
 use std::fmt;
 use std::sync::Arc;
