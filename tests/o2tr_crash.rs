@@ -20,7 +20,12 @@
 //! duplicate handed over again when a kill lands between its write and the
 //! acknowledgement.
 //!
-//! `O2TR_CRASH_TRIALS` sets the number of kills (default 200).
+//! A second run commits the messages in groups of 8 (one transaction per
+//! group, as the proxy does for the stanzas of one read) before delivering
+//! them.
+//!
+//! `O2TR_CRASH_TRIALS` sets the number of kills (default 200; 100 for the
+//! group-commit run).
 
 #[path = "common/pair.rs"]
 mod pair;
@@ -35,12 +40,14 @@ use std::time::{Duration, Instant};
 use o2tr_proxy::otr::conversation::{Config, Conversation, Notice};
 use o2tr_proxy::otr::crypto::DsaPrivateKey;
 use o2tr_proxy::store::ekm::{self, Effect};
-use o2tr_proxy::store::{SqliteStore, Store};
+use o2tr_proxy::store::{CommitReceipt, PeerStep, SqliteStore, Store};
 use pair::{ALICE_TAG, BOB_TAG, Side, keys};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
 
 const CHILD_ENV: &str = "O2TR_CRASH_CHILD";
+/// Messages per group commit in the child (unset: one commit each).
+const BURST_ENV: &str = "O2TR_CRASH_CHILD_BURST";
 const BOB: &str = "bob@example.test";
 const ALICE: &str = "alice@example.test";
 const T0: u64 = 1_700_000_000;
@@ -186,40 +193,74 @@ fn crash_child_entry() {
     writeln!(out, "ready {next}").unwrap();
     out.flush().unwrap();
 
-    for (j, body) in stream.iter().enumerate().skip(next) {
-        let step = ekm::split(conv.handle_incoming(body, now, &mut rng));
-        let receipt = store.commit_step(BOB, ALICE, &step.durable, now).unwrap();
-        let mut delivered = 0;
-        for e in step.effects {
-            match e {
-                Effect::Send(s) if is_ake(&s) => fail(&mut out, "sent an AKE message"),
-                Effect::Send(_) => {}
-                Effect::Deliver { slot, delivery } => {
-                    if index_of(&delivery.text) != Some(j) {
-                        fail(&mut out, &format!("message {j} decrypted wrongly"));
-                    }
-                    let id = receipt.inbox_ids[slot];
-                    writeln!(client, "{id}\t{}", delivery.text).unwrap();
-                    client.sync_data().unwrap();
-                    store.ack_inbox(BOB, ALICE, id).unwrap();
-                    delivered += 1;
-                }
-                Effect::Notify(n @ (Notice::GoneSecure { .. } | Notice::Unreadable { .. })) => {
-                    fail(&mut out, &format!("message {j}: {n:?}"));
-                }
-                Effect::Notify(_) => {}
-            }
+    // Messages are handled `burst` at a time, as the proxy does with the
+    // stanzas of one read: every step planned first, then one group
+    // commit, then the deliveries (group commit, issue 8).
+    let burst: usize = std::env::var(BURST_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let todo: Vec<(usize, &String)> = stream.iter().enumerate().skip(next).collect();
+    for chunk in todo.chunks(burst.max(1)) {
+        let steps: Vec<ekm::Step> = chunk
+            .iter()
+            .map(|(_, body)| ekm::split(conv.handle_incoming(body, now, &mut rng)))
+            .collect();
+        let receipts = if let [step] = &steps[..] {
+            vec![store.commit_step(BOB, ALICE, &step.durable, now).unwrap()]
+        } else {
+            let group: Vec<PeerStep<'_>> = steps
+                .iter()
+                .map(|s| PeerStep {
+                    peer: ALICE,
+                    ops: &s.durable,
+                })
+                .collect();
+            store.commit_steps(BOB, &group, now).unwrap()
+        };
+        for ((&(j, _), step), receipt) in chunk.iter().zip(steps).zip(receipts) {
+            deliver_step(&mut out, &mut store, &mut client, j, step, &receipt);
         }
-        if delivered != 1 {
-            fail(
-                &mut out,
-                &format!("message {j} delivered {delivered} times"),
-            );
-        }
-        ekm::release_oldest_held(&mut store, BOB, ALICE, step.release_held).unwrap();
     }
     writeln!(out, "done {}", stream.len()).unwrap();
     out.flush().unwrap();
+}
+
+/// The effects of message `j`'s committed step: its plaintext to the
+/// client file (with its inbox id), then the acknowledgement.
+fn deliver_step(
+    out: &mut impl Write,
+    store: &mut SqliteStore,
+    client: &mut File,
+    j: usize,
+    step: ekm::Step,
+    receipt: &CommitReceipt,
+) {
+    let mut delivered = 0;
+    for e in step.effects {
+        match e {
+            Effect::Send(s) if is_ake(&s) => fail(out, "sent an AKE message"),
+            Effect::Send(_) => {}
+            Effect::Deliver { slot, delivery } => {
+                if index_of(&delivery.text) != Some(j) {
+                    fail(out, &format!("message {j} decrypted wrongly"));
+                }
+                let id = receipt.inbox_ids[slot];
+                writeln!(client, "{id}\t{}", delivery.text).unwrap();
+                client.sync_data().unwrap();
+                store.ack_inbox(BOB, ALICE, id).unwrap();
+                delivered += 1;
+            }
+            Effect::Notify(n @ (Notice::GoneSecure { .. } | Notice::Unreadable { .. })) => {
+                fail(out, &format!("message {j}: {n:?}"));
+            }
+            Effect::Notify(_) => {}
+        }
+    }
+    if delivered != 1 {
+        fail(out, &format!("message {j} delivered {delivered} times"));
+    }
+    ekm::release_oldest_held(store, BOB, ALICE, step.release_held).unwrap();
 }
 
 // ---- the parent ---------------------------------------------------------
@@ -326,6 +367,7 @@ struct Report {
 
 fn spawn(
     root: &Path,
+    burst: usize,
 ) -> (
     std::process::Child,
     mpsc::Receiver<String>,
@@ -340,6 +382,7 @@ fn spawn(
             "--test-threads=1",
         ])
         .env(CHILD_ENV, root)
+        .env(BURST_ENV, burst.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -381,10 +424,23 @@ fn absorb(report: &mut Report, line: &str) {
 
 #[test]
 fn sigkill_during_offline_stream_loses_nothing() {
+    run_trials(1, 200);
+}
+
+/// The same with group commit: the child commits the steps of 8 messages
+/// in one transaction before delivering any of them, so kills land before
+/// a group's commit (the whole group is handled again from the stream),
+/// after it (the whole group is in the inbox), and between deliveries.
+#[test]
+fn sigkill_during_offline_burst_loses_nothing() {
+    run_trials(8, 100);
+}
+
+fn run_trials(burst: usize, default_trials: usize) {
     let trials: usize = std::env::var("O2TR_CRASH_TRIALS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(default_trials);
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -402,7 +458,7 @@ fn sigkill_during_offline_stream_loses_nothing() {
     for trial in 0..trials {
         let shown = read_client(&paths.client).len();
         stream.extend_to(shown + AHEAD);
-        let (mut child, rx, reader) = spawn(root);
+        let (mut child, rx, reader) = spawn(root, burst);
         let mut report = Report::default();
         if trial % 5 == 0 {
             // Kill somewhere in start-up: open, restore, pending inbox.
@@ -433,7 +489,7 @@ fn sigkill_during_offline_stream_loses_nothing() {
     // A last child runs to the end of the stream.
     let shown = read_client(&paths.client).len();
     stream.extend_to(shown + AHEAD);
-    let (mut child, rx, reader) = spawn(root);
+    let (mut child, rx, reader) = spawn(root, burst);
     let status = child.wait().unwrap();
     reader.join().unwrap();
     let mut last = Report::default();
@@ -458,7 +514,7 @@ fn sigkill_during_offline_stream_loses_nothing() {
     let store = SqliteStore::open(&paths.state).unwrap();
     assert!(store.inbox(BOB, ALICE).unwrap().is_empty());
     eprintln!(
-        "o2tr_crash: {trials} SIGKILLs ({killed_before_ready} before the child was ready), \
+        "o2tr_crash (burst {burst}): {trials} SIGKILLs ({killed_before_ready} before the child was ready), \
          {} messages delivered exactly once in order; after a kill the inbox held {} entries: \
          {} recovered (committed, not yet shown) and {} duplicates dropped by the client's id \
          check (shown, not yet acknowledged); {} replays rejected; {:.1} s",

@@ -11,15 +11,20 @@
 mod common;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use common::interop::default_link;
 use common::peer::PeerKind;
-use o2tr_proxy::proxy::{HookFactory, Outgoing, StanzaHook};
+use o2tr_proxy::proxy::{HookFactory, Incoming, Outgoing, StanzaHook};
 use o2tr_proxy::router::{RouterConfig, RouterFactory, SharedStore};
-use o2tr_proxy::store::{MemoryStore, SqliteStore, Store};
+use o2tr_proxy::store::{
+    self, CommitReceipt, ConversationKey, FingerprintRecord, HeldMessage, InboxMessage,
+    MemoryStore, OutboxMessage, PeerStep, SessionState, SnapshotRecord, SqliteStore, Store, Trust,
+};
 use o2tr_proxy::xmpp::{Element, Jid, ns, stanza};
+use zeroize::Zeroizing;
 
 const ALICE: &str = "alice@example.test/phone";
 const BOB: &str = "bob@example.test/laptop";
@@ -344,4 +349,269 @@ fn tick_wipes_delivered_plaintext_from_the_wal() {
             .is_empty(),
         "the flush acknowledged the entry"
     );
+}
+
+// ---- group commit (issue 8) ---------------------------------------------
+
+/// A [`MemoryStore`] that counts group commits and can be made to fail
+/// them, to see how many durable commits a batch costs.
+#[derive(Default)]
+struct Counting {
+    inner: MemoryStore,
+    commits: Arc<AtomicUsize>,
+    fail: Arc<AtomicBool>,
+}
+
+impl Store for Counting {
+    fn account_key(&self, a: &str) -> store::Result<Option<Zeroizing<Vec<u8>>>> {
+        self.inner.account_key(a)
+    }
+    fn set_account_key(&mut self, a: &str, k: &[u8]) -> store::Result<()> {
+        self.inner.set_account_key(a, k)
+    }
+    fn accounts(&self) -> store::Result<Vec<String>> {
+        self.inner.accounts()
+    }
+    fn instance_tag(&self, a: &str) -> store::Result<Option<u32>> {
+        self.inner.instance_tag(a)
+    }
+    fn set_instance_tag(&mut self, a: &str, t: u32) -> store::Result<()> {
+        self.inner.set_instance_tag(a, t)
+    }
+    fn fingerprints(&self, a: &str, p: &str) -> store::Result<Vec<FingerprintRecord>> {
+        self.inner.fingerprints(a, p)
+    }
+    fn all_fingerprints(&self) -> store::Result<Vec<FingerprintRecord>> {
+        self.inner.all_fingerprints()
+    }
+    fn set_fingerprint(
+        &mut self,
+        a: &str,
+        p: &str,
+        f: &[u8; 20],
+        t: Trust,
+        now: u64,
+    ) -> store::Result<()> {
+        self.inner.set_fingerprint(a, p, f, t, now)
+    }
+    fn remove_fingerprint(&mut self, a: &str, p: &str, f: &[u8; 20]) -> store::Result<bool> {
+        self.inner.remove_fingerprint(a, p, f)
+    }
+    fn snapshot(&self, k: &ConversationKey) -> store::Result<Option<SnapshotRecord>> {
+        self.inner.snapshot(k)
+    }
+    fn snapshots_for_peer(&self, a: &str, p: &str) -> store::Result<Vec<SnapshotRecord>> {
+        self.inner.snapshots_for_peer(a, p)
+    }
+    fn snapshots(&self) -> store::Result<Vec<SnapshotRecord>> {
+        self.inner.snapshots()
+    }
+    fn save_snapshot(
+        &mut self,
+        k: &ConversationKey,
+        s: SessionState,
+        d: &[u8],
+        now: u64,
+    ) -> store::Result<()> {
+        self.inner.save_snapshot(k, s, d, now)
+    }
+    fn set_snapshot_state(
+        &mut self,
+        k: &ConversationKey,
+        s: SessionState,
+        now: u64,
+    ) -> store::Result<bool> {
+        self.inner.set_snapshot_state(k, s, now)
+    }
+    fn delete_snapshot(&mut self, k: &ConversationKey) -> store::Result<bool> {
+        self.inner.delete_snapshot(k)
+    }
+    fn expire_snapshots(&mut self, older_than: u64) -> store::Result<Vec<ConversationKey>> {
+        self.inner.expire_snapshots(older_than)
+    }
+    fn hold_message(&mut self, a: &str, p: &str, t: &str, now: u64) -> store::Result<i64> {
+        self.inner.hold_message(a, p, t, now)
+    }
+    fn held_messages(&self, a: &str, p: &str) -> store::Result<Vec<HeldMessage>> {
+        self.inner.held_messages(a, p)
+    }
+    fn all_held_messages(&self) -> store::Result<Vec<HeldMessage>> {
+        self.inner.all_held_messages()
+    }
+    fn release_held(&mut self, id: i64) -> store::Result<bool> {
+        self.inner.release_held(id)
+    }
+    fn commit_steps(
+        &mut self,
+        a: &str,
+        steps: &[PeerStep<'_>],
+        now: u64,
+    ) -> store::Result<Vec<CommitReceipt>> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(store::Error::Corrupt("disk full (test)".into()));
+        }
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        self.inner.commit_steps(a, steps, now)
+    }
+    fn inbox(&self, a: &str, p: &str) -> store::Result<Vec<InboxMessage>> {
+        self.inner.inbox(a, p)
+    }
+    fn all_inbox(&self) -> store::Result<Vec<InboxMessage>> {
+        self.inner.all_inbox()
+    }
+    fn ack_inbox(&mut self, a: &str, p: &str, through: i64) -> store::Result<usize> {
+        self.inner.ack_inbox(a, p, through)
+    }
+    fn outbox(&self, a: &str) -> store::Result<Vec<OutboxMessage>> {
+        self.inner.outbox(a)
+    }
+    fn ack_outbox(&mut self, id: i64) -> store::Result<bool> {
+        self.inner.ack_outbox(id)
+    }
+    fn fragments(&self, a: &str, p: &str) -> store::Result<Vec<String>> {
+        self.inner.fragments(a, p)
+    }
+}
+
+/// Alice and Bob with a private session, both over a [`Counting`] store;
+/// returns the hooks and the stores' counters.
+#[allow(clippy::type_complexity)]
+fn counted_pair() -> (
+    (Box<dyn StanzaHook>, SharedStore, Arc<AtomicUsize>),
+    (Box<dyn StanzaHook>, Arc<AtomicUsize>, Arc<AtomicBool>),
+) {
+    let ca = Counting::default();
+    let a_commits = Arc::clone(&ca.commits);
+    let store_a: SharedStore = Arc::new(Mutex::new(Box::new(ca)));
+    let cb = Counting::default();
+    let (b_commits, b_fail) = (Arc::clone(&cb.commits), Arc::clone(&cb.fail));
+    let store_b: SharedStore = Arc::new(Mutex::new(Box::new(cb)));
+    let mut a = hook(&store_a, RouterConfig::default(), ALICE);
+    let mut b = hook(&store_b, RouterConfig::default(), BOB);
+    let s = split(a.from_client(typed(ALICE, "bob@example.test", "hello"), now()));
+    a.flushed();
+    let (_, seen_b) = pump(&mut *a, &mut *b, s.server, Vec::new());
+    assert!(seen_b.iter().any(|t| t == "hello"), "bob saw {seen_b:?}");
+    ((a, store_a, a_commits), (b, b_commits, b_fail))
+}
+
+fn burst(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("burst {i}")).collect()
+}
+
+/// A burst the client wrote in one read is one durable commit on the
+/// sending side and one on the receiving side; everything arrives once,
+/// in order, and nothing is acknowledged before it was written.
+#[test]
+fn a_burst_is_one_group_commit_on_each_side() {
+    let ((mut a, store_a, a_commits), (mut b, b_commits, _)) = counted_pair();
+    let texts = burst(12);
+    let before = a_commits.load(Ordering::SeqCst);
+    let typed_all = texts
+        .iter()
+        .map(|t| Incoming::FromClient(typed(ALICE, "bob@example.test", t)))
+        .collect();
+    let s = split(a.batch(typed_all, now()));
+    assert_eq!(a_commits.load(Ordering::SeqCst) - before, 1, "one commit");
+    assert_eq!(s.server.len(), texts.len());
+    assert!(s.server.iter().all(is_data), "no AKE: {:?}", s.server);
+    let outbox = |s: &SharedStore| s.lock().unwrap().outbox("alice@example.test").unwrap();
+    assert_eq!(outbox(&store_a).len(), texts.len(), "all in the outbox");
+    a.flushed();
+    assert!(outbox(&store_a).is_empty(), "acknowledged once written");
+
+    let before = b_commits.load(Ordering::SeqCst);
+    let routed_all = s
+        .server
+        .into_iter()
+        .map(|el| Incoming::FromServer(routed(el, ALICE, BOB)))
+        .collect();
+    let seen = split(b.batch(routed_all, now()));
+    b.flushed();
+    assert_eq!(b_commits.load(Ordering::SeqCst) - before, 1, "one commit");
+    assert_eq!(seen.client, texts);
+    assert!(seen.server.is_empty());
+}
+
+/// When the group commit fails, nothing of the batch leaves: no
+/// plaintext, only the failure notices (one per message).
+#[test]
+fn a_failed_group_commit_releases_nothing() {
+    let ((mut a, _store_a, _), (mut b, _, b_fail)) = counted_pair();
+    let typed_all = burst(3)
+        .iter()
+        .map(|t| Incoming::FromClient(typed(ALICE, "bob@example.test", t)))
+        .collect();
+    let s = split(a.batch(typed_all, now()));
+    a.flushed();
+    b_fail.store(true, Ordering::SeqCst);
+    let routed_all = s
+        .server
+        .into_iter()
+        .map(|el| Incoming::FromServer(routed(el, ALICE, BOB)))
+        .collect();
+    let seen = split(b.batch(routed_all, now()));
+    assert!(seen.server.is_empty());
+    assert_eq!(seen.client.len(), 3, "{:?}", seen.client);
+    assert!(
+        seen.client
+            .iter()
+            .all(|t| t.contains("Could not save") && !t.contains("burst")),
+        "{:?}",
+        seen.client
+    );
+}
+
+/// The proxy dies after a burst's group commit but before anything was
+/// written: after the restart the whole burst goes out again, in order,
+/// and the receiver shows each message exactly once (also when part of
+/// it had got through).
+#[test]
+fn a_burst_lost_in_a_crash_is_resent_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let (_bob_store, mut b) = establish(&dir, RouterConfig::default());
+    let texts = burst(10);
+    let store_a = sqlite(&dir);
+    let mut a1 = hook(&store_a, RouterConfig::default(), ALICE);
+    let typed_all = texts
+        .iter()
+        .map(|t| Incoming::FromClient(typed(ALICE, "bob@example.test", t)))
+        .collect();
+    let s = split(a1.batch(typed_all, now()));
+    assert_eq!(s.server.len(), texts.len());
+    // Crash: the first four reached the server, the rest never did.
+    let got_through: Vec<Element> = s.server[..4].to_vec();
+    drop(a1);
+    drop(store_a);
+    let (_, seen_b) = pump(&mut *dummy_alice(), &mut *b, got_through, Vec::new());
+    assert_eq!(seen_b, texts[..4]);
+
+    let store_a = sqlite(&dir);
+    let mut a2 = hook(&store_a, RouterConfig::default(), ALICE);
+    let s = split(a2.tick(now()));
+    a2.flushed();
+    assert_eq!(s.server.len(), texts.len(), "the whole burst is re-sent");
+    let resent = s
+        .server
+        .into_iter()
+        .map(|el| Incoming::FromServer(routed(el, ALICE, BOB)))
+        .collect();
+    let seen = split(b.batch(resent, now()));
+    b.flushed();
+    assert_eq!(
+        seen.client,
+        texts[4..],
+        "the rest, once; duplicates dropped"
+    );
+    assert!(
+        seen.server.is_empty(),
+        "duplicates answered: {:?}",
+        seen.server
+    );
+}
+
+/// A hook that is never given anything (for [`pump`] with one side).
+fn dummy_alice() -> Box<dyn StanzaHook> {
+    Box::new(o2tr_proxy::proxy::PassThrough)
 }

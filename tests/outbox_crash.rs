@@ -17,7 +17,11 @@
 //! order, decrypted exactly once; the re-sent duplicates are dropped by
 //! Bob's counter check without an error message; no AKE is ever started.
 //!
-//! `O2TR_OUTBOX_CRASH_TRIALS` sets the number of kills (default 25).
+//! A second run encrypts 6 messages at a time and commits them in one
+//! transaction (group commit, as the proxy does for one read) before
+//! writing any.
+//!
+//! `O2TR_OUTBOX_CRASH_TRIALS` sets the number of kills (default 25 per run).
 
 #[path = "common/pair.rs"]
 mod pair;
@@ -32,13 +36,15 @@ use std::time::Duration;
 use o2tr_proxy::otr::conversation::{Action, Config, Conversation, Notice};
 use o2tr_proxy::otr::crypto::DsaPrivateKey;
 use o2tr_proxy::store::ekm::{self, Effect};
-use o2tr_proxy::store::{DurableOp, SqliteStore, Store};
+use o2tr_proxy::store::{DurableOp, PeerStep, SqliteStore, Store};
 use pair::{ALICE_TAG, BOB_TAG, Side, keys};
 use rand::RngExt;
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
 
 const CHILD_ENV: &str = "O2TR_OUTBOX_CHILD";
+/// Messages per group commit in the child (unset: one commit each).
+const BURST_ENV: &str = "O2TR_OUTBOX_CHILD_BURST";
 const ALICE: &str = "alice@example.test";
 const BOB: &str = "bob@example.test";
 const T0: u64 = 1_700_000_000;
@@ -138,41 +144,75 @@ fn outbox_child_entry() {
     writeln!(out, "resent {}", pending.len()).unwrap();
     out.flush().unwrap();
 
-    for j in next..TOTAL {
-        let mut step = ekm::split(conv.handle_outgoing(&text_of(j), now, &mut rng));
-        let data = step.data_sends();
-        let mut lines = Vec::new();
-        for (e, d) in step
-            .effects
+    // `burst` messages at a time, as the proxy does with the stanzas of
+    // one read: every step planned, then one group commit, then the
+    // writes (group commit, issue 8).
+    let burst: usize = std::env::var(BURST_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let todo: Vec<usize> = (next..TOTAL).collect();
+    for chunk in todo.chunks(burst.max(1)) {
+        let planned: Vec<(ekm::Step, Vec<String>)> = chunk
             .iter()
-            .filter(|e| matches!(e, Effect::Send(_)))
-            .zip(data)
-        {
-            let Effect::Send(body) = e else { continue };
-            if !d {
-                fail(
-                    &mut out,
-                    &format!("message {j}: a non-data send {body:.12}"),
-                );
+            .map(|&j| plan_send(&mut out, &mut conv, &mut rng, j, now))
+            .collect();
+        let receipts = if let [(step, _)] = &planned[..] {
+            vec![store.commit_step(ALICE, BOB, &step.durable, now).unwrap()]
+        } else {
+            let group: Vec<PeerStep<'_>> = planned
+                .iter()
+                .map(|(s, _)| PeerStep {
+                    peer: BOB,
+                    ops: &s.durable,
+                })
+                .collect();
+            store.commit_steps(ALICE, &group, now).unwrap()
+        };
+        for ((_, lines), receipt) in planned.iter().zip(&receipts) {
+            for (l, id) in lines.iter().zip(&receipt.outbox_ids) {
+                writeln!(wire, "{l}").unwrap();
+                wire.sync_data().unwrap();
+                store.ack_outbox(*id).unwrap();
             }
-            lines.push(format!("{j}\t{body}"));
-        }
-        if lines.len() != 1 {
-            fail(&mut out, &format!("message {j}: {} sends", lines.len()));
-        }
-        for l in &lines {
-            step.durable.push(DurableOp::Outbox(l.clone()));
-        }
-        step.release_in_commit();
-        let receipt = store.commit_step(ALICE, BOB, &step.durable, now).unwrap();
-        for (l, id) in lines.iter().zip(&receipt.outbox_ids) {
-            writeln!(wire, "{l}").unwrap();
-            wire.sync_data().unwrap();
-            store.ack_outbox(*id).unwrap();
         }
     }
     writeln!(out, "done").unwrap();
     out.flush().unwrap();
+}
+
+/// Encrypt message `j`: its step, with the data stanza (`j<TAB>body`)
+/// as an outbox op, and the wire lines to write once committed.
+fn plan_send(
+    out: &mut impl Write,
+    conv: &mut Conversation,
+    rng: &mut ChaCha20Rng,
+    j: usize,
+    now: u64,
+) -> (ekm::Step, Vec<String>) {
+    let mut step = ekm::split(conv.handle_outgoing(&text_of(j), now, rng));
+    let data = step.data_sends();
+    let mut lines = Vec::new();
+    for (e, d) in step
+        .effects
+        .iter()
+        .filter(|e| matches!(e, Effect::Send(_)))
+        .zip(data)
+    {
+        let Effect::Send(body) = e else { continue };
+        if !d {
+            fail(out, &format!("message {j}: a non-data send {body:.12}"));
+        }
+        lines.push(format!("{j}\t{body}"));
+    }
+    if lines.len() != 1 {
+        fail(out, &format!("message {j}: {} sends", lines.len()));
+    }
+    for l in &lines {
+        step.durable.push(DurableOp::Outbox(l.clone()));
+    }
+    step.release_in_commit();
+    (step, lines)
 }
 
 // ---- the parent -----------------------------------------------------------
@@ -217,7 +257,7 @@ fn setup(paths: &Paths) -> Side {
     bob
 }
 
-fn spawn(root: &Path) -> (std::process::Child, std::thread::JoinHandle<Vec<String>>) {
+fn spawn(root: &Path, burst: usize) -> (std::process::Child, std::thread::JoinHandle<Vec<String>>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "outbox_child_entry",
@@ -226,6 +266,7 @@ fn spawn(root: &Path) -> (std::process::Child, std::thread::JoinHandle<Vec<Strin
             "--test-threads=1",
         ])
         .env(CHILD_ENV, root)
+        .env(BURST_ENV, burst.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -242,6 +283,19 @@ fn spawn(root: &Path) -> (std::process::Child, std::thread::JoinHandle<Vec<Strin
 
 #[test]
 fn sigkill_between_commit_and_send_loses_nothing() {
+    run_trials(1);
+}
+
+/// The same with group commit: 6 messages per transaction, written only
+/// after it, so kills land before a group's commit (its messages are
+/// encrypted again, with the same counters, from the durable snapshot),
+/// after it and between the writes of one group.
+#[test]
+fn sigkill_in_the_middle_of_a_burst_loses_nothing() {
+    run_trials(6);
+}
+
+fn run_trials(burst: usize) {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
@@ -257,7 +311,7 @@ fn sigkill_between_commit_and_send_loses_nothing() {
     let mut resent = 0usize;
     let mut fails = Vec::new();
     for _ in 0..trials {
-        let (mut child, reader) = spawn(root);
+        let (mut child, reader) = spawn(root, burst);
         std::thread::sleep(Duration::from_millis(rng.random_range(20..120)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
@@ -270,7 +324,7 @@ fn sigkill_between_commit_and_send_loses_nothing() {
             }
         }
     }
-    let (mut child, reader) = spawn(root);
+    let (mut child, reader) = spawn(root, burst);
     assert!(child.wait().unwrap().success());
     let lines = reader.join().unwrap();
     fails.extend(
@@ -320,7 +374,7 @@ fn sigkill_between_commit_and_send_loses_nothing() {
     assert_eq!(bob.texts(), expected, "lost, reordered or repeated");
     assert_eq!(wire.len(), TOTAL + duplicates);
     eprintln!(
-        "outbox_crash: {trials} SIGKILLs, {TOTAL} messages delivered exactly once in order; \
+        "outbox_crash (burst {burst}): {trials} SIGKILLs, {TOTAL} messages delivered exactly once in order; \
          {resent} outbox entries re-sent after a kill, {duplicates} of them duplicates dropped"
     );
 }

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 use tracing::Instrument;
 
-use super::hook::{Outgoing, StanzaHook};
+use super::hook::{Incoming, Outgoing, StanzaHook};
 use super::{Shared, upstream};
 use crate::xmpp::element::{NsScope, escape_attr};
 use crate::xmpp::{
@@ -301,6 +301,7 @@ pub(crate) async fn handle(
                             shared.config.upstream_ping_interval,
                             shared.config.upstream_ping_timeout,
                         ),
+                        batch: Vec::new(),
                     };
                     relay.run(pending, &mut shutdown).await
                 }
@@ -482,6 +483,11 @@ struct Relay<'a> {
     sm: Option<UpstreamSm>,
     /// Dead-link detection on the upstream leg.
     liveness: Liveness,
+    /// Hooked stanzas read but not yet handed to the hook: they go as one
+    /// [`StanzaHook::batch`] (one durable commit for all, issue 8) once
+    /// both framers are drained, or before anything else is written, so
+    /// the order of what leaves the proxy is the order things came in.
+    batch: Vec<Incoming>,
 }
 
 /// How many ping ids are remembered so that late answers are still
@@ -650,6 +656,9 @@ impl Relay<'_> {
     ) -> Result<&'static str, ConnError> {
         let res = self.relay(pending, shutdown).await;
         if let Err(e) = &res {
+            // Stanzas read before the failure are handled as they would
+            // have been one by one (best effort: a leg may be gone).
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.flush_batch()).await;
             self.cleanup(e).await;
         }
         res
@@ -720,6 +729,9 @@ impl Relay<'_> {
                     return Ok(why);
                 }
             }
+            // Everything read so far is parsed: one hook call (one commit)
+            // for the hooked stanzas among it, before waiting for more.
+            self.flush_batch().await?;
             tokio::select! {
                 r = self.client.read_some() => match r {
                     Ok(0) => return Err(ConnError::ClientGone),
@@ -780,7 +792,8 @@ impl Relay<'_> {
                         }
                     }
                 }
-                if self.on_server(f).await.is_err() {
+                // One by one here: the next read may wait for the timeout.
+                if self.on_server(f).await.is_err() || self.flush_batch().await.is_err() {
                     return;
                 }
             }
@@ -906,14 +919,37 @@ impl Relay<'_> {
         Ok(Some(Flow::Go))
     }
 
+    /// Writes to the server, after the pending batch (order is kept).
     async fn send_server(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.flush_batch().await?;
+        self.write_server(bytes).await
+    }
+
+    /// Writes to the client, after the pending batch (order is kept).
+    async fn send_client(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.flush_batch().await?;
+        self.write_client(bytes).await
+    }
+
+    async fn write_server(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
         self.ctx.log_frame("P→S", bytes);
         self.server.send(bytes).await.map_err(ConnError::ServerIo)
     }
 
-    async fn send_client(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+    async fn write_client(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
         self.ctx.log_frame("P→C", bytes);
         self.client.send(bytes).await.map_err(ConnError::ClientIo)
+    }
+
+    /// Hands the pending hooked stanzas to the hook as one batch and
+    /// writes what it returns.
+    async fn flush_batch(&mut self) -> Result<(), ConnError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let outs = self.hook.batch(batch, SystemTime::now());
+        self.dispatch(outs).await
     }
 
     async fn dispatch(&mut self, outs: Vec<Outgoing>) -> Result<(), ConnError> {
@@ -921,12 +957,12 @@ impl Relay<'_> {
             match o {
                 Outgoing::ToClient(el) => {
                     let xml = el.to_xml(&self.to_client_scope);
-                    self.send_client(xml.as_bytes()).await?;
+                    self.write_client(xml.as_bytes()).await?;
                 }
                 Outgoing::ToServer(el) => {
                     let xml = el.to_xml(&NsScope::client_stream());
                     self.count_out(&el);
-                    self.send_server(xml.as_bytes()).await?;
+                    self.write_server(xml.as_bytes()).await?;
                 }
             }
         }
@@ -992,8 +1028,7 @@ impl Relay<'_> {
                     }
                 }
                 if self.bound.is_some() && stanza::is_hooked_from_client(&el) {
-                    let outs = self.hook.from_client(el, SystemTime::now());
-                    self.dispatch(outs).await?;
+                    self.batch.push(Incoming::FromClient(el));
                 } else {
                     self.count_out(&el);
                     self.send_server(&raw).await?;
@@ -1012,6 +1047,7 @@ impl Relay<'_> {
             }
             Frame::Whitespace(b) => self.send_client(&b).await?,
             Frame::StreamEnd(b) => {
+                self.flush_batch().await?;
                 self.ctx.log_frame("P→C", &b);
                 self.client.close_with(&b).await;
                 self.server.close_with(b"</stream:stream>").await;
@@ -1085,14 +1121,12 @@ impl Relay<'_> {
                         }
                     }
                     if self.bound.is_some() && stanza::is_hooked(&el) {
-                        let outs = self.hook.from_server(el, SystemTime::now());
-                        self.dispatch(outs).await?;
+                        self.batch.push(Incoming::FromServer(el));
                     } else {
                         self.send_client(&raw).await?;
                     }
                 } else if self.bound.is_some() && stanza::is_hooked(&el) {
-                    let outs = self.hook.from_server(el, SystemTime::now());
-                    self.dispatch(outs).await?;
+                    self.batch.push(Incoming::FromServer(el));
                 } else {
                     self.send_client(&raw).await?;
                 }
@@ -1186,6 +1220,19 @@ mod tests {
         F: FnOnce(tokio::io::DuplexStream, tokio::io::DuplexStream) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        with_relay_hook(sm, &mut super::super::PassThrough, script).await
+    }
+
+    /// [`with_relay`] with the given hook.
+    async fn with_relay_hook<F, Fut>(
+        sm: Option<UpstreamSm>,
+        hook: &mut dyn StanzaHook,
+        script: F,
+    ) -> Result<&'static str, String>
+    where
+        F: FnOnce(tokio::io::DuplexStream, tokio::io::DuplexStream) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let (client_near, client_far) = tokio::io::duplex(64 * 1024);
         let (server_near, server_far) = tokio::io::duplex(64 * 1024);
         let ctx = Ctx {
@@ -1194,10 +1241,9 @@ mod tests {
             plaintext: false,
             fcfg: FramerConfig::default(),
         };
-        let mut hook = super::super::PassThrough;
         let mut relay = Relay {
             ctx: &ctx,
-            hook: &mut hook,
+            hook,
             client: Leg::new(Box::new(client_near) as Box<dyn Io>, ctx.fcfg),
             server: Leg::new(Box::new(server_near) as Box<dyn Io>, ctx.fcfg),
             client_scope: NsScope::client_stream(),
@@ -1209,6 +1255,7 @@ mod tests {
             sm,
             liveness: Liveness::new(Duration::from_millis(300), Duration::from_millis(300)),
             sasl_pending: false,
+            batch: Vec::new(),
         };
         let (_stop, mut shutdown) = broadcast::channel::<()>(1);
         let (res, ()) = tokio::join!(
@@ -1216,6 +1263,73 @@ mod tests {
             script(client_far, server_far)
         );
         res.map_err(|e| e.to_string())
+    }
+
+    /// Passes stanzas through and records the size of every batch.
+    struct Recording(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl StanzaHook for Recording {
+        fn bound(&mut self, _jid: &Jid) {}
+        fn from_client(&mut self, stanza: Element, _now: SystemTime) -> Vec<Outgoing> {
+            vec![Outgoing::ToServer(stanza)]
+        }
+        fn from_server(&mut self, stanza: Element, _now: SystemTime) -> Vec<Outgoing> {
+            vec![Outgoing::ToClient(stanza)]
+        }
+        fn batch(&mut self, stanzas: Vec<Incoming>, now: SystemTime) -> Vec<Outgoing> {
+            if let Ok(mut b) = self.0.lock() {
+                b.push(stanzas.len());
+            }
+            let mut out = Vec::new();
+            for s in stanzas {
+                out.extend(match s {
+                    Incoming::FromClient(el) => self.from_client(el, now),
+                    Incoming::FromServer(el) => self.from_server(el, now),
+                });
+            }
+            out
+        }
+        fn tick(&mut self, _now: SystemTime) -> Vec<Outgoing> {
+            Vec::new()
+        }
+        fn disconnected(&mut self, _now: SystemTime) {}
+    }
+
+    /// Messages that arrive in one read reach the hook as one batch (one
+    /// commit in the router); a stanza the hook does not see ends the
+    /// batch first, so nothing overtakes anything.
+    #[tokio::test]
+    async fn one_read_is_one_batch_and_order_is_kept() {
+        let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut hook = Recording(std::sync::Arc::clone(&batches));
+        let _ = with_relay_hook(None, &mut hook, |mut client, mut server| async move {
+            client.write_all(HEADER.as_bytes()).await.unwrap();
+            server.write_all(HEADER.as_bytes()).await.unwrap();
+            let mut from_proxy = String::new();
+            read_until(&mut server, &mut from_proxy, "<stream:stream").await;
+            let m = |t: &str| {
+                format!("<message to='bob@example.test' type='chat'><body>{t}</body></message>")
+            };
+            let burst = format!(
+                "{}{}{}<presence><status>between</status></presence>{}",
+                m("one"),
+                m("two"),
+                m("three"),
+                m("four")
+            );
+            client.write_all(burst.as_bytes()).await.unwrap();
+            read_until(&mut server, &mut from_proxy, "four").await;
+            let at = |t: &str| from_proxy.find(t).unwrap_or(usize::MAX);
+            assert!(
+                at("one") < at("two")
+                    && at("two") < at("three")
+                    && at("three") < at("between")
+                    && at("between") < at("four"),
+                "{from_proxy}"
+            );
+        })
+        .await;
+        assert_eq!(*batches.lock().unwrap(), [3, 1]);
     }
 
     #[tokio::test]

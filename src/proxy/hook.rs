@@ -20,6 +20,15 @@ pub enum Outgoing {
     ToServer(Element),
 }
 
+/// A hooked stanza as read, with its direction (for [`StanzaHook::batch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// From the local client.
+    FromClient(Element),
+    /// From the XMPP server.
+    FromServer(Element),
+}
+
 /// Per-connection message processor. One instance per client connection;
 /// called from that connection's task only.
 // `from_client`/`from_server` name the direction, not a conversion.
@@ -33,6 +42,24 @@ pub trait StanzaHook: Send {
     fn from_client(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing>;
     /// A `<message>` (or roster iq) from the server (after bind).
     fn from_server(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing>;
+    /// Several hooked stanzas that arrived together (one read of either
+    /// leg, or both drained before the relay waits again), in arrival
+    /// order; returns what to send for all of them, in order. The relay
+    /// calls this instead of `from_client`/`from_server` so a hook can
+    /// make one durable commit for the whole batch (group commit); a
+    /// single stanza comes as a batch of one. The default handles them
+    /// one by one (so a hook that relies on a call's output being written
+    /// before its next call must override it).
+    fn batch(&mut self, stanzas: Vec<Incoming>, now: SystemTime) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for s in stanzas {
+            out.extend(match s {
+                Incoming::FromClient(el) => self.from_client(el, now),
+                Incoming::FromServer(el) => self.from_server(el, now),
+            });
+        }
+        out
+    }
     /// Called about once a second after bind (timers, retries).
     fn tick(&mut self, now: SystemTime) -> Vec<Outgoing>;
     /// Everything the last `from_*`/`tick` call returned was written and

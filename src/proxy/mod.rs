@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 
-pub use hook::{HookFactory, Outgoing, PassThrough, StanzaHook};
+pub use hook::{HookFactory, Incoming, Outgoing, PassThrough, StanzaHook};
 
 /// Default idle time before the proxy pings a silent upstream.
 pub const DEFAULT_UPSTREAM_PING_INTERVAL: Duration = Duration::from_secs(60);

@@ -14,14 +14,15 @@ use rand::rngs::StdRng;
 use super::Shared;
 use super::account::{Identity, load_or_create};
 use super::command::{self, Command};
+use super::group::{Part, Planned};
 use super::notice;
 use crate::otr::conversation::{Action, Config, Conversation, Notice};
 use crate::otr::policy::Policy;
-use crate::proxy::{Outgoing, StanzaHook};
+use crate::proxy::{Incoming, Outgoing, StanzaHook};
 use crate::store::ekm::{self, Effect};
 use crate::store::{
-    ConversationKey, DurableOp, Error as StoreError, InboxMessage, OutboxMessage, SessionState,
-    Trust,
+    CommitReceipt, ConversationKey, DurableOp, Error as StoreError, InboxMessage, OutboxMessage,
+    SessionState, Trust,
 };
 use crate::xmpp::element::NsScope;
 use crate::xmpp::stanza::{self, MessageType};
@@ -85,6 +86,9 @@ pub struct Router {
     /// and is dropped quietly; any other "not past the last counter"
     /// message is reported.
     shown: VecDeque<[u8; 32]>,
+    /// Outputs of the current hook call, with the steps still to commit
+    /// (group commit, see [`super::group`]).
+    pub(crate) parts: Vec<Part>,
 }
 
 /// How many delivered stanza digests [`Router::shown`] keeps.
@@ -118,6 +122,7 @@ impl Router {
             handed: HashSet::new(),
             control_announced: false,
             shown: VecDeque::new(),
+            parts: Vec::new(),
         }
     }
 
@@ -198,7 +203,7 @@ impl Router {
 
     /// Acknowledge what the previous hook call handed to the connection:
     /// the proxy writes a call's output before it makes the next call.
-    fn settle(&mut self) {
+    pub(crate) fn settle(&mut self) {
         let Some(account) = self.account.as_ref().map(|a| a.bare.clone()) else {
             return;
         };
@@ -325,7 +330,9 @@ impl Router {
     /// transaction first (O2TR persist-before-release, with the inbox so a
     /// crash cannot lose a consumed message); then the effects go out in
     /// order. `template` is the stanza that caused them (its other children
-    /// are kept on deliveries).
+    /// are kept on deliveries). The commit is shared with the other steps
+    /// of the same hook call (group commit, [`super::group`]); `apply` must
+    /// be the last thing to touch `out` for its stanza.
     pub(crate) fn apply(
         &mut self,
         peer: &str,
@@ -369,26 +376,40 @@ impl Router {
         if let Some(frags) = self.fragments.take() {
             step.durable.push(DurableOp::Fragments(frags));
         }
-        let receipt = if step.needs_commit() {
-            let committed = self
-                .shared
-                .store()
-                .commit_step(&account, peer, &step.durable, now);
-            match committed {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(peer, cause = %e, "could not persist EKM state");
-                    let text = format!(
-                        "{} Could not save the session state ({e}); nothing was sent or shown.",
-                        notice::PREFIX
-                    );
-                    out.push(self.notice_to_client(peer, &text));
-                    return;
-                }
-            }
-        } else {
-            Default::default()
-        };
+        // Committed with the other steps of this hook call, in one
+        // transaction; released after that (see `group`).
+        self.defer(
+            out,
+            Planned {
+                peer: peer.to_string(),
+                account,
+                step,
+                stanzas,
+                outbox_slots,
+                template: template.cloned(),
+                now,
+            },
+        );
+    }
+
+    /// Perform the effects of a step whose durable part was committed
+    /// (`receipt`), in order: the O2TR "release" half of [`Router::apply`].
+    pub(crate) fn release(
+        &mut self,
+        planned: Planned,
+        receipt: CommitReceipt,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let Planned {
+            peer,
+            account,
+            step,
+            stanzas,
+            outbox_slots,
+            template,
+            now,
+        } = planned;
+        let (peer, template) = (peer.as_str(), template.as_ref());
         // Set by the core's "received unencrypted" notice, which precedes
         // the plaintext it is about.
         let mut unexpected_plaintext = false;
@@ -536,6 +557,8 @@ impl Router {
         };
         let peer = to.bare().to_string().to_lowercase();
         if peer == self.shared.cfg.control_jid {
+            // Commands read the store: commit what this batch planned first.
+            self.commit_group(now);
             let text = stanza::body(&el).unwrap_or_default();
             let reply = command::control(self, &text, now);
             let control = self.shared.cfg.control_jid.clone();
@@ -551,6 +574,7 @@ impl Router {
             return vec![Outgoing::ToServer(el)];
         }
         if let Some(cmd) = Command::parse(&body) {
+            self.commit_group(now);
             let actions = command::run(self, &peer, cmd, now, &mut out);
             if let Some(actions) = actions {
                 self.apply(&peer, actions, None, now, &mut out);
@@ -722,6 +746,41 @@ impl Router {
 }
 
 impl Router {
+    /// One stanza from the client, within [`Router::handle_batch`].
+    pub(crate) fn handle_from_client(&mut self, stanza: Element, now: u64) -> Vec<Outgoing> {
+        if self.account.is_none() && stanza::body(&stanza).is_some() {
+            // No identity: never let a body out in plaintext.
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        self.resend_outbox(now, &mut out);
+        self.deliver_undelivered(&mut out);
+        if stanza.is("iq", ns::CLIENT) {
+            out.extend(self.handle_client_iq(stanza));
+        } else if stanza.is("presence", ns::CLIENT) {
+            out.extend(self.handle_client_presence(stanza));
+        } else {
+            // Before the handler: its step is queued after these outputs.
+            self.parts.push(Part::Ready(std::mem::take(&mut out)));
+            out.extend(self.handle_client_message(stanza, now));
+        }
+        out
+    }
+
+    /// One stanza from the server, within [`Router::handle_batch`].
+    pub(crate) fn handle_from_server(&mut self, stanza: Element, now: u64) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        self.resend_outbox(now, &mut out);
+        self.deliver_undelivered(&mut out);
+        if stanza.is("iq", ns::CLIENT) {
+            out.extend(self.handle_server_iq(stanza));
+        } else {
+            self.parts.push(Part::Ready(std::mem::take(&mut out)));
+            out.extend(self.handle_server_message(stanza, now));
+        }
+        out
+    }
+
     /// The control contact as a roster item (shown online by its presence).
     fn control_item(&self) -> Element {
         Element::new("item", ns::ROSTER)
@@ -899,37 +958,15 @@ impl StanzaHook for Router {
     }
 
     fn from_client(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing> {
-        self.settle();
-        let now = unix(now);
-        if self.account.is_none() && stanza::body(&stanza).is_some() {
-            // No identity: never let a body out in plaintext.
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        self.resend_outbox(now, &mut out);
-        self.deliver_undelivered(&mut out);
-        if stanza.is("iq", ns::CLIENT) {
-            out.extend(self.handle_client_iq(stanza));
-        } else if stanza.is("presence", ns::CLIENT) {
-            out.extend(self.handle_client_presence(stanza));
-        } else {
-            out.extend(self.handle_client_message(stanza, now));
-        }
-        out
+        self.handle_batch(vec![Incoming::FromClient(stanza)], now)
     }
 
     fn from_server(&mut self, stanza: Element, now: SystemTime) -> Vec<Outgoing> {
-        self.settle();
-        let now = unix(now);
-        let mut out = Vec::new();
-        self.resend_outbox(now, &mut out);
-        self.deliver_undelivered(&mut out);
-        if stanza.is("iq", ns::CLIENT) {
-            out.extend(self.handle_server_iq(stanza));
-        } else {
-            out.extend(self.handle_server_message(stanza, now));
-        }
-        out
+        self.handle_batch(vec![Incoming::FromServer(stanza)], now)
+    }
+
+    fn batch(&mut self, stanzas: Vec<Incoming>, now: SystemTime) -> Vec<Outgoing> {
+        self.handle_batch(stanzas, now)
     }
 
     fn tick(&mut self, now: SystemTime) -> Vec<Outgoing> {

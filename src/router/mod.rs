@@ -13,6 +13,7 @@
 pub mod account;
 pub mod command;
 pub mod connection;
+mod group;
 pub mod notice;
 
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -64,6 +64,10 @@
 //! ekm::release_oldest_held(store, account, peer, step.release_held)?;
 //! // After a restart: restore_peer(..) and hand `pending` to the client first.
 //! ```
+//!
+//! Several steps that are ready together (the stanzas of one read) can
+//! share one transaction, [`Store::commit_steps`] (group commit: one fsync
+//! for all); their effects are then performed, in order, after it.
 
 use std::fmt;
 use std::sync::Arc;
@@ -200,6 +204,16 @@ impl fmt::Debug for DurableOp {
             DurableOp::Fragments(v) => write!(f, "Fragments(<{} fragments>)", v.len()),
         }
     }
+}
+
+/// One peer's part of a group commit ([`Store::commit_steps`]): the
+/// durable ops of one [`Step`] for (`account`, `peer`).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerStep<'a> {
+    /// Peer bare JID.
+    pub peer: &'a str,
+    /// The ops, applied in order.
+    pub ops: &'a [DurableOp],
 }
 
 /// What a [`Store::commit_step`] assigned.
@@ -650,6 +664,30 @@ mod tests {
         );
         assert!(s.outbox(A).unwrap().is_empty());
         assert_eq!(s.held_messages(A, P).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn failed_group_commit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("s")).unwrap();
+        s.commit_step(A, P, &[save(1, b"old")], 1).unwrap();
+        let first = [save(1, b"new"), DurableOp::Outbox("c".into())];
+        let second = [DurableOp::Inbox(entry("x"))];
+        let steps = [
+            PeerStep {
+                peer: P,
+                ops: &first,
+            },
+            PeerStep {
+                peer: "carol@z",
+                ops: &second,
+            },
+        ];
+        assert!(s.commit_steps(A, &steps, u64::MAX).is_err());
+        let snap = s.snapshot(&ConversationKey::new(A, P, 1)).unwrap().unwrap();
+        assert_eq!(snap.data.as_slice(), b"old");
+        assert!(s.outbox(A).unwrap().is_empty());
+        assert!(s.all_inbox().unwrap().is_empty());
     }
 
     #[test]

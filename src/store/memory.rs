@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 
 use super::{
     CommitReceipt, ConversationKey, DurableOp, FingerprintRecord, HeldMessage, InboxMessage,
-    OutboxMessage, Result, SessionState, SnapshotRecord, Store, Trust,
+    OutboxMessage, PeerStep, Result, SessionState, SnapshotRecord, Store, Trust,
 };
 
 #[derive(Default)]
@@ -44,6 +44,81 @@ impl MemoryStore {
 
     fn touch(&mut self, account: &str) -> &mut Account {
         self.accounts.entry(account.to_owned()).or_default()
+    }
+
+    /// One step of [`Store::commit_steps`], applied in place.
+    fn apply_step(
+        &mut self,
+        account: &str,
+        peer: &str,
+        ops: &[DurableOp],
+        now: u64,
+    ) -> Result<CommitReceipt> {
+        let mut receipt = CommitReceipt::default();
+        for op in ops {
+            match op {
+                DurableOp::SaveSnapshot {
+                    instance,
+                    state,
+                    data,
+                } => {
+                    let key = ConversationKey::new(account, peer, *instance);
+                    self.save_snapshot(&key, *state, data, now)?;
+                }
+                DurableOp::DeleteSnapshot { instance } => {
+                    self.delete_snapshot(&ConversationKey::new(account, peer, *instance))?;
+                }
+                DurableOp::Hold(text) => {
+                    receipt
+                        .held_ids
+                        .push(self.hold_message(account, peer, text, now)?);
+                }
+                DurableOp::Inbox(entry) => {
+                    self.last_inbox_id += 1;
+                    let id = self.last_inbox_id;
+                    self.inbox.insert(
+                        id,
+                        InboxMessage {
+                            id,
+                            account: account.to_owned(),
+                            peer: peer.to_owned(),
+                            entry: entry.clone(),
+                            received_at: now,
+                        },
+                    );
+                    receipt.inbox_ids.push(id);
+                }
+                DurableOp::Outbox(stanza) => {
+                    self.last_outbox_id += 1;
+                    let id = self.last_outbox_id;
+                    self.outbox.insert(
+                        id,
+                        OutboxMessage {
+                            id,
+                            account: account.to_owned(),
+                            peer: peer.to_owned(),
+                            stanza: stanza.clone(),
+                            queued_at: now,
+                        },
+                    );
+                    receipt.outbox_ids.push(id);
+                }
+                DurableOp::ReleaseHeld(n) => {
+                    for m in self.held_messages(account, peer)?.into_iter().take(*n) {
+                        self.held.remove(&m.id);
+                    }
+                }
+                DurableOp::Fragments(texts) => {
+                    let k = (account.to_owned(), peer.to_owned());
+                    if texts.is_empty() {
+                        self.fragments.remove(&k);
+                    } else {
+                        self.fragments.insert(k, texts.clone());
+                    }
+                }
+            }
+        }
+        Ok(receipt)
     }
 }
 
@@ -260,80 +335,20 @@ impl Store for MemoryStore {
         Ok(self.held.remove(&id).is_some())
     }
 
-    fn commit_step(
+    fn commit_steps(
         &mut self,
         account: &str,
-        peer: &str,
-        ops: &[DurableOp],
+        steps: &[PeerStep<'_>],
         now: u64,
-    ) -> Result<CommitReceipt> {
-        // Nothing below can fail, so applying in place is atomic.
+    ) -> Result<Vec<CommitReceipt>> {
+        // Nothing in `apply_step` fails (the store calls it makes are
+        // infallible here), so applying in place is atomic.
         self.touch(account);
-        let mut receipt = CommitReceipt::default();
-        for op in ops {
-            match op {
-                DurableOp::SaveSnapshot {
-                    instance,
-                    state,
-                    data,
-                } => {
-                    let key = ConversationKey::new(account, peer, *instance);
-                    self.save_snapshot(&key, *state, data, now)?;
-                }
-                DurableOp::DeleteSnapshot { instance } => {
-                    self.delete_snapshot(&ConversationKey::new(account, peer, *instance))?;
-                }
-                DurableOp::Hold(text) => {
-                    receipt
-                        .held_ids
-                        .push(self.hold_message(account, peer, text, now)?);
-                }
-                DurableOp::Inbox(entry) => {
-                    self.last_inbox_id += 1;
-                    let id = self.last_inbox_id;
-                    self.inbox.insert(
-                        id,
-                        InboxMessage {
-                            id,
-                            account: account.to_owned(),
-                            peer: peer.to_owned(),
-                            entry: entry.clone(),
-                            received_at: now,
-                        },
-                    );
-                    receipt.inbox_ids.push(id);
-                }
-                DurableOp::Outbox(stanza) => {
-                    self.last_outbox_id += 1;
-                    let id = self.last_outbox_id;
-                    self.outbox.insert(
-                        id,
-                        OutboxMessage {
-                            id,
-                            account: account.to_owned(),
-                            peer: peer.to_owned(),
-                            stanza: stanza.clone(),
-                            queued_at: now,
-                        },
-                    );
-                    receipt.outbox_ids.push(id);
-                }
-                DurableOp::ReleaseHeld(n) => {
-                    for m in self.held_messages(account, peer)?.into_iter().take(*n) {
-                        self.held.remove(&m.id);
-                    }
-                }
-                DurableOp::Fragments(texts) => {
-                    let k = (account.to_owned(), peer.to_owned());
-                    if texts.is_empty() {
-                        self.fragments.remove(&k);
-                    } else {
-                        self.fragments.insert(k, texts.clone());
-                    }
-                }
-            }
+        let mut receipts = Vec::with_capacity(steps.len());
+        for step in steps {
+            receipts.push(self.apply_step(account, step.peer, step.ops, now)?);
         }
-        Ok(receipt)
+        Ok(receipts)
     }
 
     fn inbox(&self, account: &str, peer: &str) -> Result<Vec<InboxMessage>> {

@@ -64,7 +64,7 @@ use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
-pub use ekm::{CommitReceipt, DurableOp, InboxEntry, InboxMessage, OutboxMessage};
+pub use ekm::{CommitReceipt, DurableOp, InboxEntry, InboxMessage, OutboxMessage, PeerStep};
 pub use memory::MemoryStore;
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::{DB_FILE_NAME, SqliteStore, WAL_WIPE_BYTES};
@@ -389,13 +389,31 @@ pub trait Store: Send {
     /// or (on `Err`) none is. Replaced and deleted snapshot bytes are wiped
     /// as by [`Store::save_snapshot`] / [`Store::delete_snapshot`]. See
     /// [`ekm`] for why the inbox must share the snapshot's transaction.
+    ///
+    /// The same as a [`Store::commit_steps`] group of one step.
     fn commit_step(
         &mut self,
         account: &str,
         peer: &str,
         ops: &[DurableOp],
         now: u64,
-    ) -> Result<CommitReceipt>;
+    ) -> Result<CommitReceipt> {
+        let mut receipts = self.commit_steps(account, &[PeerStep { peer, ops }], now)?;
+        Ok(receipts.pop().unwrap_or_default())
+    }
+    /// Group commit: applies several steps of `account` (each as by
+    /// [`Store::commit_step`], one after the other, in the order given, so
+    /// a later step sees what an earlier one held, released or replaced)
+    /// in **one** atomic, durable transaction — for [`SqliteStore`] one
+    /// WAL fsync for the whole group. Either every step is durable on
+    /// return, or (on `Err`) none is. Returns one receipt per step, in
+    /// order; ids keep increasing across the steps.
+    fn commit_steps(
+        &mut self,
+        account: &str,
+        steps: &[PeerStep<'_>],
+        now: u64,
+    ) -> Result<Vec<CommitReceipt>>;
     /// Inbox entries of (`account`, `peer`) not yet acknowledged, oldest
     /// (lowest id) first.
     fn inbox(&self, account: &str, peer: &str) -> Result<Vec<InboxMessage>>;

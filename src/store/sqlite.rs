@@ -42,7 +42,7 @@ use super::schema::{
 };
 use super::{
     CommitReceipt, ConversationKey, DurableOp, Error, FingerprintRecord, HeldMessage, InboxEntry,
-    InboxMessage, OutboxMessage, Result, SessionState, SnapshotRecord, Store,
+    InboxMessage, OutboxMessage, PeerStep, Result, SessionState, SnapshotRecord, Store,
 };
 use super::{Trust, disk};
 
@@ -600,123 +600,28 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
-    fn commit_step(
+    fn commit_steps(
         &mut self,
         account: &str,
-        peer: &str,
-        ops: &[DurableOp],
+        steps: &[PeerStep<'_>],
         now: u64,
-    ) -> Result<CommitReceipt> {
+    ) -> Result<Vec<CommitReceipt>> {
         let now = to_i64(now, "commit time")?;
-        let mut receipt = CommitReceipt::default();
-        let mut replaced = false;
-        let mut deleted = false;
+        let mut superseded = false;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         ensure_account(&tx, account)?;
-        for op in ops {
-            match op {
-                DurableOp::SaveSnapshot {
-                    instance,
-                    state,
-                    data,
-                } => {
-                    let args = params![account, peer, i64::from(*instance)];
-                    replaced |= tx
-                        .query_row(
-                            "SELECT 1 FROM snapshot
-                             WHERE account = ?1 AND peer = ?2 AND instance = ?3",
-                            args,
-                            |_| Ok(()),
-                        )
-                        .optional()?
-                        .is_some();
-                    tx.execute(
-                        "INSERT INTO snapshot(account, peer, instance, state, data,
-                                              created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-                         ON CONFLICT(account, peer, instance) DO UPDATE SET
-                             state = excluded.state, data = excluded.data,
-                             updated_at = excluded.updated_at",
-                        params![
-                            account,
-                            peer,
-                            i64::from(*instance),
-                            state.to_code(),
-                            data.as_slice(),
-                            now
-                        ],
-                    )?;
-                }
-                DurableOp::DeleteSnapshot { instance } => {
-                    deleted |= tx.execute(
-                        "DELETE FROM snapshot WHERE account = ?1 AND peer = ?2 AND instance = ?3",
-                        params![account, peer, i64::from(*instance)],
-                    )? > 0;
-                }
-                DurableOp::Hold(text) => {
-                    tx.execute(
-                        "INSERT INTO held_message(account, peer, text, queued_at)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![account, peer, text.as_str(), now],
-                    )?;
-                    receipt.held_ids.push(tx.last_insert_rowid());
-                }
-                DurableOp::Inbox(e) => {
-                    tx.execute(
-                        "INSERT INTO inbox(account, peer, instance, text, encrypted, offline,
-                                           received_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![
-                            account,
-                            peer,
-                            i64::from(e.instance),
-                            e.text.as_str(),
-                            e.encrypted,
-                            e.offline,
-                            now
-                        ],
-                    )?;
-                    receipt.inbox_ids.push(tx.last_insert_rowid());
-                }
-                DurableOp::Outbox(stanza) => {
-                    tx.execute(
-                        "INSERT INTO outbox(account, peer, stanza, queued_at)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![account, peer, stanza.as_str(), now],
-                    )?;
-                    receipt.outbox_ids.push(tx.last_insert_rowid());
-                }
-                DurableOp::ReleaseHeld(n) => {
-                    let n = i64::try_from(*n).unwrap_or(i64::MAX);
-                    deleted |= tx.execute(
-                        "DELETE FROM held_message WHERE id IN (
-                             SELECT id FROM held_message WHERE account = ?1 AND peer = ?2
-                             ORDER BY id LIMIT ?3)",
-                        params![account, peer, n],
-                    )? > 0;
-                }
-                DurableOp::Fragments(texts) => {
-                    tx.execute(
-                        "DELETE FROM fragment WHERE account = ?1 AND peer = ?2",
-                        params![account, peer],
-                    )?;
-                    for (seq, text) in texts.iter().enumerate() {
-                        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-                        tx.execute(
-                            "INSERT INTO fragment(account, peer, seq, text) VALUES (?1, ?2, ?3, ?4)",
-                            params![account, peer, seq, text.as_str()],
-                        )?;
-                    }
-                }
-            }
-        }
+        let receipts = steps
+            .iter()
+            .map(|s| apply_step(&tx, account, s.peer, s.ops, now, &mut superseded))
+            .collect::<Result<Vec<_>>>()?;
+        // One commit, so one WAL fsync, for the whole group.
         tx.commit()?;
-        if deleted || replaced {
+        if superseded {
             self.superseded();
         }
-        Ok(receipt)
+        Ok(receipts)
     }
 
     fn inbox(&self, account: &str, peer: &str) -> Result<Vec<InboxMessage>> {
@@ -802,6 +707,121 @@ impl Drop for SqliteStore {
             tracing::warn!(path = %self.path.display(), cause = %err, "WAL checkpoint at close failed");
         }
     }
+}
+
+/// Applies one peer's ops of a [`Store::commit_steps`] group inside `tx`;
+/// sets `superseded` when a snapshot or held message was replaced or
+/// deleted (its bytes then wait for the deferred wipe).
+fn apply_step(
+    tx: &rusqlite::Transaction<'_>,
+    account: &str,
+    peer: &str,
+    ops: &[DurableOp],
+    now: i64,
+    superseded: &mut bool,
+) -> Result<CommitReceipt> {
+    let mut receipt = CommitReceipt::default();
+    let mut replaced = false;
+    let mut deleted = false;
+    for op in ops {
+        match op {
+            DurableOp::SaveSnapshot {
+                instance,
+                state,
+                data,
+            } => {
+                let args = params![account, peer, i64::from(*instance)];
+                replaced |= tx
+                    .query_row(
+                        "SELECT 1 FROM snapshot
+                         WHERE account = ?1 AND peer = ?2 AND instance = ?3",
+                        args,
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+                tx.execute(
+                    "INSERT INTO snapshot(account, peer, instance, state, data,
+                                          created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                     ON CONFLICT(account, peer, instance) DO UPDATE SET
+                         state = excluded.state, data = excluded.data,
+                         updated_at = excluded.updated_at",
+                    params![
+                        account,
+                        peer,
+                        i64::from(*instance),
+                        state.to_code(),
+                        data.as_slice(),
+                        now
+                    ],
+                )?;
+            }
+            DurableOp::DeleteSnapshot { instance } => {
+                deleted |= tx.execute(
+                    "DELETE FROM snapshot WHERE account = ?1 AND peer = ?2 AND instance = ?3",
+                    params![account, peer, i64::from(*instance)],
+                )? > 0;
+            }
+            DurableOp::Hold(text) => {
+                tx.execute(
+                    "INSERT INTO held_message(account, peer, text, queued_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![account, peer, text.as_str(), now],
+                )?;
+                receipt.held_ids.push(tx.last_insert_rowid());
+            }
+            DurableOp::Inbox(e) => {
+                tx.execute(
+                    "INSERT INTO inbox(account, peer, instance, text, encrypted, offline,
+                                       received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        account,
+                        peer,
+                        i64::from(e.instance),
+                        e.text.as_str(),
+                        e.encrypted,
+                        e.offline,
+                        now
+                    ],
+                )?;
+                receipt.inbox_ids.push(tx.last_insert_rowid());
+            }
+            DurableOp::Outbox(stanza) => {
+                tx.execute(
+                    "INSERT INTO outbox(account, peer, stanza, queued_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![account, peer, stanza.as_str(), now],
+                )?;
+                receipt.outbox_ids.push(tx.last_insert_rowid());
+            }
+            DurableOp::ReleaseHeld(n) => {
+                let n = i64::try_from(*n).unwrap_or(i64::MAX);
+                deleted |= tx.execute(
+                    "DELETE FROM held_message WHERE id IN (
+                         SELECT id FROM held_message WHERE account = ?1 AND peer = ?2
+                         ORDER BY id LIMIT ?3)",
+                    params![account, peer, n],
+                )? > 0;
+            }
+            DurableOp::Fragments(texts) => {
+                tx.execute(
+                    "DELETE FROM fragment WHERE account = ?1 AND peer = ?2",
+                    params![account, peer],
+                )?;
+                for (seq, text) in texts.iter().enumerate() {
+                    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+                    tx.execute(
+                        "INSERT INTO fragment(account, peer, seq, text) VALUES (?1, ?2, ?3, ?4)",
+                        params![account, peer, seq, text.as_str()],
+                    )?;
+                }
+            }
+        }
+    }
+    *superseded |= replaced || deleted;
+    Ok(receipt)
 }
 
 #[cfg(test)]

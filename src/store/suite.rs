@@ -203,6 +203,84 @@ pub(super) fn accounts_are_implicit(s: &mut dyn Store) {
     assert_eq!(s.instance_tag("s@x").unwrap(), None);
 }
 
+pub(super) fn group_commit(s: &mut dyn Store) {
+    let inbox = |t: &str| {
+        DurableOp::Inbox(InboxEntry {
+            instance: 7,
+            text: Zeroizing::new(t.to_owned()),
+            encrypted: true,
+            offline: false,
+        })
+    };
+    let snap = |d: &[u8]| DurableOp::SaveSnapshot {
+        instance: 7,
+        state: SessionState::Live,
+        data: Zeroizing::new(d.to_vec()),
+    };
+    let first = [
+        snap(b"a1"),
+        inbox("a-one"),
+        DurableOp::Outbox("o1".into()),
+        DurableOp::Hold(Zeroizing::new("held".into())),
+    ];
+    let other = [inbox("b-one"), DurableOp::Outbox("o2".into())];
+    // A later step of the same peer sees the earlier step's writes: it
+    // replaces its snapshot and releases the message it held.
+    let second = [
+        snap(b"a2"),
+        DurableOp::ReleaseHeld(1),
+        inbox("a-two"),
+        DurableOp::Outbox("o3".into()),
+    ];
+    let steps = [
+        PeerStep {
+            peer: "bob@y",
+            ops: &first,
+        },
+        PeerStep {
+            peer: "carol@y",
+            ops: &other,
+        },
+        PeerStep {
+            peer: "bob@y",
+            ops: &second,
+        },
+    ];
+    let r = s.commit_steps("alice@x", &steps, 30).unwrap();
+    assert_eq!(r.len(), 3, "one receipt per step");
+    assert_eq!(r[0].held_ids.len(), 1);
+    let inbox_ids: Vec<i64> = r.iter().flat_map(|r| r.inbox_ids.clone()).collect();
+    let outbox_ids: Vec<i64> = r.iter().flat_map(|r| r.outbox_ids.clone()).collect();
+    assert_eq!(inbox_ids.len(), 3);
+    assert!(inbox_ids.windows(2).all(|w| w[0] < w[1]), "{inbox_ids:?}");
+    assert!(outbox_ids.windows(2).all(|w| w[0] < w[1]), "{outbox_ids:?}");
+    let stanzas: Vec<String> = s
+        .outbox("alice@x")
+        .unwrap()
+        .into_iter()
+        .map(|m| format!("{}:{}", m.peer, m.stanza))
+        .collect();
+    assert_eq!(stanzas, ["bob@y:o1", "carol@y:o2", "bob@y:o3"]);
+    let texts: Vec<String> = s
+        .all_inbox()
+        .unwrap()
+        .into_iter()
+        .map(|m| format!("{}:{}", m.peer, m.entry.text.as_str()))
+        .collect();
+    assert_eq!(texts, ["bob@y:a-one", "carol@y:b-one", "bob@y:a-two"]);
+    let bob = s.snapshot(&key("alice@x", "bob@y", 7)).unwrap().unwrap();
+    assert_eq!(bob.data.as_slice(), b"a2");
+    assert!(s.held_messages("alice@x", "bob@y").unwrap().is_empty());
+    assert!(s.snapshot(&key("alice@x", "carol@y", 7)).unwrap().is_none());
+    // The single-step call is a group of one; an empty group is a no-op.
+    let one = s
+        .commit_step("alice@x", "bob@y", &[inbox("a-three")], 31)
+        .unwrap();
+    assert!(one.inbox_ids[0] > inbox_ids[2], "ids never reused");
+    assert!(s.commit_steps("alice@x", &[], 32).unwrap().is_empty());
+    assert_eq!(s.all_inbox().unwrap().len(), 4);
+}
+
 /// Instantiates the whole suite for a store constructor.
 macro_rules! suite_for {
     ($name:ident, $make:expr) => {
@@ -247,6 +325,10 @@ macro_rules! suite_for {
             #[test]
             fn accounts_are_implicit() {
                 run(super::accounts_are_implicit)
+            }
+            #[test]
+            fn group_commit() {
+                run(super::group_commit)
             }
         }
     };
