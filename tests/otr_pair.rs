@@ -130,6 +130,77 @@ fn always_policy_holds_until_private() {
     assert!(p.alice.held.is_empty());
 }
 
+/// The peer's connection dies in the middle of the AKE (its half of the
+/// exchange is gone, our D-H Key goes unanswered): the side holding
+/// messages starts the handshake over after `ake_retry_secs`, backing off,
+/// and the held message goes out once. Without the retry it waits forever.
+#[test]
+fn stalled_ake_is_started_over_while_messages_are_held() {
+    let mut p = Pair::new();
+    let t0 = p.now;
+    p.alice.send("held until private", t0);
+    let query = p.alice.outbox.pop_front().expect("query");
+    assert!(query.starts_with("?OTRv"));
+    p.bob.receive(&query, t0);
+    let commit = p.bob.outbox.pop_front().expect("D-H Commit");
+    p.alice.receive(&commit, t0);
+    assert_eq!(p.alice.outbox.len(), 1, "alice answered with her D-H Key");
+    // Bob's connection drops: his AKE state is abandoned, and the D-H Key
+    // reaches him only afterwards.
+    p.bob.conv.suspend();
+    let dh_key = p.alice.outbox.pop_front().unwrap();
+    p.bob.receive(&dh_key, t0 + 1);
+    assert!(p.bob.outbox.is_empty(), "bob has nothing to answer with");
+    // Nothing for the first 10 s, then a new query.
+    for t in 1..10 {
+        p.alice.tick(t0 + t);
+    }
+    assert!(p.alice.outbox.is_empty(), "no retry before ake_retry_secs");
+    p.alice.tick(t0 + 10);
+    assert_eq!(p.alice.outbox.len(), 1);
+    assert!(p.alice.outbox[0].starts_with("?OTRv"), "a new query");
+    // The next retry waits twice as long.
+    p.alice.outbox.clear();
+    p.alice.tick(t0 + 29);
+    assert!(p.alice.outbox.is_empty());
+    p.alice.tick(t0 + 30);
+    assert_eq!(p.alice.outbox.len(), 1);
+    p.now = t0 + 30;
+    p.run();
+    assert!(p.alice.conv.is_private() && p.bob.conv.is_private());
+    assert_eq!(p.bob.texts(), vec!["held until private".to_string()]);
+    assert!(p.alice.held.is_empty());
+    // Private with nothing held: the tick never queries again.
+    p.alice.tick(t0 + 1000);
+    assert!(p.alice.outbox.is_empty());
+}
+
+/// Retries are bounded: an offline peer finds at most MAX_AKE_RETRIES
+/// extra queries in its offline storage; a new message from the user
+/// starts the count again.
+#[test]
+fn ake_retries_stop_after_the_limit() {
+    use o2tr_proxy::otr::conversation::MAX_AKE_RETRIES;
+    let mut p = Pair::new();
+    let t0 = p.now;
+    p.alice.send("to an offline peer", t0);
+    p.alice.outbox.clear();
+    let mut queries = 0;
+    for t in 1..100_000 {
+        p.alice.tick(t0 + t);
+        queries += p.alice.outbox.drain(..).count();
+    }
+    assert_eq!(queries, MAX_AKE_RETRIES as usize);
+    p.alice.send("again", t0 + 100_000);
+    p.alice.outbox.clear();
+    p.alice.tick(t0 + 100_010);
+    assert_eq!(
+        p.alice.outbox.len(),
+        1,
+        "the user's new message restarts the count"
+    );
+}
+
 #[test]
 fn simultaneous_start_resolves_commit_collision() {
     let mut p = Pair::new();

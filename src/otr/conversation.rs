@@ -57,7 +57,18 @@ pub struct Config {
     /// Most instances of the peer tracked at once (each D-H Commit from a
     /// new instance tag costs a key pair and memory).
     pub max_instances: usize,
+    /// With messages held for a private conversation that has not come
+    /// about: seconds without AKE progress before the handshake is started
+    /// over with a new query (then twice, four times… as long, at most
+    /// [`MAX_AKE_RETRIES`] times). 0 never.
+    pub ake_retry_secs: u64,
 }
+
+/// How many times [`Conversation::handle_tick`] starts a stalled handshake
+/// over before it waits for the user to send again (an offline peer gets
+/// each query from its server's offline storage; 10 s doubling six times
+/// covers about ten minutes).
+pub const MAX_AKE_RETRIES: u32 = 6;
 
 impl Config {
     /// Defaults for `account` with instance tag `our_tag`.
@@ -73,6 +84,7 @@ impl Config {
             max_held: 1000,
             max_reassembly_senders: 8,
             max_instances: 32,
+            ake_retry_secs: 10,
         }
     }
 }
@@ -303,6 +315,11 @@ pub struct Conversation {
     received_plaintext: bool,
     /// When we last sent a query (unix seconds), to avoid floods.
     last_query: Option<u64>,
+    /// When an AKE message last arrived from the peer (unix seconds).
+    ake_activity: Option<u64>,
+    /// Handshakes started over by [`Conversation::handle_tick`] since the
+    /// user last sent or the session last became private.
+    ake_retries: u32,
 }
 
 type Out = Vec<Action>;
@@ -320,6 +337,8 @@ impl Conversation {
             selected: None,
             received_plaintext: false,
             last_query: None,
+            ake_activity: None,
+            ake_retries: 0,
         }
     }
 
@@ -524,6 +543,49 @@ impl Conversation {
         out
     }
 
+    /// Time passed (the router calls this about once a second). Messages
+    /// held for a private conversation must not wait forever for a
+    /// handshake that stalled: when the peer's connection died in the middle
+    /// of an AKE, its half died with it and nothing will answer ours; when
+    /// our query was lost, nobody saw it. So with messages held, no private
+    /// session, and no AKE progress for `ake_retry_secs` (doubling with each
+    /// retry), the AKE state is dropped and a new query sent, at most
+    /// [`MAX_AKE_RETRIES`] times until the user sends again.
+    pub fn handle_tick(&mut self, now: u64) -> Out {
+        let mut out = Vec::new();
+        let base = self.cfg.ake_retry_secs;
+        if base == 0
+            || self.held.is_empty()
+            || self.is_private()
+            || self.ake_retries >= MAX_AKE_RETRIES
+            || !self.cfg.policy.require_encryption()
+            || self
+                .instances
+                .values()
+                .any(|i| matches!(i.msg, MsgState::Finished))
+        {
+            return out;
+        }
+        let last = self.last_query.max(self.ake_activity);
+        let wait = base.saturating_mul(1 << self.ake_retries.min(16));
+        if last.is_some_and(|t| now.saturating_sub(t) < wait) {
+            return out;
+        }
+        tracing::info!(
+            retry = self.ake_retries + 1,
+            held = self.held.len(),
+            ake = self.master_ake.name(),
+            "no private conversation yet; starting the handshake over"
+        );
+        self.master_ake = AuthState::None;
+        for inst in self.instances.values_mut() {
+            inst.ake = AuthState::None;
+        }
+        self.ake_retries += 1;
+        self.send_query(now, &mut out);
+        out
+    }
+
     /// The user asks to end the private conversation: send the disconnected
     /// TLV on every encrypted instance and forget its keys.
     pub fn handle_end<R: CryptoRng + ?Sized>(&mut self, now: u64, rng: &mut R) -> Out {
@@ -642,6 +704,7 @@ impl Conversation {
         }
         let text = Zeroizing::new(text.to_string());
         self.held.push_back(text.clone());
+        self.ake_retries = 0;
         out.push(Action::Hold(text));
         out.push(Action::Notify(Notice::Held {
             waiting: self.held.len(),
@@ -691,6 +754,7 @@ impl Conversation {
             count += 1;
         }
         if count > 0 {
+            self.ake_retries = 0;
             out.push(Action::ReleaseHeld { count });
             out.push(Action::Notify(Notice::HeldSent { count }));
         }
@@ -891,6 +955,9 @@ impl Conversation {
             }
         }
         let tags = self.tags(h.version, tag);
+        if !matches!(m.body, Body::Data(_)) {
+            self.ake_activity = Some(now);
+        }
         match m.body {
             Body::Data(d) => self.on_data(&h, tag, &d, now, rng, out),
             Body::DhCommit(c) => {

@@ -781,6 +781,25 @@ impl Router {
         out
     }
 
+    /// Let every conversation with held messages start a stalled handshake
+    /// over ([`Conversation::handle_tick`]); the queries go out after `out`,
+    /// through the usual commit.
+    fn retry_stalled_handshakes(&mut self, now: u64, mut out: Vec<Outgoing>) -> Vec<Outgoing> {
+        let due: Vec<(String, Vec<Action>)> = self
+            .peers
+            .iter_mut()
+            .map(|(peer, p)| (peer.clone(), p.conv.handle_tick(now)))
+            .filter(|(_, actions)| !actions.is_empty())
+            .collect();
+        if due.is_empty() {
+            return out;
+        }
+        for (peer, actions) in due {
+            self.apply(&peer, actions, None, now, &mut out);
+        }
+        self.finish_group(out, now)
+    }
+
     /// The control contact as a roster item (shown online by its presence).
     fn control_item(&self) -> Element {
         Element::new("item", ns::ROSTER)
@@ -984,7 +1003,7 @@ impl StanzaHook for Router {
             }
         }
         self.deliver_undelivered(&mut out);
-        out
+        self.retry_stalled_handshakes(now, out)
     }
 
     fn flushed(&mut self) {

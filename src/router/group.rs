@@ -72,6 +72,13 @@ impl Router {
             };
             self.parts.push(Part::Ready(out));
         }
+        self.finish_group(Vec::new(), now)
+    }
+
+    /// Commit the steps deferred so far (and `out`, the outputs after the
+    /// last of them), then hand back every output in order.
+    pub(crate) fn finish_group(&mut self, out: Vec<Outgoing>, now: u64) -> Vec<Outgoing> {
+        self.parts.push(Part::Ready(out));
         self.commit_group(now);
         std::mem::take(&mut self.parts)
             .into_iter()

@@ -93,6 +93,11 @@ impl Side {
         self.apply(a);
     }
 
+    pub fn tick(&mut self, now: u64) {
+        let a = self.conv.handle_tick(now);
+        self.apply(a);
+    }
+
     pub fn texts(&self) -> Vec<String> {
         self.delivered.iter().map(|d| d.text.clone()).collect()
     }
