@@ -26,7 +26,9 @@
 //! `O2TR_CHAOS_TRIALS` (default 50), `O2TR_CHAOS_SEED` (default: the clock;
 //! printed), `O2TR_CHAOS_UPSTREAM_SM` (`true`/`false`; default: the proxy's
 //! default), `O2TR_CHAOS_ONLY` (e.g. `2,5`: only those kinds, by index in
-//! [`FAULTS`]), `O2TR_TEST_PROXY_LOG=FILE` keeps the proxies' logs. `scripts/chaos.sh` runs it in release mode.
+//! [`FAULTS`]), `O2TR_TEST_PROXY_LOG=FILE` keeps the proxies' logs,
+//! `O2TR_CHAOS_PROXY_ARGS` adds flags to both proxies (e.g.
+//! `--debug-packets` with `O2TR_TEST_PROXY_RUST_LOG=debug`). `scripts/chaos.sh` runs it in release mode.
 
 mod common;
 
@@ -296,6 +298,11 @@ impl Campaign {
         ];
         if let Some(sm) = upstream_sm {
             flags.push(format!("--upstream-sm={sm}"));
+        }
+        // For diagnosis, e.g. `--debug-packets` (with O2TR_TEST_PROXY_LOG
+        // and O2TR_TEST_PROXY_RUST_LOG=debug).
+        if let Ok(extra) = std::env::var("O2TR_CHAOS_PROXY_ARGS") {
+            flags.extend(extra.split_whitespace().map(String::from));
         }
         let effective_sm =
             upstream_sm.unwrap_or_else(|| o2tr_proxy::proxy::ProxyConfig::new().upstream_sm);

@@ -213,6 +213,75 @@ fn unsent_message_is_resent_after_a_crash_and_duplicates_are_dropped() {
     assert_eq!(seen_b, ["m2"]);
 }
 
+/// With upstream SM (the default) the proxy reports written stanzas with
+/// their count (`flushed_upstream`) and the server's acks
+/// (`server_acked`): an outbox entry written into a link that then died
+/// without a FIN is not acknowledged, and the next connection re-sends it
+/// before anything new; the peer shows it exactly once (issue 9, chaos
+/// campaign, upstream TCP cut).
+#[test]
+fn with_upstream_sm_an_outbox_entry_waits_for_the_servers_ack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let (_bob_store, mut b) = establish(&dir, RouterConfig::default());
+    let outbox = |store: &SharedStore| {
+        store
+            .lock()
+            .unwrap()
+            .outbox("alice@example.test")
+            .unwrap()
+            .len()
+    };
+
+    let store_a = sqlite(&dir);
+    let mut a1 = hook(&store_a, RouterConfig::default(), ALICE);
+    let s = split(a1.from_client(typed(ALICE, "bob@example.test", "m1"), now()));
+    assert_eq!(s.server.len(), 1);
+    let written = s.server[0].clone();
+    // Written as the server's 7th stanza of this stream.
+    a1.flushed_upstream(7);
+    assert_eq!(
+        outbox(&store_a),
+        1,
+        "written is not yet stored by the server"
+    );
+    a1.server_acked(6);
+    assert_eq!(outbox(&store_a), 1, "an ack short of it");
+    // The next hook calls do not acknowledge it either.
+    let _ = a1.tick(now());
+    a1.flushed_upstream(7);
+    assert_eq!(outbox(&store_a), 1);
+    // The link was dead: the proxy noticed and the connection ended.
+    a1.disconnected(now());
+    drop(a1);
+
+    // The next connection re-sends it first, unchanged.
+    let mut a2 = hook(&store_a, RouterConfig::default(), ALICE);
+    let s = split(a2.tick(now()));
+    assert_eq!(s.server.len(), 1, "the unacknowledged message is re-sent");
+    assert_eq!(stanza::body(&s.server[0]), stanza::body(&written));
+    a2.flushed_upstream(3);
+    assert_eq!(outbox(&store_a), 1);
+    a2.server_acked(3);
+    assert_eq!(outbox(&store_a), 0, "acknowledged by the server's ack");
+    let (_, seen_b) = pump(&mut *a2, &mut *b, s.server, Vec::new());
+    assert_eq!(seen_b, ["m1"]);
+
+    // Counters wrap (mod 2^32); a server that refuses SM leaves what was
+    // written acknowledged as before.
+    let _ = split(a2.from_client(typed(ALICE, "bob@example.test", "m2"), now()));
+    a2.flushed_upstream(u32::MAX);
+    a2.server_acked(u32::MAX - 1);
+    assert_eq!(outbox(&store_a), 1);
+    a2.server_acked(0);
+    assert_eq!(outbox(&store_a), 0, "h wrapped past the entry");
+    let _ = split(a2.from_client(typed(ALICE, "bob@example.test", "m3"), now()));
+    a2.flushed_upstream(1);
+    assert_eq!(outbox(&store_a), 1);
+    a2.server_acks_off();
+    assert_eq!(outbox(&store_a), 0);
+}
+
 #[test]
 fn partial_fragments_survive_a_crash() {
     let tmp = tempfile::tempdir().unwrap();
