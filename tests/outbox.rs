@@ -340,6 +340,59 @@ fn partial_fragments_survive_a_crash() {
     );
 }
 
+/// After a crash the server delivers again the fragments it had not seen
+/// acknowledged, and re-routes the dead session's stanzas after newer
+/// ones (ejabberd; found by the chaos campaign, fault between fragments):
+/// here the last fragment arrives first (held ahead of the gap, stored
+/// with the commit), the proxy dies, and after the restart the first ones
+/// come, the second one twice. The message is shown exactly once.
+#[test]
+fn reordered_and_repeated_fragments_survive_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let bob_cfg = RouterConfig {
+        fragment_size: 120,
+        ..RouterConfig::default()
+    };
+    let (_bob_store, mut b) = establish(&dir, bob_cfg);
+    let text = "a reply long enough to need several fragments of 120 bytes each";
+    let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
+    b.flushed();
+    let frags = s.server;
+    assert!(frags.len() >= 3, "not fragmented: {}", frags.len());
+    let (last, rest) = frags.split_last().unwrap();
+
+    let store_a = sqlite(&dir);
+    let mut a1 = hook(&store_a, RouterConfig::default(), ALICE);
+    let s = split(a1.from_server(routed(last.clone(), BOB, ALICE), now()));
+    a1.flushed();
+    assert!(s.client.is_empty() && s.server.is_empty(), "{:?}", s.client);
+    drop(a1);
+    drop(store_a);
+
+    let store_a = sqlite(&dir);
+    let mut a2 = hook(&store_a, RouterConfig::default(), ALICE);
+    let mut order = vec![rest[0].clone(), rest[1].clone(), rest[1].clone()];
+    order.extend_from_slice(&rest[2..]);
+    let mut shown = Vec::new();
+    for el in order {
+        let s = split(a2.from_server(routed(el, BOB, ALICE), now()));
+        a2.flushed();
+        shown.extend(s.client);
+    }
+    // (After the "resumed from saved keys" notice.)
+    let texts: Vec<&String> = shown.iter().filter(|t| !t.starts_with("[o2tr]")).collect();
+    assert_eq!(texts, [text], "shown: {shown:?}");
+    assert!(
+        store_a
+            .lock()
+            .unwrap()
+            .fragments("alice@example.test", "bob@example.test")
+            .unwrap()
+            .is_empty()
+    );
+}
+
 /// What libotr does with a re-sent duplicate: it shows nothing (its
 /// counter check), reports it and answers with an OTR error message —
 /// which the router ignores after a re-send (test above).
