@@ -144,8 +144,9 @@ enum Risk {
     /// The victim's own client handed it to its proxy just before the proxy
     /// was SIGKILLed (the proxy may not have read or sent it: the outbox).
     SenderProxyKilled,
-    /// The victim's proxy wrote it into the cut link; the proxy does not
-    /// resend stanzas the server never acknowledged.
+    /// The victim's proxy wrote it into the cut link and upstream SM was
+    /// off, so nobody knows the server never got it (with SM the outbox
+    /// entry waits for the server's ack and is re-sent).
     SenderWroteIntoDeadLink,
     /// The server wrote it into the cut link and upstream SM was off, so
     /// nobody knows it was not received.
@@ -166,7 +167,9 @@ impl Risk {
     fn name(self) -> &'static str {
         match self {
             Risk::SenderProxyKilled => "sender's proxy SIGKILLed right after the client sent",
-            Risk::SenderWroteIntoDeadLink => "sender's proxy wrote into the cut link",
+            Risk::SenderWroteIntoDeadLink => {
+                "sender's proxy wrote into the cut link, upstream SM off"
+            }
             Risk::ServerWroteIntoDeadLinkNoSm => "server wrote into the cut link, upstream SM off",
             Risk::ClientDropped => "receiving client's TCP dropped (no SM on the client leg)",
             Risk::AkeInitiatorKilled => {
@@ -642,7 +645,10 @@ impl Trial<'_> {
                 let server_risk =
                     (!self.c.upstream_sm).then_some(Risk::ServerWroteIntoDeadLinkNoSm);
                 self.send(peer, peer_during, server_risk);
-                self.send(victim, victim_during, Some(Risk::SenderWroteIntoDeadLink));
+                // With upstream SM the proxy keeps them in its outbox until
+                // the server acknowledges them, and re-sends them.
+                let victim_risk = (!self.c.upstream_sm).then_some(Risk::SenderWroteIntoDeadLink);
+                self.send(victim, victim_during, victim_risk);
                 let u = &mut self.users[victim];
                 if !self.c.wait_disconnected(u) {
                     self.notes
