@@ -103,16 +103,16 @@ const FAULTS: [Fault; 7] = [
     Fault::BetweenFragments,
 ];
 
-/// Fault kinds that still lose or duplicate a message in some trials
-/// (issue 9, docs/chaos.md): a receiving client that closes its stream with
-/// messages in flight; ejabberd stopped with messages in flight; the
-/// receiver's proxy killed between fragments. The CI run leaves them out
-/// so that it stays a test that must pass; `scripts/chaos.sh` runs them.
-const OPEN_BUGS: [Fault; 3] = [
-    Fault::ClientDisconnect,
-    Fault::EjabberdRestart,
-    Fault::BetweenFragments,
-];
+/// Fault kinds that still lose a message in some trials (issue 9,
+/// docs/chaos.md), both from ejabberd delivering one sender's messages out
+/// of order: a receiving client that reconnects while its peer is sending
+/// gets newer messages live before the older ones from offline storage
+/// (the OTR counter check then refuses the older ones); the receiver's
+/// proxy killed between fragments, after which ejabberd re-routes the dead
+/// session's unacknowledged fragments after newer ones, interleaving two
+/// messages' fragment runs. The CI run leaves them out so that it stays a
+/// test that must pass; `scripts/chaos.sh` runs them.
+const OPEN_BUGS: [Fault; 2] = [Fault::ClientDisconnect, Fault::BetweenFragments];
 
 impl Fault {
     fn name(self) -> &'static str {
