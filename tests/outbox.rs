@@ -393,6 +393,69 @@ fn reordered_and_repeated_fragments_survive_a_crash() {
     );
 }
 
+/// A first fragment is the same for every message under the same keys
+/// (header, instance tags, keyids, next D-H key). When the server
+/// reorders two messages' fragments, a late genuine message completed by
+/// its first fragment is refused by the counter check — and must be
+/// reported, not dropped quietly as if it were an exact copy of the
+/// message completed before by an identical first fragment.
+#[test]
+fn a_late_message_completed_by_its_first_fragment_is_not_taken_for_a_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let bob_cfg = RouterConfig {
+        fragment_size: 120,
+        ..RouterConfig::default()
+    };
+    let (_bob_store, mut b) = establish(&dir, bob_cfg);
+    let mut send = |text: &str| {
+        let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
+        b.flushed();
+        s.server
+    };
+    let m1 = send("the first of two replies");
+    let m2 = send("the second of two replies");
+    assert!(
+        m1.len() >= 2 && m1.len() == m2.len(),
+        "{} {}",
+        m1.len(),
+        m2.len()
+    );
+    assert_eq!(
+        stanza::body(&m1[0]),
+        stanza::body(&m2[0]),
+        "first fragments are identical under the same keys"
+    );
+
+    let store_a = sqlite(&dir);
+    let mut a = hook(&store_a, RouterConfig::default(), ALICE);
+    let mut deliver = |els: &[Element]| {
+        let mut shown = Vec::new();
+        for el in els {
+            let s = split(a.from_server(routed(el.clone(), BOB, ALICE), now()));
+            a.flushed();
+            shown.extend(s.client);
+        }
+        shown
+    };
+    // The second message's tail, then a first fragment: the second text.
+    let mut order: Vec<Element> = m2[1..].to_vec();
+    order.push(m1[0].clone());
+    let shown = deliver(&order);
+    let texts: Vec<&String> = shown.iter().filter(|t| !t.starts_with("[o2tr]")).collect();
+    assert_eq!(texts, ["the second of two replies"]);
+    // The first message's tail, then a first fragment: refused (older
+    // counter), and the user is told.
+    let mut order: Vec<Element> = m1[1..].to_vec();
+    order.push(m2[0].clone());
+    let shown = deliver(&order);
+    assert!(
+        shown.iter().any(|t| t.starts_with("[o2tr]")),
+        "a refused message went unreported: {shown:?}"
+    );
+    assert!(!shown.iter().any(|t| t.contains("the first of two")));
+}
+
 /// What libotr does with a re-sent duplicate: it shows nothing (its
 /// counter check), reports it and answers with an OTR error message —
 /// which the router ignores after a re-send (test above).
