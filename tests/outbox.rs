@@ -456,6 +456,58 @@ fn a_late_message_completed_by_its_first_fragment_is_not_taken_for_a_copy() {
     assert!(!shown.iter().any(|t| t.contains("the first of two")));
 }
 
+/// Two messages of the same shape interleaved by the server: the tail of
+/// one kept ahead of the gap completes the other's head into a message
+/// that fails its MAC. The user is told; no OTR error goes to the peer
+/// (libotr answers one with a new AKE, which would defeat resumption).
+#[test]
+fn a_wrongly_guessed_reassembly_is_not_answered_with_an_otr_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let bob_cfg = RouterConfig {
+        fragment_size: 120,
+        ..RouterConfig::default()
+    };
+    let (_bob_store, mut b) = establish(&dir, bob_cfg);
+    let mut send = |text: &str| {
+        let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
+        b.flushed();
+        s.server
+    };
+    let m1 = send("the first of two longer replies, long enough for four fragments or more");
+    let m2 = send("the second of two longer replies, long enough for four fragments or more");
+    assert!(
+        m1.len() >= 4 && m1.len() == m2.len(),
+        "{} {}",
+        m1.len(),
+        m2.len()
+    );
+
+    let store_a = sqlite(&dir);
+    let mut a = hook(&store_a, RouterConfig::default(), ALICE);
+    // m2's last fragments arrive first, then m1 from its start.
+    let half = m1.len() / 2;
+    let mut order: Vec<Element> = m2[half + 1..].to_vec();
+    order.extend_from_slice(&m1[..=half]);
+    let mut shown = Vec::new();
+    let mut to_server = Vec::new();
+    for el in order {
+        let s = split(a.from_server(routed(el, BOB, ALICE), now()));
+        a.flushed();
+        shown.extend(s.client);
+        to_server.extend(s.server);
+    }
+    assert!(
+        shown.iter().any(|t| t.starts_with("[o2tr]")),
+        "the user is told: {shown:?}"
+    );
+    assert!(
+        !shown.iter().any(|t| t.contains("longer replies")),
+        "{shown:?}"
+    );
+    assert!(to_server.is_empty(), "answered: {to_server:?}");
+}
+
 /// What libotr does with a re-sent duplicate: it shows nothing (its
 /// counter check), reports it and answers with an OTR error message —
 /// which the router ignores after a re-send (test above).

@@ -300,6 +300,11 @@ pub struct Conversation {
     /// An AKE we started before knowing which instance will answer.
     master_ake: AuthState,
     reassembly: BTreeMap<u32, Reassembler>,
+    /// Set while handling a message completed from fragments kept ahead
+    /// of a gap ([`Reassembler::reordered`]): it may be a wrong guess, so
+    /// if it does not decrypt no OTR error is sent (libotr answers one
+    /// with a new AKE, which would defeat resumption).
+    quiet_unreadable: bool,
     held: VecDeque<Zeroizing<String>>,
     /// The instance user messages go to.
     selected: Option<u32>,
@@ -320,6 +325,7 @@ impl Conversation {
             instances: BTreeMap::new(),
             master_ake: AuthState::None,
             reassembly: BTreeMap::new(),
+            quiet_unreadable: false,
             held: VecDeque::new(),
             selected: None,
             received_plaintext: false,
@@ -810,7 +816,11 @@ impl Conversation {
             .entry(key)
             .or_insert_with(|| Reassembler::new(max));
         match r.push(&f) {
-            Ok(Some(whole)) => self.incoming(&whole, now, rng, out, true),
+            Ok(Some(whole)) => {
+                self.quiet_unreadable = r.reordered();
+                self.incoming(&whole, now, rng, out, true);
+                self.quiet_unreadable = false;
+            }
             Ok(None) => {}
             Err(e) => {
                 if matches!(e, super::fragment::FragmentError::TooLarge { .. }) {
@@ -1099,7 +1109,7 @@ impl Conversation {
                         reason: e.to_string(),
                         replayed: replay,
                     }));
-                    if !replay {
+                    if !replay && !self.quiet_unreadable {
                         out.push(Action::Send(message::error_message(UNREADABLE_ERROR)));
                     }
                 }

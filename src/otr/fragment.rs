@@ -284,6 +284,9 @@ pub struct Reassembler {
     /// arrived before one preceding them, by k (all > K + 1): appended
     /// when the gap is filled. At most [`MAX_AHEAD`].
     ahead: BTreeMap<u16, String>,
+    /// The message the last [`Reassembler::push`] completed used
+    /// fragments kept ahead of a gap.
+    reordered: bool,
 }
 
 impl Reassembler {
@@ -297,6 +300,7 @@ impl Reassembler {
             origin: None,
             buf: String::new(),
             ahead: BTreeMap::new(),
+            reordered: false,
         }
     }
 
@@ -319,6 +323,13 @@ impl Reassembler {
         self.buf
             .len()
             .saturating_add(self.ahead.values().map(String::len).sum())
+    }
+
+    /// Whether the message the last [`Reassembler::push`] completed was
+    /// put together with fragments kept ahead of a gap: a guess, wrong if
+    /// two messages of the same shape were interleaved.
+    pub fn reordered(&self) -> bool {
+        self.reordered
     }
 
     /// The fragments held ahead of a gap, for durable storage next to
@@ -373,6 +384,7 @@ impl Reassembler {
             origin: Some((f.version, f.sender_tag, f.receiver_tag)),
             buf: f.piece.clone(),
             ahead: BTreeMap::new(),
+            reordered: false,
         })
     }
 
@@ -399,6 +411,7 @@ impl Reassembler {
     /// guess (two messages of the same shape interleaved) yields a message
     /// that fails its MAC, as a discarded one would have been lost.
     pub fn push(&mut self, f: &Fragment) -> Result<Option<String>, FragmentError> {
+        self.reordered = false;
         let (k, n) = (f.k, f.n);
         if k == 0 || n == 0 || k > n {
             return Err(FragmentError::Illegal { k, n });
@@ -438,13 +451,16 @@ impl Reassembler {
         self.k = k;
         self.n = n;
         // Fill in what arrived ahead of this one.
+        let mut filled = false;
         while let Some(piece) = self.ahead.remove(&self.k.wrapping_add(1)) {
             self.buf.push_str(&piece);
             self.k += 1;
+            filled = true;
         }
         if self.k == n {
             let whole = std::mem::take(&mut self.buf);
             self.reset();
+            self.reordered = filled;
             return Ok(Some(whole));
         }
         Ok(None)
@@ -688,6 +704,9 @@ HwNiIi5Ms+4PsY/L2i,",
         assert_eq!(r.push(&f(1, 4, "a")), Ok(None));
         assert_eq!(r.push(&f(2, 4, "b")), Ok(Some("abcd".into())));
         assert!(r.is_empty());
+        assert!(r.reordered(), "completed with fragments kept ahead");
+        assert_eq!(r.push(&f(1, 1, "whole")), Ok(Some("whole".into())));
+        assert!(!r.reordered());
         // A fragment ahead of a gap of another shape is out of sequence.
         assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
         assert_eq!(
