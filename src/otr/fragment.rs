@@ -262,6 +262,12 @@ impl Cursor<'_> {
     }
 }
 
+/// Whether a first piece begins an OTR data message (`?OTR:` and the
+/// base64 of protocol version 3 or 2 and message type 0x03).
+fn starts_data_message(piece: &str) -> bool {
+    piece.starts_with("?OTR:AAMD") || piece.starts_with("?OTR:AAID")
+}
+
 /// How many fragments a [`Reassembler`] keeps ahead of a gap.
 pub const MAX_AHEAD: usize = 64;
 
@@ -419,7 +425,11 @@ impl Reassembler {
         let origin = (f.version, f.sender_tag, f.receiver_tag);
         let same_shape = n == self.n && self.origin == Some(origin);
         if k == 1 {
-            let ahead = if same_shape {
+            // Only a data message may take the fragments kept ahead: a
+            // wrong guess fails its MAC and is dropped, while a wrong AKE
+            // message (a D-H Commit's encrypted g^x is opaque until the
+            // Reveal Signature) would derail the handshake.
+            let ahead = if same_shape && starts_data_message(&f.piece) {
                 std::mem::take(&mut self.ahead)
             } else {
                 BTreeMap::new()
@@ -701,10 +711,16 @@ HwNiIi5Ms+4PsY/L2i,",
         assert_eq!(r.stored_bytes(), 2);
         assert_eq!(r.ahead().len(), 2);
         assert!(r.partial().is_none(), "nothing in sequence yet");
-        assert_eq!(r.push(&f(1, 4, "a")), Ok(None));
-        assert_eq!(r.push(&f(2, 4, "b")), Ok(Some("abcd".into())));
+        assert_eq!(r.push(&f(1, 4, "?OTR:AAMDa")), Ok(None));
+        assert_eq!(r.push(&f(2, 4, "b")), Ok(Some("?OTR:AAMDabcd".into())));
         assert!(r.is_empty());
         assert!(r.reordered(), "completed with fragments kept ahead");
+        // Only for a data message: an AKE message (here a D-H Commit)
+        // starts afresh and the kept fragments are dropped.
+        assert_eq!(r.push(&f(2, 2, "x")), Ok(None));
+        assert_eq!(r.push(&f(1, 2, "?OTR:AAMCa")), Ok(None));
+        assert_eq!(r.push(&f(2, 2, "b")), Ok(Some("?OTR:AAMCab".into())));
+        assert!(!r.reordered());
         assert_eq!(r.push(&f(1, 1, "whole")), Ok(Some("whole".into())));
         assert!(!r.reordered());
         // A fragment ahead of a gap of another shape is out of sequence.
