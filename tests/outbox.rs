@@ -218,6 +218,75 @@ fn unsent_message_is_resent_after_a_crash_and_duplicates_are_dropped() {
     assert_eq!(seen_b, ["m2"]);
 }
 
+/// With upstream SM (the default) the proxy reports written stanzas with
+/// their count (`flushed_upstream`) and the server's acks
+/// (`server_acked`): an outbox entry written into a link that then died
+/// without a FIN is not acknowledged, and the next connection re-sends it
+/// before anything new; the peer shows it exactly once (issue 9, chaos
+/// campaign, upstream TCP cut).
+#[test]
+fn with_upstream_sm_an_outbox_entry_waits_for_the_servers_ack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let (_bob_store, mut b) = establish(&dir, RouterConfig::default());
+    let outbox = |store: &SharedStore| {
+        store
+            .lock()
+            .unwrap()
+            .outbox("alice@example.test")
+            .unwrap()
+            .len()
+    };
+
+    let store_a = sqlite(&dir);
+    let mut a1 = hook(&store_a, RouterConfig::default(), ALICE);
+    let s = split(a1.from_client(typed(ALICE, "bob@example.test", "m1"), now()));
+    assert_eq!(s.server.len(), 1);
+    let written = s.server[0].clone();
+    // Written as the server's 7th stanza of this stream.
+    a1.flushed_upstream(7);
+    assert_eq!(
+        outbox(&store_a),
+        1,
+        "written is not yet stored by the server"
+    );
+    a1.server_acked(6);
+    assert_eq!(outbox(&store_a), 1, "an ack short of it");
+    // The next hook calls do not acknowledge it either.
+    let _ = a1.tick(now());
+    a1.flushed_upstream(7);
+    assert_eq!(outbox(&store_a), 1);
+    // The link was dead: the proxy noticed and the connection ended.
+    a1.disconnected(now());
+    drop(a1);
+
+    // The next connection re-sends it first, unchanged.
+    let mut a2 = hook(&store_a, RouterConfig::default(), ALICE);
+    let s = split(a2.tick(now()));
+    assert_eq!(s.server.len(), 1, "the unacknowledged message is re-sent");
+    assert_eq!(stanza::body(&s.server[0]), stanza::body(&written));
+    a2.flushed_upstream(3);
+    assert_eq!(outbox(&store_a), 1);
+    a2.server_acked(3);
+    assert_eq!(outbox(&store_a), 0, "acknowledged by the server's ack");
+    let (_, seen_b) = pump(&mut *a2, &mut *b, s.server, Vec::new());
+    assert_eq!(seen_b, ["m1"]);
+
+    // Counters wrap (mod 2^32); a server that refuses SM leaves what was
+    // written acknowledged as before.
+    let _ = split(a2.from_client(typed(ALICE, "bob@example.test", "m2"), now()));
+    a2.flushed_upstream(u32::MAX);
+    a2.server_acked(u32::MAX - 1);
+    assert_eq!(outbox(&store_a), 1);
+    a2.server_acked(0);
+    assert_eq!(outbox(&store_a), 0, "h wrapped past the entry");
+    let _ = split(a2.from_client(typed(ALICE, "bob@example.test", "m3"), now()));
+    a2.flushed_upstream(1);
+    assert_eq!(outbox(&store_a), 1);
+    a2.server_acks_off();
+    assert_eq!(outbox(&store_a), 0);
+}
+
 #[test]
 fn partial_fragments_survive_a_crash() {
     let tmp = tempfile::tempdir().unwrap();
@@ -274,6 +343,175 @@ fn partial_fragments_survive_a_crash() {
             .is_empty(),
         "cleared with the commit that completed the message"
     );
+}
+
+/// After a crash the server delivers again the fragments it had not seen
+/// acknowledged, and re-routes the dead session's stanzas after newer
+/// ones (ejabberd; found by the chaos campaign, fault between fragments):
+/// here the last fragment arrives first (held ahead of the gap, stored
+/// with the commit), the proxy dies, and after the restart the first ones
+/// come, the second one twice. The message is shown exactly once.
+#[test]
+fn reordered_and_repeated_fragments_survive_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let bob_cfg = RouterConfig {
+        fragment_size: 120,
+        ..RouterConfig::default()
+    };
+    let (_bob_store, mut b) = establish(&dir, bob_cfg);
+    let text = "a reply long enough to need several fragments of 120 bytes each";
+    let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
+    b.flushed();
+    let frags = s.server;
+    assert!(frags.len() >= 3, "not fragmented: {}", frags.len());
+    let (last, rest) = frags.split_last().unwrap();
+
+    let store_a = sqlite(&dir);
+    let mut a1 = hook(&store_a, RouterConfig::default(), ALICE);
+    let s = split(a1.from_server(routed(last.clone(), BOB, ALICE), now()));
+    a1.flushed();
+    assert!(s.client.is_empty() && s.server.is_empty(), "{:?}", s.client);
+    drop(a1);
+    drop(store_a);
+
+    let store_a = sqlite(&dir);
+    let mut a2 = hook(&store_a, RouterConfig::default(), ALICE);
+    let mut order = vec![rest[0].clone(), rest[1].clone(), rest[1].clone()];
+    order.extend_from_slice(&rest[2..]);
+    let mut shown = Vec::new();
+    for el in order {
+        let s = split(a2.from_server(routed(el, BOB, ALICE), now()));
+        a2.flushed();
+        shown.extend(s.client);
+    }
+    // (After the "resumed from saved keys" notice.)
+    let texts: Vec<&String> = shown.iter().filter(|t| !t.starts_with("[o2tr]")).collect();
+    assert_eq!(texts, [text], "shown: {shown:?}");
+    assert!(
+        store_a
+            .lock()
+            .unwrap()
+            .fragments("alice@example.test", "bob@example.test")
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A first fragment is the same for every message under the same keys
+/// (header, instance tags, keyids, next D-H key). When the server
+/// reorders two messages' fragments, a late genuine message completed by
+/// its first fragment is refused by the counter check — and must be
+/// reported, not dropped quietly as if it were an exact copy of the
+/// message completed before by an identical first fragment.
+#[test]
+fn a_late_message_completed_by_its_first_fragment_is_not_taken_for_a_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let bob_cfg = RouterConfig {
+        fragment_size: 120,
+        ..RouterConfig::default()
+    };
+    let (_bob_store, mut b) = establish(&dir, bob_cfg);
+    let mut send = |text: &str| {
+        let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
+        b.flushed();
+        s.server
+    };
+    let m1 = send("the first of two replies");
+    let m2 = send("the second of two replies");
+    assert!(
+        m1.len() >= 2 && m1.len() == m2.len(),
+        "{} {}",
+        m1.len(),
+        m2.len()
+    );
+    assert_eq!(
+        stanza::body(&m1[0]),
+        stanza::body(&m2[0]),
+        "first fragments are identical under the same keys"
+    );
+
+    let store_a = sqlite(&dir);
+    let mut a = hook(&store_a, RouterConfig::default(), ALICE);
+    let mut deliver = |els: &[Element]| {
+        let mut shown = Vec::new();
+        for el in els {
+            let s = split(a.from_server(routed(el.clone(), BOB, ALICE), now()));
+            a.flushed();
+            shown.extend(s.client);
+        }
+        shown
+    };
+    // The second message's tail, then a first fragment: the second text.
+    let mut order: Vec<Element> = m2[1..].to_vec();
+    order.push(m1[0].clone());
+    let shown = deliver(&order);
+    let texts: Vec<&String> = shown.iter().filter(|t| !t.starts_with("[o2tr]")).collect();
+    assert_eq!(texts, ["the second of two replies"]);
+    // The first message's tail, then a first fragment: refused (older
+    // counter), and the user is told.
+    let mut order: Vec<Element> = m1[1..].to_vec();
+    order.push(m2[0].clone());
+    let shown = deliver(&order);
+    assert!(
+        shown.iter().any(|t| t.starts_with("[o2tr]")),
+        "a refused message went unreported: {shown:?}"
+    );
+    assert!(!shown.iter().any(|t| t.contains("the first of two")));
+}
+
+/// Two messages of the same shape interleaved by the server: the tail of
+/// one kept ahead of the gap completes the other's head into a message
+/// that fails its MAC. The user is told; no OTR error goes to the peer
+/// (libotr answers one with a new AKE, which would defeat resumption).
+#[test]
+fn a_wrongly_guessed_reassembly_is_not_answered_with_an_otr_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let bob_cfg = RouterConfig {
+        fragment_size: 120,
+        ..RouterConfig::default()
+    };
+    let (_bob_store, mut b) = establish(&dir, bob_cfg);
+    let mut send = |text: &str| {
+        let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
+        b.flushed();
+        s.server
+    };
+    // Of the same length: the mix parses and fails only its MAC.
+    let m1 = send("longer reply number one, long enough for four fragments or more");
+    let m2 = send("longer reply number two, long enough for four fragments or more");
+    assert!(
+        m1.len() >= 4 && m1.len() == m2.len(),
+        "{} {}",
+        m1.len(),
+        m2.len()
+    );
+
+    let store_a = sqlite(&dir);
+    let mut a = hook(&store_a, RouterConfig::default(), ALICE);
+    // m2's last fragments arrive first, then m1 from its start.
+    let half = m1.len() / 2;
+    let mut order: Vec<Element> = m2[half + 1..].to_vec();
+    order.extend_from_slice(&m1[..=half]);
+    let mut shown = Vec::new();
+    let mut to_server = Vec::new();
+    for el in order {
+        let s = split(a.from_server(routed(el, BOB, ALICE), now()));
+        a.flushed();
+        shown.extend(s.client);
+        to_server.extend(s.server);
+    }
+    assert!(
+        shown.iter().any(|t| t.starts_with("[o2tr]")),
+        "the user is told: {shown:?}"
+    );
+    assert!(
+        !shown.iter().any(|t| t.contains("longer reply")),
+        "{shown:?}"
+    );
+    assert!(to_server.is_empty(), "answered: {to_server:?}");
 }
 
 /// What libotr does with a re-sent duplicate: it shows nothing (its

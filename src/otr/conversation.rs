@@ -29,6 +29,10 @@ use super::tlv::{self, Tlv};
 /// Text libotr sends for an unreadable data message.
 pub const UNREADABLE_ERROR: &str = "You transmitted an unreadable encrypted message.";
 
+/// Marks a stored fragment text held ahead of a gap (see
+/// [`Conversation::partial_fragments`]); never the start of a fragment.
+pub const AHEAD_MARK: &str = "+";
+
 /// Settings for a conversation.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -308,6 +312,11 @@ pub struct Conversation {
     /// An AKE we started before knowing which instance will answer.
     master_ake: AuthState,
     reassembly: BTreeMap<u32, Reassembler>,
+    /// Set while handling a message completed from fragments kept ahead
+    /// of a gap ([`Reassembler::reordered`]): it may be a wrong guess, so
+    /// if it does not decrypt no OTR error is sent (libotr answers one
+    /// with a new AKE, which would defeat resumption).
+    quiet_unreadable: bool,
     held: VecDeque<Zeroizing<String>>,
     /// The instance user messages go to.
     selected: Option<u32>,
@@ -333,6 +342,7 @@ impl Conversation {
             instances: BTreeMap::new(),
             master_ake: AuthState::None,
             reassembly: BTreeMap::new(),
+            quiet_unreadable: false,
             held: VecDeque::new(),
             selected: None,
             received_plaintext: false,
@@ -372,16 +382,23 @@ impl Conversation {
         self.held.extend(texts);
     }
 
-    /// The partially reassembled incoming messages, one cumulative
-    /// fragment text per sender instance (see [`Reassembler::partial`]),
-    /// for durable storage: a crash between fragments must not lose what
-    /// the server already considers delivered.
+    /// The partially reassembled incoming messages, for durable storage:
+    /// a crash between fragments must not lose what the server already
+    /// considers delivered. Per sender instance, one cumulative fragment
+    /// text (see [`Reassembler::partial`]) and the fragments held ahead of
+    /// a gap, each marked with [`AHEAD_MARK`] (texts without the mark are
+    /// cumulative, as stored before fragments were kept ahead).
     pub fn partial_fragments(&self) -> Vec<String> {
-        self.reassembly
-            .values()
-            .filter_map(Reassembler::partial)
-            .map(|f| f.to_text())
-            .collect()
+        let mut out = Vec::new();
+        for r in self.reassembly.values() {
+            out.extend(r.partial().map(|f| f.to_text()));
+            out.extend(
+                r.ahead()
+                    .iter()
+                    .map(|f| format!("{AHEAD_MARK}{}", f.to_text())),
+            );
+        }
+        out
     }
 
     /// Restore what [`Conversation::partial_fragments`] returned (after a
@@ -389,18 +406,41 @@ impl Conversation {
     /// dropped; returns how many were restored.
     pub fn restore_fragments<S: AsRef<str>>(&mut self, texts: &[S]) -> usize {
         let max = self.cfg.max_reassembly_bytes;
-        let mut n = 0;
-        for t in texts {
-            let Ok(f) = super::fragment::parse_fragment(t.as_ref()) else {
-                continue;
-            };
-            let key = if f.version == Version::V3 {
+        let key = |f: &Fragment| {
+            if f.version == Version::V3 {
                 f.sender_tag
             } else {
                 0
+            }
+        };
+        let mut n = 0;
+        // Cumulative states first, then what was held ahead of their gaps.
+        for t in texts.iter().map(AsRef::as_ref) {
+            if t.starts_with(AHEAD_MARK) {
+                continue;
+            }
+            let Ok(f) = super::fragment::parse_fragment(t) else {
+                continue;
             };
             if let Some(r) = Reassembler::resume(max, &f) {
-                self.reassembly.insert(key, r);
+                self.reassembly.insert(key(&f), r);
+                n += 1;
+            }
+        }
+        for t in texts
+            .iter()
+            .filter_map(|t| t.as_ref().strip_prefix(AHEAD_MARK))
+        {
+            let Ok(f) = super::fragment::parse_fragment(t) else {
+                continue;
+            };
+            let r = self
+                .reassembly
+                .entry(key(&f))
+                .or_insert_with(|| Reassembler::new(max));
+            // Never completes a message: the fragment that filled the gap
+            // would have completed it before the crash.
+            if matches!(r.push(&f), Ok(None)) {
                 n += 1;
             }
         }
@@ -848,7 +888,11 @@ impl Conversation {
             .entry(key)
             .or_insert_with(|| Reassembler::new(max));
         match r.push(&f) {
-            Ok(Some(whole)) => self.incoming(&whole, now, rng, out, true),
+            Ok(Some(whole)) => {
+                self.quiet_unreadable = r.reordered();
+                self.incoming(&whole, now, rng, out, true);
+                self.quiet_unreadable = false;
+            }
             Ok(None) => {}
             Err(e) => {
                 if matches!(e, super::fragment::FragmentError::TooLarge { .. }) {
@@ -1140,7 +1184,7 @@ impl Conversation {
                         reason: e.to_string(),
                         replayed: replay,
                     }));
-                    if !replay {
+                    if !replay && !self.quiet_unreadable {
                         out.push(Action::Send(message::error_message(UNREADABLE_ERROR)));
                     }
                 }

@@ -5,7 +5,14 @@
 //! version 3 and `?OTR,%05hu,%05hu,piece,` for version 2 (python-potr
 //! writes the v2 numbers without leading zeros; both forms are read).
 //! [`parse_fragment`] reads one fragment and [`Reassembler`] applies the
-//! spec's receiving rules with a bound on the memory it holds.
+//! spec's receiving rules with a bound on the memory it holds, with two
+//! tolerances the spec lacks: a fragment of the message being reassembled
+//! that is already held is ignored, and fragments that arrive ahead of a
+//! gap are kept until the gap is filled (after a crash the server delivers
+//! again what it had not seen acknowledged, and re-routes a dead session's
+//! unacknowledged stanzas after newer ones; see [`Reassembler::push`]).
+
+use std::collections::BTreeMap;
 
 use thiserror::Error;
 
@@ -255,6 +262,15 @@ impl Cursor<'_> {
     }
 }
 
+/// Whether a first piece begins an OTR data message (`?OTR:` and the
+/// base64 of protocol version 3 or 2 and message type 0x03).
+fn starts_data_message(piece: &str) -> bool {
+    piece.starts_with("?OTR:AAMD") || piece.starts_with("?OTR:AAID")
+}
+
+/// How many fragments a [`Reassembler`] keeps ahead of a gap.
+pub const MAX_AHEAD: usize = 64;
+
 /// Reassembles fragments of one sender (spec §"Receiving Fragments"),
 /// holding at most `max_total_bytes` of pieces.
 ///
@@ -270,6 +286,13 @@ pub struct Reassembler {
     /// Version and tags of the stored partial message.
     origin: Option<(Version, u32, u32)>,
     buf: String,
+    /// Fragments of the stored message (same n, version and tags) that
+    /// arrived before one preceding them, by k (all > K + 1): appended
+    /// when the gap is filled. At most [`MAX_AHEAD`].
+    ahead: BTreeMap<u16, String>,
+    /// The message the last [`Reassembler::push`] completed used
+    /// fragments kept ahead of a gap.
+    reordered: bool,
 }
 
 impl Reassembler {
@@ -282,6 +305,8 @@ impl Reassembler {
             n: 0,
             origin: None,
             buf: String::new(),
+            ahead: BTreeMap::new(),
+            reordered: false,
         }
     }
 
@@ -291,6 +316,7 @@ impl Reassembler {
         self.n = 0;
         self.origin = None;
         self.buf = String::new();
+        self.ahead.clear();
     }
 
     /// Whether a partial message is stored.
@@ -300,15 +326,44 @@ impl Reassembler {
 
     /// Bytes of pieces currently stored.
     pub fn stored_bytes(&self) -> usize {
-        self.buf.len()
+        self.buf
+            .len()
+            .saturating_add(self.ahead.values().map(String::len).sum())
+    }
+
+    /// Whether the message the last [`Reassembler::push`] completed was
+    /// put together with fragments kept ahead of a gap: a guess, wrong if
+    /// two messages of the same shape were interleaved.
+    pub fn reordered(&self) -> bool {
+        self.reordered
+    }
+
+    /// The fragments held ahead of a gap, for durable storage next to
+    /// [`Reassembler::partial`] (restored by [`Reassembler::push`]).
+    pub fn ahead(&self) -> Vec<Fragment> {
+        let Some((version, sender_tag, receiver_tag)) = self.origin else {
+            return Vec::new();
+        };
+        self.ahead
+            .iter()
+            .map(|(k, piece)| Fragment {
+                version,
+                sender_tag,
+                receiver_tag,
+                k: *k,
+                n: self.n,
+                piece: piece.clone(),
+            })
+            .collect()
     }
 
     /// The stored partial message as one cumulative fragment (k = K, the
-    /// number of fragments received, and the concatenated pieces), for
-    /// durable storage; `None` when empty.
+    /// number of fragments received in sequence, and the concatenated
+    /// pieces), for durable storage; `None` when nothing is stored in
+    /// sequence (fragments ahead of a gap: [`Reassembler::ahead`]).
     pub fn partial(&self) -> Option<Fragment> {
         let (version, sender_tag, receiver_tag) = self.origin?;
-        if self.n == 0 || self.buf.is_empty() {
+        if self.n == 0 || self.k == 0 || self.buf.is_empty() {
             return None;
         }
         Some(Fragment {
@@ -334,6 +389,8 @@ impl Reassembler {
             n: f.n,
             origin: Some((f.version, f.sender_tag, f.receiver_tag)),
             buf: f.piece.clone(),
+            ahead: BTreeMap::new(),
+            reordered: false,
         })
     }
 
@@ -347,20 +404,54 @@ impl Reassembler {
     /// illegal and ignored ([`FragmentError::Illegal`], state unchanged).
     /// Growing past the bound discards the partial message
     /// ([`FragmentError::TooLarge`]).
+    ///
+    /// Two exceptions to "anything else": 2 <= k <= K with the same n,
+    /// version and tags is a fragment delivered again and is ignored; and
+    /// k > K+1 with the same n, version
+    /// and tags (or into an empty reassembler) is kept ahead of the gap,
+    /// up to [`MAX_AHEAD`] fragments and within the bound, and appended
+    /// once the fragments before it arrive; a k == 1 of the same shape
+    /// keeps them. The order of fragments is only the server's order: a
+    /// server that re-routes a dead session's unacknowledged stanzas after
+    /// newer ones delivers, say, 9 and 10 of ten before 1 to 8. A wrong
+    /// guess (two messages of the same shape interleaved) yields a message
+    /// that fails its MAC, as a discarded one would have been lost.
     pub fn push(&mut self, f: &Fragment) -> Result<Option<String>, FragmentError> {
+        self.reordered = false;
         let (k, n) = (f.k, f.n);
         if k == 0 || n == 0 || k > n {
             return Err(FragmentError::Illegal { k, n });
         }
         let origin = (f.version, f.sender_tag, f.receiver_tag);
+        let same_shape = n == self.n && self.origin == Some(origin);
         if k == 1 {
+            // Only a data message may take the fragments kept ahead: a
+            // wrong guess fails its MAC and is dropped, while a wrong AKE
+            // message (a D-H Commit's encrypted g^x is opaque until the
+            // Reveal Signature) would derail the handshake.
+            let ahead = if same_shape && starts_data_message(&f.piece) {
+                std::mem::take(&mut self.ahead)
+            } else {
+                BTreeMap::new()
+            };
             self.reset();
             self.origin = Some(origin);
-        } else if !(n == self.n && k == self.k.wrapping_add(1) && self.origin == Some(origin)) {
+            self.n = n;
+            self.ahead = ahead;
+        } else if same_shape && k == self.k.wrapping_add(1) {
+            // In sequence.
+        } else if same_shape && k <= self.k {
+            // Already held: the server delivers again what it had not seen
+            // acknowledged when the proxy died (the stored partial state
+            // has it). A new message would start with k == 1.
+            return Ok(None);
+        } else if (same_shape || self.is_empty()) && k > self.k.wrapping_add(1) {
+            return self.keep_ahead(f, origin);
+        } else {
             self.reset();
             return Err(FragmentError::OutOfSequence { k, n });
         }
-        if self.buf.len().saturating_add(f.piece.len()) > self.max_total_bytes {
+        if self.stored_bytes().saturating_add(f.piece.len()) > self.max_total_bytes {
             self.reset();
             return Err(FragmentError::TooLarge {
                 max: self.max_total_bytes,
@@ -369,11 +460,43 @@ impl Reassembler {
         self.buf.push_str(&f.piece);
         self.k = k;
         self.n = n;
-        if k == n {
+        // Fill in what arrived ahead of this one.
+        let mut filled = false;
+        while let Some(piece) = self.ahead.remove(&self.k.wrapping_add(1)) {
+            self.buf.push_str(&piece);
+            self.k += 1;
+            filled = true;
+        }
+        if self.k == n {
             let whole = std::mem::take(&mut self.buf);
             self.reset();
+            self.reordered = filled;
             return Ok(Some(whole));
         }
+        Ok(None)
+    }
+
+    /// Keeps `f` (k > K+1) until the fragments before it arrive.
+    fn keep_ahead(
+        &mut self,
+        f: &Fragment,
+        origin: (Version, u32, u32),
+    ) -> Result<Option<String>, FragmentError> {
+        let replaced = self.ahead.get(&f.k).map_or(0, String::len);
+        if !self.ahead.contains_key(&f.k) && self.ahead.len() >= MAX_AHEAD {
+            self.reset();
+            return Err(FragmentError::OutOfSequence { k: f.k, n: f.n });
+        }
+        let bytes = self.stored_bytes() - replaced;
+        if bytes.saturating_add(f.piece.len()) > self.max_total_bytes {
+            self.reset();
+            return Err(FragmentError::TooLarge {
+                max: self.max_total_bytes,
+            });
+        }
+        self.origin = Some(origin);
+        self.n = f.n;
+        self.ahead.insert(f.k, f.piece.clone());
         Ok(None)
     }
 }
@@ -565,28 +688,57 @@ HwNiIi5Ms+4PsY/L2i,",
         assert_eq!(r.push(&f(2, 3, "B")), Ok(None));
         assert_eq!(r.push(&f(3, 3, "C")), Ok(Some("ABC".into())));
 
-        // Skipped fragment, wrong n, duplicate: discard.
-        for (k, n) in [(3, 3), (2, 4), (1, 3)] {
-            r.reset();
-            assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
-            if (k, n) == (1, 3) {
-                assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
-                assert_eq!(
-                    r.push(&f(2, 3, "b")),
-                    Err(FragmentError::OutOfSequence { k: 2, n: 3 })
-                );
-            } else {
-                assert_eq!(
-                    r.push(&f(k, n, "c")),
-                    Err(FragmentError::OutOfSequence { k, n })
-                );
-            }
-            assert!(r.is_empty());
-            assert_eq!(
-                r.push(&f(3, 3, "c")),
-                Err(FragmentError::OutOfSequence { k: 3, n: 3 })
-            );
+        // Wrong n: discard.
+        r.reset();
+        assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
+        assert_eq!(
+            r.push(&f(2, 4, "c")),
+            Err(FragmentError::OutOfSequence { k: 2, n: 4 })
+        );
+        assert!(r.is_empty());
+
+        // Beyond the spec: a fragment delivered again is ignored…
+        r.reset();
+        assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
+        assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
+        assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
+        assert_eq!(r.push(&f(3, 3, "c")), Ok(Some("abc".into())));
+        // …and fragments ahead of a gap wait for it, also into an empty
+        // reassembler (9 and 10 of ten re-routed before 1 to 8).
+        assert_eq!(r.push(&f(3, 4, "c")), Ok(None));
+        assert_eq!(r.push(&f(4, 4, "d")), Ok(None));
+        assert!(!r.is_empty());
+        assert_eq!(r.stored_bytes(), 2);
+        assert_eq!(r.ahead().len(), 2);
+        assert!(r.partial().is_none(), "nothing in sequence yet");
+        assert_eq!(r.push(&f(1, 4, "?OTR:AAMDa")), Ok(None));
+        assert_eq!(r.push(&f(2, 4, "b")), Ok(Some("?OTR:AAMDabcd".into())));
+        assert!(r.is_empty());
+        assert!(r.reordered(), "completed with fragments kept ahead");
+        // Only for a data message: an AKE message (here a D-H Commit)
+        // starts afresh and the kept fragments are dropped.
+        assert_eq!(r.push(&f(2, 2, "x")), Ok(None));
+        assert_eq!(r.push(&f(1, 2, "?OTR:AAMCa")), Ok(None));
+        assert_eq!(r.push(&f(2, 2, "b")), Ok(Some("?OTR:AAMCab".into())));
+        assert!(!r.reordered());
+        assert_eq!(r.push(&f(1, 1, "whole")), Ok(Some("whole".into())));
+        assert!(!r.reordered());
+        // A fragment ahead of a gap of another shape is out of sequence.
+        assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
+        assert_eq!(
+            r.push(&f(3, 4, "c")),
+            Err(FragmentError::OutOfSequence { k: 3, n: 4 })
+        );
+        assert!(r.is_empty());
+        // At most MAX_AHEAD are kept.
+        for k in 0..MAX_AHEAD {
+            assert_eq!(r.push(&f(k as u16 + 2, 1000, "x")), Ok(None));
         }
+        assert_eq!(
+            r.push(&f(999, 1000, "x")),
+            Err(FragmentError::OutOfSequence { k: 999, n: 1000 })
+        );
+        assert!(r.is_empty());
 
         // A different sender instance does not continue the message.
         r.reset();

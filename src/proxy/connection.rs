@@ -590,52 +590,25 @@ struct UpstreamSm {
     h_out: u32,
     /// The server's last acknowledged count.
     acked_out: u32,
-    /// `h_in` before the first stanza of an OTR fragment run that has not
-    /// been completed yet. Acks stop there: the fragments live only in the
-    /// conversation's memory, so if the connection dies now the server must
-    /// re-route them (offline storage) and the whole message comes again.
-    partial_from: Option<u32>,
 }
 
 impl UpstreamSm {
-    /// The count to acknowledge.
+    /// The count to acknowledge: everything received. The hook committed
+    /// each stanza before the next one is read, incoming OTR fragments
+    /// included (the store's fragment table), so nothing acknowledged is
+    /// lost with the proxy. Holding acks back until a fragment run is
+    /// complete made the server re-route fragments already stored after a
+    /// crash, and ejabberd re-routes them concurrently with the sender's
+    /// newer messages: two fragment runs interleaved, neither reassembled,
+    /// both messages lost (chaos campaign, fault between fragments).
     fn ack_h(&self) -> u32 {
-        self.partial_from.unwrap_or(self.h_in)
+        self.h_in
     }
 
-    /// Counts one inbound stanza (`el`), tracking OTR fragment runs.
-    fn count_in(&mut self, el: &Element) {
-        let before = self.h_in;
+    /// Counts one inbound stanza.
+    fn count_in(&mut self) {
         self.h_in = self.h_in.wrapping_add(1);
-        if !stanza::is_message(el) {
-            return;
-        }
-        let body = el.get_child("body", ns::CLIENT).map(|b| b.text());
-        match body.as_deref().and_then(otr_fragment_position) {
-            Some((k, n)) if k < n => {
-                self.partial_from.get_or_insert(before);
-            }
-            // A last fragment completes the run. (Fragments of two senders
-            // interleaved may release the other's early: rare, and no
-            // worse than without this.)
-            Some(_) => self.partial_from = None,
-            None => {}
-        }
     }
-}
-
-/// `(k, n)` of an OTR fragment body (`?OTR|s|r,k,n,…,` or `?OTR,k,n,…,`).
-fn otr_fragment_position(body: &str) -> Option<(u32, u32)> {
-    let rest = body.trim_start().strip_prefix("?OTR")?;
-    let rest = match rest.strip_prefix('|') {
-        // v3: skip the two instance tags.
-        Some(r) => r.split_once(',')?.1,
-        None => rest.strip_prefix(',')?,
-    };
-    let mut it = rest.splitn(3, ',');
-    let k = it.next()?.trim().parse().ok()?;
-    let n = it.next()?.trim().parse().ok()?;
-    Some((k, n))
 }
 
 /// True for a stanza XEP-0198 counts.
@@ -819,8 +792,7 @@ impl Relay<'_> {
                     // The server must answer `<r/>` with `<a/>` (consumed
                     // in on_server_sm); no stanza counted.
                     self.liveness.pinged(now);
-                    let r = format!("<r xmlns='{}'/>", ns::SM3);
-                    return self.send_server(r.as_bytes()).await;
+                    return self.request_ack().await;
                 }
                 let id = self.liveness.pinged(now);
                 let to = self
@@ -898,6 +870,7 @@ impl Relay<'_> {
             ("failed", Some(_)) => {
                 tracing::warn!("the server refused stream management");
                 self.sm = None;
+                self.hook.server_acks_off();
             }
             ("r", Some(_)) => self.send_ack().await?,
             ("a", Some(sm)) => {
@@ -905,6 +878,7 @@ impl Relay<'_> {
                     // h may not run ahead of what we sent (mod 2^32).
                     Some(h) if sm.h_out.wrapping_sub(h) <= sm.h_out.wrapping_sub(sm.acked_out) => {
                         sm.acked_out = h;
+                        self.hook.server_acked(h);
                     }
                     _ => {
                         return Err(ConnError::ServerProtocol(
@@ -953,6 +927,7 @@ impl Relay<'_> {
     }
 
     async fn dispatch(&mut self, outs: Vec<Outgoing>) -> Result<(), ConnError> {
+        let mut to_server = false;
         for o in outs {
             match o {
                 Outgoing::ToClient(el) => {
@@ -963,11 +938,32 @@ impl Relay<'_> {
                     let xml = el.to_xml(&NsScope::client_stream());
                     self.count_out(&el);
                     self.write_server(xml.as_bytes()).await?;
+                    to_server = true;
                 }
             }
         }
-        self.hook.flushed();
+        match self.sm.as_ref() {
+            // With SM, written is not delivered (a link can die without a
+            // FIN): the hook learns what the server holds from its acks,
+            // asked for at once so that they follow the messages closely.
+            Some(sm) => {
+                let (sent, enabled) = (sm.h_out, sm.enabled);
+                self.hook.flushed_upstream(sent);
+                if to_server && enabled {
+                    // Written directly: the batch this came from is out.
+                    let r = format!("<r xmlns='{}'/>", ns::SM3);
+                    self.write_server(r.as_bytes()).await?;
+                }
+            }
+            None => self.hook.flushed(),
+        }
         Ok(())
+    }
+
+    /// Sends `<r/>`: the server answers with `<a h/>` (on_server_sm).
+    async fn request_ack(&mut self) -> Result<(), ConnError> {
+        let r = format!("<r xmlns='{}'/>", ns::SM3);
+        self.send_server(r.as_bytes()).await
     }
 
     async fn client_header(&mut self, h: &StreamHeader) -> Result<(), ConnError> {
@@ -983,8 +979,14 @@ impl Relay<'_> {
             Frame::Whitespace(b) => self.send_server(&b).await?,
             Frame::StreamEnd(_) => {
                 // A clean end: acknowledge everything first, so the server
-                // does not re-route what the client already got.
+                // does not re-route what the client already got; and ask
+                // for the server's count, so that what it holds of ours is
+                // not re-sent by the next connection (its ack arrives
+                // while draining).
                 self.send_ack().await?;
+                if self.sm.as_ref().is_some_and(|sm| sm.enabled) {
+                    self.request_ack().await?;
+                }
                 self.send_server(b"</stream:stream>").await?;
                 self.drain_server_after_client_close().await;
                 return Ok(Flow::Stop("client closed the stream"));
@@ -1061,7 +1063,7 @@ impl Relay<'_> {
                 }
                 if self.sm.as_ref().is_some_and(|sm| sm.enabled) && is_counted_stanza(&el) {
                     if let Some(sm) = self.sm.as_mut() {
-                        sm.count_in(&el);
+                        sm.count_in();
                     }
                 }
                 if self.liveness.consume_answer(&el) {
@@ -1223,7 +1225,7 @@ mod tests {
         with_relay_hook(sm, &mut super::super::PassThrough, script).await
     }
 
-    /// [`with_relay`] with the given hook.
+    /// [`with_relay`] with `hook` as the stanza hook.
     async fn with_relay_hook<F, Fut>(
         sm: Option<UpstreamSm>,
         hook: &mut dyn StanzaHook,
@@ -1393,35 +1395,106 @@ mod tests {
         assert!(res.unwrap_err().contains("upstream link dead"));
     }
 
-    #[test]
-    fn acks_stop_before_an_unfinished_otr_fragment_run() {
-        assert_eq!(
-            otr_fragment_position("?OTR|1a|2b,00002,00005,abc,"),
-            Some((2, 5))
-        );
-        assert_eq!(otr_fragment_position("?OTR,1,3,abc,"), Some((1, 3)));
-        assert_eq!(otr_fragment_position("?OTR:AAMD"), None);
-        assert_eq!(otr_fragment_position("hello"), None);
-        let scope = NsScope::client_stream();
-        let msg = |body: &str| {
-            Element::parse(
-                format!("<message><body>{body}</body></message>").as_bytes(),
-                &scope,
-            )
-            .unwrap()
+    /// Passes stanzas through and records what the relay reports about
+    /// the upstream's acks.
+    struct AckLog(Vec<String>);
+
+    impl StanzaHook for AckLog {
+        fn bound(&mut self, _jid: &Jid) {}
+        fn from_client(&mut self, stanza: Element, _now: SystemTime) -> Vec<Outgoing> {
+            vec![Outgoing::ToServer(stanza)]
+        }
+        fn from_server(&mut self, stanza: Element, _now: SystemTime) -> Vec<Outgoing> {
+            vec![Outgoing::ToClient(stanza)]
+        }
+        fn tick(&mut self, _now: SystemTime) -> Vec<Outgoing> {
+            Vec::new()
+        }
+        fn flushed(&mut self) {
+            self.0.push("flushed".into());
+        }
+        fn flushed_upstream(&mut self, sent: u32) {
+            self.0.push(format!("written {sent}"));
+        }
+        fn server_acked(&mut self, h: u32) {
+            self.0.push(format!("acked {h}"));
+        }
+        fn server_acks_off(&mut self) {
+            self.0.push("acks off".into());
+        }
+        fn disconnected(&mut self, _now: SystemTime) {}
+    }
+
+    /// With upstream SM, a message written to the server is reported with
+    /// its stanza count, followed at once by `<r/>`, and the server's
+    /// `<a h/>` reaches the hook: the router acknowledges its outbox entry
+    /// only then (a link cut without a FIN swallows what was written).
+    #[tokio::test]
+    async fn with_upstream_sm_the_hook_learns_the_servers_acks() {
+        let sm = UpstreamSm {
+            enabled: true,
+            h_out: 4,
+            acked_out: 4,
+            ..UpstreamSm::default()
         };
-        let presence = Element::parse(b"<presence/>", &scope).unwrap();
+        let mut hook = AckLog(Vec::new());
+        let res = with_relay_hook(Some(sm), &mut hook, |mut client, mut server| async move {
+            client.write_all(HEADER.as_bytes()).await.unwrap();
+            server.write_all(HEADER.as_bytes()).await.unwrap();
+            client
+                .write_all(b"<message to='bob@example.test'><body>m1</body></message>")
+                .await
+                .unwrap();
+            let mut from_proxy = String::new();
+            read_until(&mut server, &mut from_proxy, "<r xmlns='urn:xmpp:sm:3'/>").await;
+            assert!(from_proxy.contains("m1"), "{from_proxy}");
+            server
+                .write_all(b"<a xmlns='urn:xmpp:sm:3' h='5'/></stream:stream>")
+                .await
+                .unwrap();
+            // Keep the client until the proxy passed the end on.
+            let mut to_client = String::new();
+            read_until(&mut client, &mut to_client, "</stream:stream>").await;
+        })
+        .await;
+        assert_eq!(res, Ok("server closed the stream"));
+        assert_eq!(hook.0, ["written 5", "acked 5"]);
+    }
+
+    /// Without SM, written counts as sent (the behaviour before SM).
+    #[tokio::test]
+    async fn without_upstream_sm_written_is_flushed() {
+        let mut hook = AckLog(Vec::new());
+        let res = with_relay_hook(None, &mut hook, |mut client, mut server| async move {
+            client.write_all(HEADER.as_bytes()).await.unwrap();
+            server.write_all(HEADER.as_bytes()).await.unwrap();
+            client
+                .write_all(b"<message to='bob@example.test'><body>m1</body></message>")
+                .await
+                .unwrap();
+            let mut from_proxy = String::new();
+            read_until(&mut server, &mut from_proxy, "m1").await;
+            server.write_all(b"</stream:stream>").await.unwrap();
+            let mut to_client = String::new();
+            read_until(&mut client, &mut to_client, "</stream:stream>").await;
+        })
+        .await;
+        assert_eq!(res, Ok("server closed the stream"));
+        assert_eq!(hook.0, ["flushed"]);
+    }
+
+    #[test]
+    fn acks_cover_unfinished_otr_fragment_runs() {
         let mut sm = UpstreamSm {
             enabled: true,
             ..UpstreamSm::default()
         };
-        sm.count_in(&msg("hi"));
-        sm.count_in(&msg("?OTR|1|2,00001,00003,a,"));
-        sm.count_in(&presence);
-        sm.count_in(&msg("?OTR|1|2,00002,00003,b,"));
-        assert_eq!((sm.h_in, sm.ack_h()), (4, 1), "the run is not acknowledged");
-        sm.count_in(&msg("?OTR|1|2,00003,00003,c,"));
-        assert_eq!(sm.ack_h(), 5, "complete: everything acknowledged");
+        // A message, two fragments of three, a presence: all stored or
+        // handed on, all acknowledged.
+        for _ in 0..4 {
+            sm.count_in();
+        }
+        assert_eq!((sm.h_in, sm.ack_h()), (4, 4));
     }
 
     #[test]

@@ -66,6 +66,25 @@ pub trait StanzaHook: Send {
     /// flushed to the sockets (the router acknowledges durable deliveries
     /// here). The default does nothing.
     fn flushed(&mut self) {}
+    /// Like [`StanzaHook::flushed`], with XEP-0198 on the upstream leg: the
+    /// stanzas written to the server so far carry counts up to `sent`
+    /// (stanzas since `<enable/>`, mod 2^32). Written is not stored: the
+    /// link may be dead without a FIN, so what went to the server is only
+    /// known to be there once [`StanzaHook::server_acked`] reports a count
+    /// at or past `sent`. The default treats it as [`StanzaHook::flushed`].
+    fn flushed_upstream(&mut self, sent: u32) {
+        let _ = sent;
+        self.flushed();
+    }
+    /// The server acknowledged every stanza up to count `h` (its `<a h/>`).
+    /// The default does nothing.
+    fn server_acked(&mut self, h: u32) {
+        let _ = h;
+    }
+    /// Upstream XEP-0198 ended on a live link (the server refused
+    /// `<enable/>`): no ack will come, so what was written counts as sent,
+    /// as without SM. The default does nothing.
+    fn server_acks_off(&mut self) {}
     /// The connection is over (either side, or proxy shutdown). Called
     /// exactly once, also when the connection never reached bind.
     fn disconnected(&mut self, now: SystemTime);

@@ -64,6 +64,11 @@ pub struct Router {
     acks: Vec<(String, i64)>,
     /// Outbox entries handed to the connection, acknowledged on the next call.
     outbox_acks: Vec<i64>,
+    /// With upstream XEP-0198: outbox entries written to the server, with
+    /// the stanza count that covers them, acknowledged in the store only
+    /// when the server's ack reaches that count (a link dead without a FIN
+    /// swallows what was written; the next connection re-sends them).
+    awaiting_server: VecDeque<(u32, i64)>,
     /// Outbox entries from before a crash or disconnect, still to be sent.
     unsent: Vec<OutboxMessage>,
     /// The partial fragments to store with the next commit (set when the
@@ -103,6 +108,20 @@ fn body_digest(peer: &str, body: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Whether an incoming body identifies the message it completes, for the
+/// digests of [`Router::shown`]: a whole message or its last fragment
+/// (which carries the counter, the ciphertext and the MAC). A first
+/// fragment is the same for every message under the same keys, and it
+/// completes a message only when later ones arrived before it (reordered
+/// by the server): its digest would make a genuine but late message look
+/// like a harmless copy and drop it without a word.
+fn identifies_message(body: &str) -> bool {
+    match crate::otr::fragment::parse_fragment(body) {
+        Ok(f) => f.k == f.n,
+        Err(_) => true,
+    }
+}
+
 impl Router {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         Router {
@@ -114,6 +133,7 @@ impl Router {
             next_id: 0,
             acks: Vec::new(),
             outbox_acks: Vec::new(),
+            awaiting_server: VecDeque::new(),
             unsent: Vec::new(),
             fragments: None,
             resent: HashMap::new(),
@@ -210,13 +230,22 @@ impl Router {
         if self.acks.is_empty() && self.outbox_acks.is_empty() {
             return;
         }
-        let mut store = self.shared.store();
-        for (peer, id) in std::mem::take(&mut self.acks) {
-            if let Err(e) = store.ack_inbox(&account, &peer, id) {
-                tracing::error!(peer, cause = %e, "could not acknowledge inbox entry");
+        {
+            let mut store = self.shared.store();
+            for (peer, id) in std::mem::take(&mut self.acks) {
+                if let Err(e) = store.ack_inbox(&account, &peer, id) {
+                    tracing::error!(peer, cause = %e, "could not acknowledge inbox entry");
+                }
             }
         }
-        for id in std::mem::take(&mut self.outbox_acks) {
+        let written = std::mem::take(&mut self.outbox_acks);
+        self.ack_outbox_entries(written);
+    }
+
+    /// Acknowledges in the store the outbox entries of `done`.
+    fn ack_outbox_entries(&self, done: impl IntoIterator<Item = i64>) {
+        let mut store = self.shared.store();
+        for id in done {
             if let Err(e) = store.ack_outbox(id) {
                 // It will be sent again after a restart: the peer drops the
                 // duplicate by its counter.
@@ -416,6 +445,7 @@ impl Router {
         let incoming_digest = template
             .filter(|t| t.attr("from").is_some())
             .and_then(stanza::body)
+            .filter(|b| identifies_message(b))
             .map(|b| body_digest(peer, &b));
         let mut stanzas = stanzas.into_iter().zip(outbox_slots);
         for effect in step.effects {
@@ -1008,6 +1038,34 @@ impl StanzaHook for Router {
 
     fn flushed(&mut self) {
         self.settle();
+    }
+
+    fn flushed_upstream(&mut self, sent: u32) {
+        // Written, not yet known to be stored: wait for the server's ack.
+        for id in std::mem::take(&mut self.outbox_acks) {
+            self.awaiting_server.push_back((sent, id));
+        }
+        self.settle();
+    }
+
+    fn server_acked(&mut self, h: u32) {
+        let mut done = Vec::new();
+        while let Some(&(sent, id)) = self.awaiting_server.front() {
+            // `sent` at or before `h`, mod 2^32 (XEP-0198 counters wrap).
+            if h.wrapping_sub(sent) >= 1 << 31 {
+                break;
+            }
+            done.push(id);
+            self.awaiting_server.pop_front();
+        }
+        if !done.is_empty() {
+            self.ack_outbox_entries(done);
+        }
+    }
+
+    fn server_acks_off(&mut self) {
+        let done: Vec<i64> = self.awaiting_server.drain(..).map(|(_, id)| id).collect();
+        self.ack_outbox_entries(done);
     }
 
     fn disconnected(&mut self, now: SystemTime) {
