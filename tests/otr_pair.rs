@@ -201,6 +201,54 @@ fn ake_retries_stop_after_the_limit() {
     );
 }
 
+/// The initiator's client connection drops between its Reveal Signature
+/// and the peer's Signature (the peer is already private and sends at
+/// once): the router parks the handshake in memory and the next
+/// connection's conversation takes it over, so the Signature and the
+/// messages after it are read. Without the hand-over they are unreadable.
+#[test]
+fn handshake_survives_a_reconnect_between_reveal_signature_and_signature() {
+    for hand_over in [true, false] {
+        let mut p = Pair::new();
+        let t = p.now;
+        p.alice.start(t);
+        let query = p.alice.outbox.pop_front().unwrap();
+        p.bob.receive(&query, t);
+        let commit = p.bob.outbox.pop_front().unwrap();
+        p.alice.receive(&commit, t);
+        let dh_key = p.alice.outbox.pop_front().unwrap();
+        p.bob.receive(&dh_key, t);
+        let reveal = p.bob.outbox.pop_front().unwrap();
+        p.alice.receive(&reveal, t);
+        assert!(p.alice.conv.is_private());
+        let signature = p.alice.outbox.pop_front().unwrap();
+        p.alice.send("sent right after the handshake", t);
+        let data = p.alice.outbox.pop_front().unwrap();
+        // Bob's connection ends; a new one starts from the store.
+        let akes = p.bob.conv.take_akes();
+        assert!(akes.is_some(), "bob was waiting for the Signature");
+        p.bob.conv.suspend();
+        let (_, kb) = common::pair::keys();
+        p.bob
+            .restart("bob@example.test", common::pair::BOB_TAG, kb.clone());
+        if hand_over {
+            p.bob.conv.restore_akes(akes.unwrap());
+        }
+        p.bob.receive(&signature, t + 1);
+        p.bob.receive(&data, t + 1);
+        if hand_over {
+            assert!(p.bob.conv.is_private());
+            assert_eq!(
+                p.bob.texts(),
+                vec!["sent right after the handshake".to_string()]
+            );
+        } else {
+            assert!(!p.bob.conv.is_private());
+            assert!(p.bob.texts().is_empty());
+        }
+    }
+}
+
 #[test]
 fn simultaneous_start_resolves_commit_collision() {
     let mut p = Pair::new();

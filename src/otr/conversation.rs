@@ -304,6 +304,23 @@ pub struct InstanceStatus {
     pub keyids: Option<(u32, u32)>,
 }
 
+/// Handshakes under way, moved from one connection's conversation to the
+/// next ([`Conversation::take_akes`]). Memory only: the secrets in them are
+/// wiped with them.
+pub struct PendingAkes {
+    master: AuthState,
+    instances: Vec<(u32, AuthState)>,
+}
+
+impl std::fmt::Debug for PendingAkes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAkes")
+            .field("master", &self.master)
+            .field("instances", &self.instances.len())
+            .finish()
+    }
+}
+
 /// One account ↔ one peer.
 pub struct Conversation {
     cfg: Config,
@@ -445,6 +462,37 @@ impl Conversation {
             }
         }
         n
+    }
+
+    /// Take the handshakes under way out of this conversation (they are
+    /// left empty), so that the account's next connection can finish them
+    /// ([`Conversation::restore_akes`]): when the client's connection drops
+    /// between our Reveal Signature and the peer's Signature, the peer is
+    /// already private and sends under keys only this state can derive.
+    /// `None` when no AKE is under way.
+    pub fn take_akes(&mut self) -> Option<PendingAkes> {
+        let master = std::mem::take(&mut self.master_ake);
+        let instances: Vec<(u32, AuthState)> = self
+            .instances
+            .iter_mut()
+            .filter(|(_, i)| i.ake.in_progress())
+            .map(|(tag, i)| (*tag, std::mem::take(&mut i.ake)))
+            .collect();
+        (master.in_progress() || !instances.is_empty()).then_some(PendingAkes { master, instances })
+    }
+
+    /// Put back handshakes taken from this account's previous connection
+    /// with the same peer (nothing is replaced that is already under way).
+    pub fn restore_akes(&mut self, akes: PendingAkes) {
+        if !self.master_ake.in_progress() {
+            self.master_ake = akes.master;
+        }
+        for (tag, state) in akes.instances {
+            let inst = self.instances.entry(tag).or_insert_with(Instance::new);
+            if !inst.ake.in_progress() {
+                inst.ake = state;
+            }
+        }
     }
 
     /// The account's connection ended: keep encrypted sessions, mark them

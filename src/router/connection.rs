@@ -208,6 +208,11 @@ impl Router {
                 }
             };
             self.undelivered.extend(pending);
+            let mut conv = conv;
+            if let Some(akes) = self.shared.take_akes(&account, peer, now) {
+                tracing::debug!(peer, ?akes, "handshake taken over from the last connection");
+                conv.restore_akes(akes);
+            }
             self.peers.insert(
                 peer.to_string(),
                 Peer {
@@ -1075,6 +1080,9 @@ impl StanzaHook for Router {
         };
         let mut store = self.shared.store();
         for (peer, p) in &mut self.peers {
+            if let Some(akes) = p.conv.take_akes() {
+                self.shared.park_akes(&account, peer, akes, now);
+            }
             p.conv.suspend();
             for st in p.conv.status() {
                 if st.state == "suspended" {
@@ -1106,10 +1114,7 @@ mod tests {
 
     fn router() -> Router {
         let store: crate::router::SharedStore = Arc::new(Mutex::new(Box::new(MemoryStore::new())));
-        Router::new(Arc::new(Shared {
-            cfg: RouterConfig::default(),
-            store,
-        }))
+        Router::new(Arc::new(Shared::new(RouterConfig::default(), store)))
     }
 
     fn parse(xml: &str) -> Element {

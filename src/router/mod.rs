@@ -16,8 +16,10 @@ pub mod connection;
 mod group;
 pub mod notice;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::otr::conversation::PendingAkes;
 use crate::otr::policy::Policy;
 use crate::proxy::{HookFactory, StanzaHook};
 use crate::store::Store;
@@ -62,7 +64,14 @@ impl Default for RouterConfig {
 pub(crate) struct Shared {
     pub(crate) cfg: RouterConfig,
     store: SharedStore,
+    /// Handshakes a connection left unfinished, per (account, peer), with
+    /// when it ended: the account's next connection takes them over.
+    akes: Mutex<HashMap<(String, String), (u64, PendingAkes)>>,
 }
+
+/// How long an unfinished handshake waits for the account's next
+/// connection (seconds); older ones are dropped (the peer starts over).
+pub(crate) const AKE_HANDOVER_SECS: u64 = 120;
 
 impl Shared {
     /// Lock the store. A poisoned lock means a panic happened while a
@@ -73,6 +82,37 @@ impl Shared {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// A new `Shared` over `store`.
+    pub(crate) fn new(cfg: RouterConfig, store: SharedStore) -> Self {
+        Shared {
+            cfg,
+            store,
+            akes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn akes(&self) -> MutexGuard<'_, HashMap<(String, String), (u64, PendingAkes)>> {
+        match self.akes.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Keep `akes` for the account's next connection (dropping any that
+    /// waited too long).
+    pub(crate) fn park_akes(&self, account: &str, peer: &str, akes: PendingAkes, now: u64) {
+        let mut m = self.akes();
+        m.retain(|_, (at, _)| now.saturating_sub(*at) <= AKE_HANDOVER_SECS);
+        m.insert((account.to_owned(), peer.to_owned()), (now, akes));
+    }
+
+    /// The handshakes the account's last connection left with `peer`, if
+    /// recent enough.
+    pub(crate) fn take_akes(&self, account: &str, peer: &str, now: u64) -> Option<PendingAkes> {
+        let (at, akes) = self.akes().remove(&(account.to_owned(), peer.to_owned()))?;
+        (now.saturating_sub(at) <= AKE_HANDOVER_SECS).then_some(akes)
     }
 }
 
@@ -85,7 +125,7 @@ impl RouterFactory {
     /// A factory over `store`.
     pub fn new(cfg: RouterConfig, store: SharedStore) -> Self {
         RouterFactory {
-            shared: Arc::new(Shared { cfg, store }),
+            shared: Arc::new(Shared::new(cfg, store)),
         }
     }
 }
