@@ -12,6 +12,7 @@
 # scripts/install-test-deps.sh). Extra settings pass through the environment:
 #   O2TR_CHAOS_UPSTREAM_SM=true|false   the proxies' --upstream-sm
 #   O2TR_CHAOS_ONLY=2,5                 only these fault kinds (see FAULTS)
+#   O2TR_CHAOS_FRAGMENT_SIZE=N          the proxies' --fragment-size (300)
 #   O2TR_TEST_PROXY_LOG=FILE            keep the proxies' logs (JOBS=1 only)
 #   O2TR_CHAOS_BUDGET_SECS=N            start no new trial after N seconds
 # Prints the per-fault table at the end (summed over the jobs) and writes it
@@ -26,6 +27,9 @@ echo "chaos: $trials trials, seed $seed, $jobs job(s)" >&2
 # All seven fault kinds unless told otherwise (cargo test alone leaves out
 # the kinds with an open bug).
 export O2TR_CHAOS_ONLY="${O2TR_CHAOS_ONLY:-0,1,2,3,4,5,6}"
+# Every message fragmented (300-byte pieces) unless told otherwise; the CI
+# run (cargo test) uses the product's default, no fragmentation.
+export O2TR_CHAOS_FRAGMENT_SIZE="${O2TR_CHAOS_FRAGMENT_SIZE:-300}"
 if [ "$jobs" -le 1 ]; then
     export O2TR_CHAOS_TRIALS="$trials" O2TR_CHAOS_SEED="$seed"
     export O2TR_CHAOS_REPORT="$PWD/target/chaos-report.txt"

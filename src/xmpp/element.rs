@@ -512,6 +512,11 @@ pub fn escape_into(out: &mut String, s: &str, attr: bool) {
             '\n' if attr => out.push_str("&#xA;"),
             '\t' if attr => out.push_str("&#x9;"),
             '\r' => out.push_str("&#xD;"),
+            // The parser treats raw NEL and LINE SEPARATOR as line ends
+            // (XML 1.1 rules) and reads them back as '\n'; a character
+            // reference keeps them (found by the xml_framer fuzz target).
+            '\u{85}' => out.push_str("&#x85;"),
+            '\u{2028}' => out.push_str("&#x2028;"),
             c if is_xml_char(c) => out.push(c),
             _ => out.push('\u{FFFD}'),
         }
@@ -543,6 +548,25 @@ mod tests {
         let again = Element::parse(e.to_xml(&sc).as_bytes(), &sc).unwrap();
         assert_eq!(e, again, "round trip of {s}");
         e
+    }
+
+    #[test]
+    fn line_separators_survive_a_round_trip() {
+        // xml_framer fuzz crash: a NEL from a character reference came back
+        // as '\n' after serialising and parsing again.
+        let scope = NsScope::client_stream();
+        let el = Element::parse(
+            "<message><body>a &#x85; b &#x2028; c &#xD; d</body></message>".as_bytes(),
+            &scope,
+        )
+        .unwrap();
+        let xml = el.to_xml(&scope);
+        let again = Element::parse(xml.as_bytes(), &scope).unwrap();
+        assert_eq!(again.to_xml(&scope), xml);
+        assert_eq!(
+            again.get_child("body", ns::CLIENT).map(|b| b.text()),
+            Some("a \u{85} b \u{2028} c \r d".to_string())
+        );
     }
 
     #[test]

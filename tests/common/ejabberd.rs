@@ -368,10 +368,23 @@ impl Ejabberd {
     pub fn start_again(&mut self) {
         assert!(!self.running, "start_again on a running node");
         let port_s = self.port.to_string();
-        let out = run_script(
+        let mut out = run_script(
             &["start", self.dir_str(), &port_s, &self.domain],
             &self.start_env(),
         );
+        // The script picks a fresh Erlang distribution port on each start;
+        // another test (or campaign job) may take it between the pick and
+        // the bind. Try again with a new one.
+        for _ in 0..3 {
+            if out.ok || !out.stderr.contains("eaddrinuse") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            out = run_script(
+                &["start", self.dir_str(), &port_s, &self.domain],
+                &self.start_env(),
+            );
+        }
         check("start", out);
         self.running = true;
     }
