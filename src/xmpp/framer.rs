@@ -322,6 +322,17 @@ impl Framer {
                             ));
                         }
                         self.pos += 1;
+                        // Stream-level whitespace is not a stanza: hand it
+                        // on before it counts against the stanza limit, as
+                        // it would be had the read ended here (the verdict
+                        // must not depend on how the stream was cut; found
+                        // by the xml_framer fuzz target).
+                        if self.pos >= self.cfg.max_stanza_bytes {
+                            let ws = self.take(self.pos);
+                            if self.depth == 1 && !self.ended {
+                                return Ok(Some(Frame::Whitespace(ws)));
+                            }
+                        }
                     } else {
                         self.pos += 1;
                     }

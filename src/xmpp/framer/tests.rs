@@ -320,3 +320,25 @@ fn invalid_names_are_not_well_formed() {
         );
     }
 }
+
+#[test]
+fn stream_level_whitespace_does_not_count_against_the_stanza_limit() {
+    // xml_framer fuzz crash: 27 tabs before the stream header failed with
+    // TooLarge when read at once and passed when read in pieces.
+    let cfg = FramerConfig {
+        max_stanza_bytes: 100,
+        max_depth: 2,
+    };
+    let input = [
+        &[b'\t'; 127][..],
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>",
+        &[b' '; 140][..],
+        b"<presence/>",
+    ]
+    .concat();
+    let whole = frames_of(&[&input], cfg).expect("read at once");
+    let pieces: Vec<&[u8]> = input.chunks(7).collect();
+    let cut = frames_of(&pieces, cfg).expect("read in pieces");
+    assert_eq!(normalise(whole.clone()), normalise(cut));
+    assert!(matches!(whole.last(), Some(Frame::Stanza(_))), "{whole:?}");
+}
