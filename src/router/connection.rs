@@ -816,6 +816,31 @@ impl Router {
         out
     }
 
+    /// Open the conversations that have messages held from before a
+    /// restart, so that the tick starts their handshake without waiting
+    /// for a stanza from (or to) that peer.
+    fn load_held_peers(&mut self) {
+        let Some(account) = self.account.as_ref().map(|a| a.bare.clone()) else {
+            return;
+        };
+        let held = self.shared.store().all_held_messages();
+        let peers: std::collections::BTreeSet<String> = match held {
+            Ok(all) => all
+                .into_iter()
+                .filter(|m| m.account == account)
+                .map(|m| m.peer)
+                .collect(),
+            Err(e) => {
+                tracing::error!(cause = %e, "could not read the held messages");
+                return;
+            }
+        };
+        let now = unix(SystemTime::now());
+        for peer in peers {
+            self.peer(&peer, now);
+        }
+    }
+
     /// Let every conversation with held messages start a stalled handshake
     /// over ([`Conversation::handle_tick`]); the queries go out after `out`,
     /// through the usual commit.
@@ -1004,6 +1029,7 @@ impl StanzaHook for Router {
                 // first; encrypted stanzas not confirmed sent go out again.
                 self.load_inbox();
                 self.load_outbox();
+                self.load_held_peers();
             }
             Err(e) => {
                 tracing::error!(account = %bare, cause = %e, "no OTR identity: messages pass through unencrypted is NOT allowed; they will be dropped");
@@ -1242,5 +1268,23 @@ mod tests {
         );
         let broadcast = parse("<presence><show>away</show></presence>");
         assert!(!crate::xmpp::stanza::is_hooked_from_client(&broadcast));
+    }
+
+    #[test]
+    fn messages_held_before_a_restart_start_a_handshake_at_once() {
+        let mut r = router();
+        r.shared
+            .store()
+            .hold_message("alice@example.test", "bob@example.test", "held", 1)
+            .unwrap();
+        r.bound(&crate::xmpp::Jid::parse("alice@example.test/pc").unwrap());
+        assert!(r.peers.contains_key("bob@example.test"));
+        let out = r.tick(SystemTime::now());
+        let query = out.iter().any(|o| {
+            matches!(o, Outgoing::ToServer(el)
+                if el.attr("to") == Some("bob@example.test")
+                    && stanza::body(el).is_some_and(|b| b.starts_with("?OTRv")))
+        });
+        assert!(query, "{out:?}");
     }
 }
