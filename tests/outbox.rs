@@ -116,6 +116,22 @@ fn is_data(el: &Element) -> bool {
 
 /// Alice (SQLite) and Bob (memory) with a private session; Alice's first
 /// message was held by policy `always` and released with the AKE.
+/// [`establish`] with Bob's proxy fragmenting above 120 bytes.
+fn establish_fragmenting(dir: &Path) -> (SharedStore, Box<dyn StanzaHook>) {
+    let bob_cfg = RouterConfig {
+        fragment_size: 120,
+        ..RouterConfig::default()
+    };
+    establish(dir, bob_cfg)
+}
+
+/// Bob's client types `text` to Alice; what Bob's proxy sends upstream.
+fn bob_sends(b: &mut dyn StanzaHook, text: &str) -> Vec<Element> {
+    let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
+    b.flushed();
+    s.server
+}
+
 fn establish(dir: &Path, bob_cfg: RouterConfig) -> (SharedStore, Box<dyn StanzaHook>) {
     let store_a = sqlite(dir);
     let mut a = hook(&store_a, RouterConfig::default(), ALICE);
@@ -291,11 +307,7 @@ fn with_upstream_sm_an_outbox_entry_waits_for_the_servers_ack() {
 fn partial_fragments_survive_a_crash() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("alice");
-    let bob_cfg = RouterConfig {
-        fragment_size: 120,
-        ..RouterConfig::default()
-    };
-    let (_bob_store, mut b) = establish(&dir, bob_cfg);
+    let (_bob_store, mut b) = establish_fragmenting(&dir);
     let text = "a reply long enough to need several fragments of 120 bytes each";
     let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
     b.flushed();
@@ -355,11 +367,7 @@ fn partial_fragments_survive_a_crash() {
 fn reordered_and_repeated_fragments_survive_a_crash() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("alice");
-    let bob_cfg = RouterConfig {
-        fragment_size: 120,
-        ..RouterConfig::default()
-    };
-    let (_bob_store, mut b) = establish(&dir, bob_cfg);
+    let (_bob_store, mut b) = establish_fragmenting(&dir);
     let text = "a reply long enough to need several fragments of 120 bytes each";
     let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
     b.flushed();
@@ -408,16 +416,8 @@ fn reordered_and_repeated_fragments_survive_a_crash() {
 fn a_late_message_completed_by_its_first_fragment_is_not_taken_for_a_copy() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("alice");
-    let bob_cfg = RouterConfig {
-        fragment_size: 120,
-        ..RouterConfig::default()
-    };
-    let (_bob_store, mut b) = establish(&dir, bob_cfg);
-    let mut send = |text: &str| {
-        let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
-        b.flushed();
-        s.server
-    };
+    let (_bob_store, mut b) = establish_fragmenting(&dir);
+    let mut send = |text: &str| bob_sends(b.as_mut(), text);
     let m1 = send("the first of two replies");
     let m2 = send("the second of two replies");
     assert!(
@@ -469,16 +469,8 @@ fn a_late_message_completed_by_its_first_fragment_is_not_taken_for_a_copy() {
 fn a_wrongly_guessed_reassembly_is_not_answered_with_an_otr_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("alice");
-    let bob_cfg = RouterConfig {
-        fragment_size: 120,
-        ..RouterConfig::default()
-    };
-    let (_bob_store, mut b) = establish(&dir, bob_cfg);
-    let mut send = |text: &str| {
-        let s = split(b.from_client(typed(BOB, "alice@example.test", text), now()));
-        b.flushed();
-        s.server
-    };
+    let (_bob_store, mut b) = establish_fragmenting(&dir);
+    let mut send = |text: &str| bob_sends(b.as_mut(), text);
     // Of the same length: the mix parses and fails only its MAC.
     let m1 = send("longer reply number one, long enough for four fragments or more");
     let m2 = send("longer reply number two, long enough for four fragments or more");
