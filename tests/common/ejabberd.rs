@@ -223,14 +223,31 @@ impl Ejabberd {
             opts,
             running: false,
         };
-        let port_s = port.to_string();
-        let out = run_script(
-            &["start", ej.dir_str(), &port_s, &ej.domain],
-            &ej.start_env(),
-        );
-        check("start", out);
-        ej.running = true;
+        ej.run_start();
         ej
+    }
+
+    /// Runs the script's `start` (same port, domain and data). It picks a
+    /// fresh Erlang distribution port on each start; a concurrent test may
+    /// take it between the pick and the bind, so `eaddrinuse` is retried.
+    fn run_start(&mut self) {
+        let port_s = self.port.to_string();
+        let start = || {
+            run_script(
+                &["start", self.dir_str(), &port_s, &self.domain],
+                &self.start_env(),
+            )
+        };
+        let mut out = start();
+        for _ in 0..3 {
+            if out.ok || !out.stderr.contains("eaddrinuse") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            out = start();
+        }
+        check("start", out);
+        self.running = true;
     }
 
     fn dir_str(&self) -> &str {
@@ -367,26 +384,7 @@ impl Ejabberd {
     /// accounts and stored messages.
     pub fn start_again(&mut self) {
         assert!(!self.running, "start_again on a running node");
-        let port_s = self.port.to_string();
-        let mut out = run_script(
-            &["start", self.dir_str(), &port_s, &self.domain],
-            &self.start_env(),
-        );
-        // The script picks a fresh Erlang distribution port on each start;
-        // another test (or campaign job) may take it between the pick and
-        // the bind. Try again with a new one.
-        for _ in 0..3 {
-            if out.ok || !out.stderr.contains("eaddrinuse") {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            out = run_script(
-                &["start", self.dir_str(), &port_s, &self.domain],
-                &self.start_env(),
-            );
-        }
-        check("start", out);
-        self.running = true;
+        self.run_start();
     }
 
     /// Stop and start again (same port and data).
