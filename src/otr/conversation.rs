@@ -17,7 +17,7 @@ use super::ake::{AuthState, Tags};
 use super::crypto::{DsaPrivateKey, Fingerprint};
 use super::error::{Error, PeerMisbehaved};
 use super::fragment::{Fragment, Reassembler, fragment};
-use super::keys::KeyRatchet;
+use super::keys::{KeyRatchet, Position};
 use super::message::{
     self, Body, DataMessage, EncodedMessage, FLAG_IGNORE_UNREADABLE, Header, Message, Version,
 };
@@ -130,6 +130,25 @@ pub struct Delivery {
     pub instance: u32,
     /// True when it was recovered from an interrupted session (OMD).
     pub offline: bool,
+    /// For an encrypted message, its place in the sender's order: the
+    /// server may hand messages over out of order, which the core accepts
+    /// (a replay window); the caller puts them back in order.
+    pub order: Option<Order>,
+}
+
+/// Where a decrypted message stands in its sender's order (see
+/// [`Delivery::order`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Order {
+    /// The session (its ssid): positions compare only within one.
+    pub ssid: [u8; 8],
+    /// The position in the sender's order.
+    pub position: Position,
+    /// How many messages right before this one, under its key pairing,
+    /// have not arrived (yet); `Notice::Missing` reports the same count.
+    pub skipped: u64,
+    /// Whether it arrived after a newer message (it fills such a gap).
+    pub late: bool,
 }
 
 /// A snapshot to persist.
@@ -974,6 +993,7 @@ impl Conversation {
                 encrypted: false,
                 instance: 0,
                 offline: false,
+                order: None,
             }));
         }
         self.received_plaintext = true;
@@ -1227,7 +1247,7 @@ impl Conversation {
                     // re-delivering after a crash, or a replay): no OTR
                     // error, since libotr answers one with a new AKE, which
                     // would defeat resumption.
-                    let replay = matches!(e, Error::Peer(PeerMisbehaved::CounterNotIncreasing));
+                    let replay = matches!(e, Error::Peer(PeerMisbehaved::CounterReused));
                     out.push(Action::Notify(Notice::Unreadable {
                         reason: e.to_string(),
                         replayed: replay,
@@ -1325,6 +1345,12 @@ impl Conversation {
                 encrypted: true,
                 instance: tag,
                 offline: was_suspended,
+                order: Some(Order {
+                    ssid: session.ssid,
+                    position: received.position,
+                    skipped: received.skipped,
+                    late: received.late,
+                }),
             }));
         }
         for r in &replies {

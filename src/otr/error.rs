@@ -65,9 +65,10 @@ pub enum PeerMisbehaved {
     /// The data-message MAC did not verify.
     #[error("data message MAC mismatch")]
     DataMacMismatch,
-    /// The counter did not increase: a replay or reordering.
-    #[error("counter did not increase (replay?)")]
-    CounterNotIncreasing,
+    /// The counter was received before (a replay) or is older than the
+    /// replay window ([`crate::otr::keys::REPLAY_WINDOW`]).
+    #[error("counter already received or too old (replay?)")]
+    CounterReused,
     /// The top half of the counter was zero.
     #[error("counter is zero")]
     ZeroCounter,

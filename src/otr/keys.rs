@@ -88,8 +88,49 @@ struct Pairing {
     send_ctr: u64,
     /// Highest counter received under this pairing.
     recv_ctr: u64,
+    /// Which of the [`REPLAY_WINDOW`] counters below `recv_ctr` were
+    /// received: bit `k` stands for `recv_ctr - 1 - k`. A message older
+    /// than the newest one is accepted once if its bit is clear, because
+    /// servers do not keep order (ejabberd hands a reconnecting client the
+    /// messages that arrive live before those it flushes from offline
+    /// storage); the bit refuses its replay. Its MAC key is still secret:
+    /// a pairing's key is revealed only when the pairing is forgotten.
+    seen: u64,
     /// The receiving MAC key, once it verified a message.
     used_recv_mac: Option<[u8; 20]>,
+}
+
+impl Pairing {
+    /// Whether `ctr` may be accepted: newer than every counter received,
+    /// or within the window and not received yet. Returns whether it is
+    /// late and the window after accepting it; changes nothing.
+    fn check_counter(&self, ctr: u64) -> Result<(bool, u64), PeerMisbehaved> {
+        if ctr > self.recv_ctr {
+            let shift = ctr - self.recv_ctr;
+            // The old newest counter becomes bit `shift - 1` (none before
+            // the first message: counters start at 1).
+            let moved = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                self.seen << shift
+            };
+            let newest = if self.recv_ctr > 0 && shift <= REPLAY_WINDOW {
+                1u64 << (shift - 1)
+            } else {
+                0
+            };
+            return Ok((false, moved | newest));
+        }
+        let age = self.recv_ctr - ctr;
+        if age == 0 || age > REPLAY_WINDOW {
+            return Err(PeerMisbehaved::CounterReused);
+        }
+        let bit = 1u64 << (age - 1);
+        if self.seen & bit != 0 {
+            return Err(PeerMisbehaved::CounterReused);
+        }
+        Ok((true, self.seen | bit))
+    }
 }
 
 impl Drop for Pairing {
@@ -115,7 +156,30 @@ pub struct Received {
     /// that many messages before this one never arrived (a lower bound:
     /// losses just before a key change cannot be seen).
     pub skipped: u64,
+    /// Whether a newer message under the same pairing was received before
+    /// this one (it fills a gap that `skipped` once reported).
+    pub late: bool,
+    /// Where the message stands in the peer's sending order.
+    pub position: Position,
 }
+
+/// A data message's place in its sender's order within one session:
+/// (sender keyid, recipient keyid, counter). The sender's two keyids never
+/// decrease and its counter increases within a pairing, so comparing
+/// positions compares sending times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// The sender's keyid.
+    pub sender_keyid: u32,
+    /// Our keyid the sender used.
+    pub recipient_keyid: u32,
+    /// The counter.
+    pub ctr: u64,
+}
+
+/// How many counters below the newest one a pairing remembers (see
+/// `Pairing::seen`); an older message is refused as a replay.
+pub const REPLAY_WINDOW: u64 = 64;
 
 /// Our two latest DH key pairs, their two latest public keys, counters.
 pub struct KeyRatchet {
@@ -300,9 +364,7 @@ impl KeyRatchet {
         if ctr == 0 {
             return Err(PeerMisbehaved::ZeroCounter.into());
         }
-        if ctr <= self.pairings[i][j].recv_ctr {
-            return Err(PeerMisbehaved::CounterNotIncreasing.into());
-        }
+        let (late, seen) = self.pairings[i][j].check_counter(ctr)?;
         // Validate their next key before changing anything.
         let next = if j == 1 {
             Some(DhPublicKey::from_mpi(&msg.next_dh)?)
@@ -314,9 +376,15 @@ impl KeyRatchet {
         let recv_mac = keys.recv_mac_key;
         let extra_key = Zeroizing::new(keys.extra);
         let pairing = &mut self.pairings[i][j];
-        let skipped = ctr - pairing.recv_ctr - 1;
-        pairing.recv_ctr = ctr;
+        let skipped = if late { 0 } else { ctr - pairing.recv_ctr - 1 };
+        pairing.recv_ctr = pairing.recv_ctr.max(ctr);
+        pairing.seen = seen;
         pairing.used_recv_mac = Some(recv_mac);
+        let position = Position {
+            sender_keyid: msg.sender_keyid,
+            recipient_keyid: msg.recipient_keyid,
+            ctr,
+        };
 
         let rotated_ours = i == 1;
         if rotated_ours {
@@ -332,6 +400,8 @@ impl KeyRatchet {
             rotated_theirs,
             extra_key,
             skipped,
+            late,
+            position,
         })
     }
 
@@ -373,7 +443,7 @@ impl KeyRatchet {
         self.their_keyid += 1;
     }
 
-    /// Serialize the ratchet for the EKM snapshot (format 3). Format 2:
+    /// Serialize the ratchet for the EKM snapshot (format 4). Format 2:
     /// each of our key pairs as its secret followed by its public value, so
     /// restoring needs no exponentiation. Format 3 adds, between the
     /// pairings and the MAC keys to reveal, the derived session keys of
@@ -381,8 +451,9 @@ impl KeyRatchet {
     /// receiving AES keys and the extra symmetric key; the MAC keys are
     /// their SHA-1) and our pre-generated next key pair (flag byte, then
     /// secret and public value), so the first message after a restore
-    /// needs no exponentiation either. Contains secrets: the caller keeps
-    /// the result in zeroizing memory.
+    /// needs no exponentiation either. Format 4 adds each pairing's replay
+    /// window after its receiving counter. Contains secrets: the caller
+    /// keeps the result in zeroizing memory.
     pub fn encode(&self, w: &mut Writer) {
         w.int(self.our_keyid);
         for pair in [&self.our_current, &self.our_previous] {
@@ -403,6 +474,7 @@ impl KeyRatchet {
             for p in row {
                 w.raw(&p.send_ctr.to_be_bytes());
                 w.raw(&p.recv_ctr.to_be_bytes());
+                w.raw(&p.seen.to_be_bytes());
                 match &p.used_recv_mac {
                     Some(k) => {
                         w.byte(1).raw(k);
@@ -452,7 +524,7 @@ impl KeyRatchet {
             .pairings
             .iter()
             .flatten()
-            .map(|p| 16 + 1 + p.used_recv_mac.map_or(0, |m| m.len()))
+            .map(|p| 24 + 1 + p.used_recv_mac.map_or(0, |m| m.len()))
             .sum();
         let cached: usize = self
             .cache
@@ -476,7 +548,7 @@ impl KeyRatchet {
             + field(self.to_reveal.len())
     }
 
-    /// Inverse of [`KeyRatchet::encode`] for snapshot `format` 1, 2 or 3.
+    /// Inverse of [`KeyRatchet::encode`] for snapshot `format` 1 to 4.
     /// Format-1 snapshots hold only our secrets: their public values are
     /// recomputed (two fixed-base exponentiations). Formats 1 and 2 have no
     /// derived keys and no next key pair: they are derived and generated
@@ -513,6 +585,10 @@ impl KeyRatchet {
             for p in row.iter_mut() {
                 p.send_ctr = u64::from_be_bytes(r.array("send_ctr")?);
                 p.recv_ctr = u64::from_be_bytes(r.array("recv_ctr")?);
+                // Before format 4 only newer counters were accepted.
+                if format >= 4 {
+                    p.seen = u64::from_be_bytes(r.array("seen")?);
+                }
                 p.used_recv_mac = match r.byte("mac?")? {
                     0 => None,
                     1 => Some(r.array("used_recv_mac")?),
@@ -613,10 +689,11 @@ mod tests {
         w.into_vec()
     }
 
-    /// Where the format-3 section (derived keys, next key pair) starts and
-    /// ends in an encoding.
-    fn v3_section(v3: &[u8]) -> (usize, usize) {
-        let mut r = Reader::new(v3);
+    /// Where, in an encoding of `format` 3 or 4, each pairing's format-4
+    /// replay window lies, and where the format-3 section (derived keys,
+    /// next key pair) starts and ends.
+    fn layout(enc: &[u8], format: u8) -> (Vec<usize>, usize, usize) {
+        let mut r = Reader::new(enc);
         r.int("keyid").unwrap();
         for _ in 0..2 {
             r.data("secret").unwrap();
@@ -627,8 +704,13 @@ mod tests {
         if r.byte("flag").unwrap() == 1 {
             r.mpi("their previous").unwrap();
         }
+        let mut windows = Vec::new();
         for _ in 0..4 {
             r.take(16, "counters").unwrap();
+            if format >= 4 {
+                windows.push(r.position());
+                r.take(8, "window").unwrap();
+            }
             if r.byte("flag").unwrap() == 1 {
                 r.take(20, "mac").unwrap();
             }
@@ -643,12 +725,22 @@ mod tests {
             r.data("secret").unwrap();
             r.mpi("public").unwrap();
         }
-        (start, r.position())
+        (windows, start, r.position())
+    }
+
+    /// The format-3 encoding: the format-4 one without replay windows.
+    fn as_format3(v4: &[u8]) -> Vec<u8> {
+        let (windows, _, _) = layout(v4, 4);
+        let mut out = v4.to_vec();
+        for at in windows.iter().rev() {
+            out.drain(*at..at + 8);
+        }
+        out
     }
 
     /// The format-2 encoding: the format-3 one without its section.
     fn as_format2(v3: &[u8]) -> Vec<u8> {
-        let (start, end) = v3_section(v3);
+        let (_, start, end) = layout(v3, 3);
         [&v3[..start], &v3[end..]].concat()
     }
 
@@ -681,9 +773,21 @@ mod tests {
         // Derived keys of two pairings and a next key pair, as after a send.
         k.encrypt(&header(), 0, b"x");
         k.prepare_answer(&mut rng);
-        let v3 = encoded(&k);
+        k.pairings[0][1].recv_ctr = 9;
+        k.pairings[0][1].seen = 0b1011;
+        let v4 = encoded(&k);
+        let back = KeyRatchet::decode(&mut Reader::new(&v4), 4).unwrap();
+        assert_eq!(encoded(&back), v4);
+        assert_eq!(back.pairings[0][1].seen, 0b1011);
+
+        // A format-3 encoding has no replay windows: nothing older than
+        // the newest counter is accepted until newer ones arrive.
+        let v3 = as_format3(&v4);
+        assert_eq!(v3.len(), v4.len() - 4 * 8);
         let back = KeyRatchet::decode(&mut Reader::new(&v3), 3).unwrap();
-        assert_eq!(encoded(&back), v3);
+        assert_eq!(back.pairings[0][1].seen, 0);
+        assert_eq!(back.pairings[0][1].recv_ctr, 9);
+        assert_eq!(as_format3(&encoded(&back)), v3);
         assert_eq!(back.our_current.public(), k.our_current.public());
         assert_eq!(back.our_previous.public(), k.our_previous.public());
         assert!(back.cache[0][1].is_some() && back.cache[1][1].is_some());
@@ -698,13 +802,13 @@ mod tests {
         assert!(v2.len() < v3.len());
         let old2 = KeyRatchet::decode(&mut Reader::new(&v2), 2).unwrap();
         assert!(old2.next.is_none() && old2.cache.iter().flatten().all(Option::is_none));
-        assert_eq!(as_format2(&encoded(&old2)), v2);
+        assert_eq!(as_format2(&as_format3(&encoded(&old2))), v2);
 
         // A format-1 encoding recomputes the same public values.
         let v1 = without_publics(&v2);
         assert!(v1.len() < v2.len());
         let old1 = KeyRatchet::decode(&mut Reader::new(&v1), 1).unwrap();
-        assert_eq!(as_format2(&encoded(&old1)), v2);
+        assert_eq!(as_format2(&as_format3(&encoded(&old1))), v2);
     }
 
     #[test]
@@ -739,7 +843,7 @@ mod tests {
         let offline = a.encrypt(&header(), 0, b"while you were out");
         // Bob restarts from the snapshot: the pairing of the offline message
         // is already derived and the key he rotates to already generated.
-        let mut b = KeyRatchet::decode(&mut Reader::new(&snapshot), 3).unwrap();
+        let mut b = KeyRatchet::decode(&mut Reader::new(&snapshot), 4).unwrap();
         assert!(b.has_cached_keys(offline.sender_keyid, offline.recipient_keyid));
         let next = b.next.as_ref().map(|k| k.public().clone()).unwrap();
         let got = b.decrypt(&header(), &offline, &mut rng).unwrap();
@@ -765,5 +869,97 @@ mod tests {
         let msg = a.encrypt(&header(), 0, b"hello");
         let got = b.decrypt(&header(), &msg, &mut rng).unwrap();
         assert_eq!(&got.plaintext[..], b"hello");
+    }
+
+    /// A one-way burst: `n` messages from `a` to `b`, not yet received.
+    fn burst(a: &mut KeyRatchet, n: usize) -> Vec<DataMessage> {
+        (0..n)
+            .map(|i| a.encrypt(&header(), 0, format!("m{}", i + 1).as_bytes()))
+            .collect()
+    }
+
+    fn pair(seed: u64) -> (KeyRatchet, KeyRatchet, ChaCha20Rng) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let a_ake = DhKeyPair::generate(&mut rng);
+        let b_ake = DhKeyPair::generate(&mut rng);
+        let a = KeyRatchet::after_ake(a_ake.clone(), b_ake.public().clone(), 1, &mut rng);
+        let b = KeyRatchet::after_ake(b_ake, a_ake.public().clone(), 1, &mut rng);
+        (a, b, rng)
+    }
+
+    fn reused(r: Result<Received, Error>) -> bool {
+        matches!(r, Err(Error::Peer(PeerMisbehaved::CounterReused)))
+    }
+
+    /// The server hands over m3 and m4 before m1 and m2 (ejabberd: live
+    /// messages before the offline ones): all four are read, each once, and
+    /// their positions give back the sending order.
+    #[test]
+    fn late_messages_are_read_once_and_ordered_by_position() {
+        let (mut a, mut b, mut rng) = pair(11);
+        // Bob spoke first, so Alice's burst uses his current key too.
+        let hello = b.encrypt(&header(), 0, b"hello");
+        a.decrypt(&header(), &hello, &mut rng).unwrap();
+        let m = burst(&mut a, 4);
+        let third = b.decrypt(&header(), &m[2], &mut rng).unwrap();
+        assert_eq!((third.skipped, third.late), (2, false));
+        assert!(third.rotated_ours && third.rotated_theirs);
+        let fourth = b.decrypt(&header(), &m[3], &mut rng).unwrap();
+        assert_eq!((fourth.skipped, fourth.late), (0, false));
+        // Keys rotated since; m1 and m2 are under the kept previous pairing.
+        let first = b.decrypt(&header(), &m[0], &mut rng).unwrap();
+        assert_eq!(&first.plaintext[..], b"m1");
+        assert_eq!((first.skipped, first.late), (0, true));
+        assert!(!first.rotated_ours && !first.rotated_theirs);
+        let second = b.decrypt(&header(), &m[1], &mut rng).unwrap();
+        assert!(second.late);
+        let mut order = [&third, &fourth, &first, &second].map(|r| r.position);
+        order.sort();
+        assert_eq!(
+            order,
+            [&first, &second, &third, &fourth].map(|r| r.position)
+        );
+        for msg in &m {
+            assert!(reused(b.decrypt(&header(), msg, &mut rng)));
+        }
+        // The conversation goes on both ways.
+        let answer = b.encrypt(&header(), 0, b"back");
+        assert_eq!(
+            &a.decrypt(&header(), &answer, &mut rng).unwrap().plaintext[..],
+            b"back"
+        );
+    }
+
+    /// Only the last [`REPLAY_WINDOW`] counters below the newest are
+    /// remembered; anything older is refused.
+    #[test]
+    fn the_replay_window_is_bounded() {
+        let (mut a, mut b, mut rng) = pair(12);
+        let n = REPLAY_WINDOW as usize + 6;
+        let m = burst(&mut a, n);
+        let last = b.decrypt(&header(), &m[n - 1], &mut rng).unwrap();
+        assert_eq!(last.skipped, n as u64 - 1);
+        // Counter n - 1 - 64 is the oldest still inside the window.
+        let oldest = n - 1 - REPLAY_WINDOW as usize;
+        assert!(reused(b.decrypt(&header(), &m[oldest - 1], &mut rng)));
+        assert!(b.decrypt(&header(), &m[oldest], &mut rng).unwrap().late);
+        assert!(reused(b.decrypt(&header(), &m[oldest], &mut rng)));
+        assert!(b.decrypt(&header(), &m[n - 2], &mut rng).unwrap().late);
+    }
+
+    /// The window is part of the snapshot: after a restart a late message
+    /// is still accepted and a received one still refused.
+    #[test]
+    fn the_replay_window_survives_a_snapshot() {
+        let (mut a, mut b, mut rng) = pair(13);
+        let m = burst(&mut a, 3);
+        b.decrypt(&header(), &m[2], &mut rng).unwrap();
+        b.decrypt(&header(), &m[0], &mut rng).unwrap();
+        let mut b = KeyRatchet::decode(&mut Reader::new(&encoded(&b)), 4).unwrap();
+        assert!(reused(b.decrypt(&header(), &m[0], &mut rng)));
+        assert!(reused(b.decrypt(&header(), &m[2], &mut rng)));
+        let second = b.decrypt(&header(), &m[1], &mut rng).unwrap();
+        assert_eq!(&second.plaintext[..], b"m2");
+        assert!(second.late);
     }
 }

@@ -25,9 +25,10 @@ const MAGIC: &[u8; 8] = b"O2TR-EKM";
 /// The snapshot format written. Format 2 adds our DH public values next to
 /// their secrets (restoring then needs no exponentiation); format 3 adds
 /// the derived session keys and our pre-generated next key pair (the first
-/// message after a restore then needs none either). Formats 1 and 2 are
-/// still read.
-const FORMAT: u8 = 3;
+/// message after a restore then needs none either); format 4 adds the
+/// replay window of each key pairing (a late message is accepted once).
+/// Formats 1 to 3 are still read.
+const FORMAT: u8 = 4;
 /// The oldest format still read.
 const FORMAT_V1: u8 = 1;
 /// Bytes before the peer's public key: magic, format, version, tags, ssid,

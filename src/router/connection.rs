@@ -16,6 +16,7 @@ use super::account::{Identity, load_or_create};
 use super::command::{self, Command};
 use super::group::{Part, Planned};
 use super::notice;
+use super::reorder::Reorder;
 use crate::otr::conversation::{Action, Config, Conversation, Notice};
 use crate::otr::policy::Policy;
 use crate::proxy::{Incoming, Outgoing, StanzaHook};
@@ -44,6 +45,8 @@ pub(crate) struct Peer {
     /// Snapshots that were wiped because they could not be read (corrupt,
     /// truncated, unknown format); told on next message.
     discarded: usize,
+    /// Messages (with their inbox ids) waiting for earlier ones.
+    reorder: Reorder<(Element, Option<i64>)>,
 }
 
 pub(crate) struct AccountCtx {
@@ -220,6 +223,7 @@ impl Router {
                     full_jid: None,
                     expired,
                     discarded,
+                    reorder: Reorder::default(),
                 },
             );
         }
@@ -453,6 +457,12 @@ impl Router {
             .filter(|b| identifies_message(b))
             .map(|b| body_digest(peer, &b));
         let mut stanzas = stanzas.into_iter().zip(outbox_slots);
+        // A gap the reorder hold waits for is reported only if it does not
+        // fill in time (`expire_reorder`).
+        let gap_held = step.effects.iter().any(|e| {
+            matches!(e, Effect::Deliver { delivery, .. }
+                if delivery.order.is_some_and(|o| o.skipped > 0))
+        });
         for effect in step.effects {
             match effect {
                 Effect::Send(_) => {
@@ -478,18 +488,23 @@ impl Router {
                     } else {
                         stanza::set_body(&mut el, &delivery.text);
                     }
-                    out.push(Outgoing::ToClient(el));
                     if let (true, Some(d)) = (delivery.encrypted, incoming_digest) {
                         if self.shown.len() == SHOWN_DIGESTS {
                             self.shown.pop_front();
                         }
                         self.shown.push_back(d);
                     }
-                    if let Some(id) = receipt.inbox_ids.get(slot) {
-                        self.handed.insert(*id);
-                        self.acks.push((peer.to_string(), *id));
+                    let item = (el, receipt.inbox_ids.get(slot).copied());
+                    let ready = match self.peers.get_mut(peer) {
+                        Some(p) => p.reorder.arrive(delivery.order.as_ref(), item, now),
+                        None => vec![item],
+                    };
+                    if ready.is_empty() {
+                        tracing::debug!(peer, "message held until the earlier ones arrive");
                     }
+                    self.hand_to_client(peer, ready, out);
                 }
+                Effect::Notify(Notice::Missing { .. }) if gap_held => {}
                 Effect::Notify(Notice::Unreadable { replayed: true, .. })
                     if incoming_digest.is_some_and(|d| self.shown.contains(&d)) =>
                 {
@@ -513,6 +528,42 @@ impl Router {
                     out.push(self.notice_to_client(peer, &text));
                 }
             }
+        }
+    }
+
+    /// Hand decrypted messages to the client; their inbox entries are
+    /// acknowledged once written.
+    fn hand_to_client(
+        &mut self,
+        peer: &str,
+        ready: Vec<(Element, Option<i64>)>,
+        out: &mut Vec<Outgoing>,
+    ) {
+        for (el, id) in ready {
+            out.push(Outgoing::ToClient(el));
+            if let Some(id) = id {
+                self.handed.insert(id);
+                self.acks.push((peer.to_string(), id));
+            }
+        }
+    }
+
+    /// Release the messages whose wait for earlier ones timed out, and
+    /// tell the user how many never came.
+    fn expire_reorder(&mut self, now: u64, out: &mut Vec<Outgoing>) {
+        let mut expired = Vec::new();
+        for (peer, p) in &mut self.peers {
+            if let Some((ready, missing)) = p.reorder.expire(now) {
+                expired.push((peer.clone(), ready, missing));
+            }
+        }
+        for (peer, ready, missing) in expired {
+            tracing::info!(peer, missing, "gave up waiting for missing messages");
+            if missing > 0 {
+                let text = notice::render(&Notice::Missing { count: missing }, &peer, None);
+                out.push(self.notice_to_client(&peer, &text));
+            }
+            self.hand_to_client(&peer, ready, out);
         }
     }
 
@@ -1064,6 +1115,7 @@ impl StanzaHook for Router {
             }
         }
         self.deliver_undelivered(&mut out);
+        self.expire_reorder(now, &mut out);
         self.retry_stalled_handshakes(now, out)
     }
 
@@ -1132,6 +1184,7 @@ impl StanzaHook for Router {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::time::Duration;
 
     use super::*;
     use crate::router::RouterConfig;
@@ -1286,5 +1339,156 @@ mod tests {
                     && stanza::body(el).is_some_and(|b| b.starts_with("?OTRv")))
         });
         assert!(query, "{out:?}");
+    }
+
+    /// Two routers and a loss-free server between them; the server's
+    /// deliveries to bob can be held back and reordered.
+    struct Two {
+        alice: Router,
+        bob: Router,
+        now: SystemTime,
+    }
+
+    const ALICE: &str = "alice@example.test";
+    const BOB: &str = "bob@example.test";
+
+    impl Two {
+        fn new() -> Self {
+            let (mut alice, mut bob) = (router(), router());
+            alice.bound(&Jid::parse(&format!("{ALICE}/pc")).unwrap());
+            bob.bound(&Jid::parse(&format!("{BOB}/pc")).unwrap());
+            Two {
+                alice,
+                bob,
+                now: SystemTime::now(),
+            }
+        }
+
+        /// Hand every stanza for the server to the other side until both
+        /// are quiet; returns the messages each client was given.
+        fn pump(&mut self, mut to_bob: Vec<Element>, mut to_alice: Vec<Element>) -> Seen {
+            let mut seen = Seen::default();
+            while !to_bob.is_empty() || !to_alice.is_empty() {
+                for el in std::mem::take(&mut to_bob) {
+                    let out = self.bob.from_server(addressed(el, ALICE, BOB), self.now);
+                    to_alice.extend(seen.take(out, true));
+                }
+                for el in std::mem::take(&mut to_alice) {
+                    let out = self.alice.from_server(addressed(el, BOB, ALICE), self.now);
+                    to_bob.extend(seen.take(out, false));
+                }
+            }
+            seen
+        }
+
+        /// Alice's client sends `text`: what her proxy sends to the server.
+        fn alice_sends(&mut self, text: &str) -> Vec<Element> {
+            let mut el = Element::new("message", ns::CLIENT)
+                .with_attr("to", BOB)
+                .with_attr("type", "chat");
+            stanza::set_body(&mut el, text);
+            let out = self.alice.from_client(el, self.now);
+            let mut seen = Seen::default();
+            seen.take(out, false)
+        }
+    }
+
+    fn addressed(mut el: Element, from: &str, to: &str) -> Element {
+        el.set_attr("from", &format!("{from}/pc"));
+        el.set_attr("to", &format!("{to}/pc"));
+        el
+    }
+
+    /// Message bodies bob's client was given, apart from the proxy's
+    /// `[o2tr]` notices.
+    #[derive(Default)]
+    struct Seen {
+        bob: Vec<String>,
+        bob_notices: Vec<String>,
+    }
+
+    impl Seen {
+        /// Record what went to bob's client; return what goes to the server.
+        fn take(&mut self, out: Vec<Outgoing>, at_bob: bool) -> Vec<Element> {
+            let mut up = Vec::new();
+            for o in out {
+                match o {
+                    Outgoing::ToServer(el) => up.push(el),
+                    Outgoing::ToClient(el) if at_bob && el.is("message", ns::CLIENT) => {
+                        let body = stanza::body(&el).unwrap_or_default().to_string();
+                        if body.starts_with("[o2tr]") {
+                            self.bob_notices.push(body);
+                        } else {
+                            self.bob.push(body);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            up
+        }
+    }
+
+    fn established() -> Two {
+        let mut t = Two::new();
+        let first = t.alice_sends("hello");
+        let seen = t.pump(first, Vec::new());
+        assert_eq!(seen.bob, ["hello"], "{:?}", seen.bob_notices);
+        assert!(seen.bob_notices[0].contains("Private conversation"));
+        t
+    }
+
+    /// What ejabberd does when bob's client reconnects: alice's m3 and m4
+    /// arrive live, before m1 and m2 from offline storage. Bob's client is
+    /// given all four, in the order alice sent them, with no notice.
+    #[test]
+    fn messages_overtaken_by_newer_ones_are_shown_in_sending_order() {
+        let mut t = established();
+        let m: Vec<Element> = (1..=4)
+            .flat_map(|i| t.alice_sends(&format!("m{i}")))
+            .collect();
+        assert_eq!(m.len(), 4);
+        let mut seen = Seen::default();
+        for i in [2, 3, 0, 1] {
+            let out = t
+                .bob
+                .from_server(addressed(m[i].clone(), ALICE, BOB), t.now);
+            seen.take(out, true);
+            if i == 3 {
+                assert!(seen.bob.is_empty(), "m3, m4 wait for m1: {:?}", seen.bob);
+            }
+        }
+        assert_eq!(seen.bob, ["m1", "m2", "m3", "m4"], "{:?}", seen.bob_notices);
+        assert!(seen.bob_notices.is_empty(), "{:?}", seen.bob_notices);
+    }
+
+    /// A message the server really lost: the next one is shown after the
+    /// hold, with a notice that one is missing.
+    #[test]
+    fn a_lost_message_delays_the_next_one_by_the_hold_only() {
+        let mut t = established();
+        let _lost = t.alice_sends("lost");
+        let next = t.alice_sends("next");
+        let mut seen = Seen::default();
+        let out = t
+            .bob
+            .from_server(addressed(next[0].clone(), ALICE, BOB), t.now);
+        seen.take(out, true);
+        assert!(seen.bob.is_empty() && seen.bob_notices.is_empty());
+        let out = t.bob.tick(t.now + Duration::from_secs(1));
+        seen.take(out, true);
+        assert!(seen.bob.is_empty());
+        let out = t
+            .bob
+            .tick(t.now + Duration::from_secs(super::super::reorder::HOLD_SECS + 1));
+        seen.take(out, true);
+        assert_eq!(seen.bob, ["next"]);
+        // The notice comes first: it is about the messages before "next".
+        assert_eq!(seen.bob_notices.len(), 1, "{:?}", seen.bob_notices);
+        assert!(
+            seen.bob_notices[0].contains("missing"),
+            "{:?}",
+            seen.bob_notices
+        );
     }
 }

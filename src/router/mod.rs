@@ -7,6 +7,8 @@
 //! * [`command`] — `/otr …` commands and the control contact.
 //! * [`notice`] — the `[o2tr]` texts the user reads.
 //! * [`account`] — the account's long-term key and instance tag.
+//! * `reorder` — holds a peer's message that arrived after a gap until the
+//!   gap fills, so the client sees the sender's order.
 //!
 //! [`Conversation`]: crate::otr::conversation::Conversation
 
@@ -15,6 +17,7 @@ pub mod command;
 pub mod connection;
 mod group;
 pub mod notice;
+mod reorder;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -112,6 +112,7 @@ impl InboxEntry {
             encrypted: self.encrypted,
             instance: self.instance,
             offline: self.offline,
+            order: None,
         }
     }
 }
@@ -758,6 +759,7 @@ mod tests {
             encrypted: true,
             instance: 7,
             offline: true,
+            order: None,
         };
         let step = split(vec![
             Action::Persist(Persist {

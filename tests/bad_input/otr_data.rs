@@ -396,7 +396,7 @@ fn replay_and_reorder() {
                 check(
                     &p.bob,
                     &Want::Unreadable {
-                        err: P::CounterNotIncreasing,
+                        err: P::CounterReused,
                         replay: true,
                     },
                 )
@@ -419,7 +419,7 @@ fn replay_and_reorder() {
                 let a = check(
                     &p.bob,
                     &Want::Unreadable {
-                        err: P::CounterNotIncreasing,
+                        err: P::CounterReused,
                         replay: true,
                     },
                 );
@@ -434,18 +434,43 @@ fn replay_and_reorder() {
             },
         },
         Case {
-            name: "reorder: second message before the first",
+            name: "reorder: second message before the first, then the first again",
             run: |p| {
                 let m1 = send_one(&mut p.alice, "first", p.now);
                 let m2 = send_one(&mut p.alice, "second", p.now);
                 p.bob.receive(&m2, p.now);
-                check(&p.bob, &Want::Delivered("second".into()))?;
+                clear(p);
+                // Late but authentic: read once (the replay window).
+                p.bob.receive(&m1, p.now);
+                check(&p.bob, &Want::Delivered("first".into()))?;
                 clear(p);
                 p.bob.receive(&m1, p.now);
                 check(
                     &p.bob,
                     &Want::Unreadable {
-                        err: P::CounterNotIncreasing,
+                        err: P::CounterReused,
+                        replay: true,
+                    },
+                )
+            },
+        },
+        Case {
+            name: "reorder: a message older than the replay window",
+            run: |p| {
+                let old = send_one(&mut p.alice, "too old", p.now);
+                let window = o2tr_proxy::otr::keys::REPLAY_WINDOW;
+                let newer: Vec<String> = (0..=window)
+                    .map(|i| send_one(&mut p.alice, &format!("n{i}"), p.now))
+                    .collect();
+                if let Some(last) = newer.last() {
+                    p.bob.receive(last, p.now);
+                }
+                clear(p);
+                p.bob.receive(&old, p.now);
+                check(
+                    &p.bob,
+                    &Want::Unreadable {
+                        err: P::CounterReused,
                         replay: true,
                     },
                 )

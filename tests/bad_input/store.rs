@@ -50,8 +50,9 @@ fn layout(b: &[u8]) -> At {
     if r.byte("").unwrap() == 1 {
         r.mpi("").unwrap();
     }
+    // Per pairing: counters, (format 4) replay window, MAC key.
     for _ in 0..4 {
-        r.take(16, "").unwrap();
+        r.take(24, "").unwrap();
         if r.byte("").unwrap() == 1 {
             r.take(20, "").unwrap();
         }
@@ -121,7 +122,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "snapshot: unknown format byte",
-            damage: |b, _| b[8] = 4,
+            damage: |b, _| b[8] = 5,
             want: Some(|e| matches!(e, Error::Snapshot("unknown snapshot format"))),
         },
         Case {
