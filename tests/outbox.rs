@@ -852,3 +852,68 @@ fn a_burst_lost_in_a_crash_is_resent_once() {
 fn dummy_alice() -> Box<dyn StanzaHook> {
     Box::new(o2tr_proxy::proxy::PassThrough)
 }
+
+/// The AKE responder commits its new session together with its Signature
+/// message. If its proxy dies before writing that message, the restarted
+/// proxy sends it again, before the data messages of the session, so the
+/// initiator goes private and reads them. Before, only data messages were
+/// kept: the initiator never got the Signature, answered every message
+/// with an OTR error, and the messages were lost (chaos campaign, fault
+/// during an AKE, proxy SIGKILL; CI seed 748494199).
+#[test]
+fn a_signature_lost_in_a_crash_is_sent_again_before_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("alice");
+    let store_a = sqlite(&dir);
+    let mut a = hook(&store_a, RouterConfig::default(), ALICE);
+    let bob_store: SharedStore = Arc::new(Mutex::new(Box::new(MemoryStore::new())));
+    let mut b = hook(&bob_store, RouterConfig::default(), BOB);
+    let sig = |el: &Element| stanza::body(el).is_some_and(|t| t.starts_with("?OTR:AAMS"));
+
+    // Alice types: held by policy `always`; her query starts the AKE.
+    // Query → Bob, D-H Commit → Alice, D-H Key → Bob, Reveal Signature.
+    let mut to_b = split(a.from_client(typed(ALICE, "bob@example.test", "hello"), now())).server;
+    a.flushed();
+    let last = loop {
+        let mut to_a = Vec::new();
+        for el in to_b.drain(..) {
+            to_a.extend(split(b.from_server(routed(el, ALICE, BOB), now())).server);
+            b.flushed();
+        }
+        assert!(!to_a.is_empty(), "the AKE stalled");
+        let mut from_a = Vec::new();
+        for el in to_a {
+            from_a.extend(split(a.from_server(routed(el, BOB, ALICE), now())).server);
+        }
+        if from_a.iter().any(sig) {
+            break from_a;
+        }
+        a.flushed();
+        to_b = from_a;
+    };
+    // Alice is private: her Signature and her held message are committed,
+    // but her proxy dies before writing them.
+    assert!(last.iter().any(is_data), "{last:?}");
+    drop(a);
+    drop(store_a);
+
+    let store_a = sqlite(&dir);
+    let mut a = hook(&store_a, RouterConfig::default(), ALICE);
+    let resent = split(a.tick(now())).server;
+    a.flushed();
+    assert!(
+        resent.first().is_some_and(sig),
+        "the Signature goes first: {resent:?}"
+    );
+    let (seen_a, seen_b) = pump(&mut *a, &mut *b, resent, Vec::new());
+    let shown: Vec<&String> = seen_b.iter().filter(|t| !t.starts_with("[o2tr]")).collect();
+    assert_eq!(shown, ["hello"], "bob saw {seen_b:?}");
+    assert!(
+        !seen_a.iter().any(|t| t.contains("could not read")),
+        "{seen_a:?}"
+    );
+    // And the session goes on both ways.
+    let reply = bob_sends(&mut *b, "hi alice");
+    let (seen_a, _) = pump(&mut *a, &mut *b, Vec::new(), reply);
+    assert!(seen_a.iter().any(|t| t == "hi alice"), "{seen_a:?}");
+}

@@ -191,7 +191,7 @@ fn plan_send(
     now: u64,
 ) -> (ekm::Step, Vec<String>) {
     let mut step = ekm::split(conv.handle_outgoing(&text_of(j), now, rng));
-    let data = step.data_sends();
+    let data = step.outbox_sends();
     let mut lines = Vec::new();
     for (e, d) in step
         .effects

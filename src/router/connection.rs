@@ -317,9 +317,11 @@ impl Router {
             }
             match Element::parse(m.stanza.as_bytes(), &NsScope::client_stream()) {
                 Ok(el) => {
+                    if stanza::body(&el).is_some_and(|b| ekm::begins_data_message(&b)) {
+                        *self.resent.entry(m.peer.clone()).or_default() += 1;
+                    }
                     out.push(Outgoing::ToServer(el));
                     self.outbox_acks.push(m.id);
-                    *self.resent.entry(m.peer.clone()).or_default() += 1;
                 }
                 Err(e) => {
                     tracing::error!(peer = m.peer, cause = %e, "unreadable outbox entry; dropped");
@@ -400,7 +402,7 @@ impl Router {
         }
         let mut outbox_slots = Vec::with_capacity(stanzas.len());
         let mut next_slot = 0;
-        for (el, data) in stanzas.iter().zip(step.data_sends()) {
+        for (el, data) in stanzas.iter().zip(step.outbox_sends()) {
             if data {
                 step.durable
                     .push(DurableOp::Outbox(el.to_xml(&NsScope::client_stream())));

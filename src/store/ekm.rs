@@ -280,13 +280,20 @@ impl Step {
         !self.durable.is_empty()
     }
 
-    /// For each [`Effect::Send`], in order, whether it carries an OTR data
-    /// message (whole, or a fragment of one). Those are the sends that
-    /// consumed a sending counter, so they belong in the outbox
-    /// ([`DurableOp::Outbox`]); queries, AKE and error messages do not
-    /// (re-sending an AKE message after a restart would only confuse).
-    pub fn data_sends(&self) -> Vec<bool> {
-        let mut in_data = false;
+    /// For each [`Effect::Send`], in order, whether it belongs in the
+    /// outbox ([`DurableOp::Outbox`]), committed with the snapshot and
+    /// re-sent after a crash: an OTR data message (whole, or a fragment of
+    /// one) — it consumed a sending counter — or the AKE's Signature
+    /// message — the responder is private once it is committed, so if the
+    /// message were lost the initiator would never be, and could read
+    /// nothing sent in the session (found by the chaos campaign: a proxy
+    /// SIGKILLed between the commit and the write). Re-sent to a peer that
+    /// has it, or has moved on, it is ignored (spec: a Signature message
+    /// counts only in AUTHSTATE_AWAITING_SIG). Queries, other AKE messages
+    /// and error messages are not kept: re-sending them after a restart
+    /// would only confuse.
+    pub fn outbox_sends(&self) -> Vec<bool> {
+        let mut in_kept = false;
         self.effects
             .iter()
             .filter_map(|e| match e {
@@ -296,14 +303,14 @@ impl Step {
             .map(|body| {
                 if body.starts_with("?OTR|") || body.starts_with("?OTR,") {
                     match parse_fragment(body) {
-                        Ok(f) if f.k == 1 => in_data = is_data_message(&f.piece),
+                        Ok(f) if f.k == 1 => in_kept = is_kept(&f.piece),
                         Ok(_) => {}
-                        Err(_) => in_data = false,
+                        Err(_) => in_kept = false,
                     }
-                    in_data
+                    in_kept
                 } else {
-                    in_data = false;
-                    is_data_message(body)
+                    in_kept = false;
+                    is_kept(body)
                 }
             })
             .collect()
@@ -326,6 +333,23 @@ impl Step {
 /// (`00 02 03`) in base64.
 fn is_data_message(body: &str) -> bool {
     body.starts_with("?OTR:AAMD") || body.starts_with("?OTR:AAID")
+}
+
+/// A data message or an AKE Signature message (see [`Step::outbox_sends`]).
+fn is_kept(body: &str) -> bool {
+    is_data_message(body) || body.starts_with("?OTR:AAMS") || body.starts_with("?OTR:AAIS")
+}
+
+/// Whether a stanza body is a data message or a data message's first
+/// fragment: what a peer answers with an "unreadable" error when it is a
+/// duplicate (libotr), unlike a repeated Signature message, which it
+/// ignores.
+pub fn begins_data_message(body: &str) -> bool {
+    if body.starts_with("?OTR|") || body.starts_with("?OTR,") {
+        parse_fragment(body).is_ok_and(|f| f.k == 1 && is_data_message(&f.piece))
+    } else {
+        is_data_message(body)
+    }
 }
 
 /// Plan one batch of core actions (the result of one `handle_*` call).
@@ -692,10 +716,14 @@ mod tests {
     }
 
     #[test]
-    fn data_sends_marks_data_messages_and_their_fragments() {
+    fn outbox_sends_marks_data_and_signature_messages_and_their_fragments() {
         let step = Step {
             effects: vec![
                 Effect::Send("?OTR:AAMDxyz.".into()),
+                Effect::Send("?OTR:AAMSsig.".into()),
+                Effect::Send("?OTR:AAMRrevealsig.".into()),
+                Effect::Send("?OTR|00000100|00000200,00001,00002,?OTR:AAISab,".into()),
+                Effect::Send("?OTR|00000100|00000200,00002,00002,cd.,".into()),
                 Effect::Notify(Notice::Ended),
                 Effect::Send("?OTRv3?".into()),
                 Effect::Send("?OTR:AAIDv2data.".into()),
@@ -709,9 +737,15 @@ mod tests {
             ..Step::default()
         };
         assert_eq!(
-            step.data_sends(),
-            [true, false, true, false, true, true, false, false, false]
+            step.outbox_sends(),
+            [
+                true, true, false, true, true, false, true, false, true, true, false, false, false
+            ]
         );
+        assert!(begins_data_message("?OTR:AAMDxyz."));
+        assert!(begins_data_message("?OTR,00001,00002,?OTR:AAIDab,"));
+        assert!(!begins_data_message("?OTR,00002,00002,?OTR:AAIDab,"));
+        assert!(!begins_data_message("?OTR:AAMSsig."));
     }
 
     #[test]

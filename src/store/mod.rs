@@ -13,8 +13,11 @@
 //!   order;
 //! * the *inbox*: decrypted plaintexts committed together with the snapshot
 //!   that consumed them and kept until the client has them ([`ekm`]);
-//! * the *outbox*: encrypted outgoing stanzas committed together with the
-//!   snapshot that produced them and kept until written to the server;
+//! * the *outbox*: encrypted outgoing stanzas (data messages, and the AKE
+//!   Signature message that completes the peer's side of a new session)
+//!   committed together with the snapshot that produced them and kept
+//!   until written to (or, with upstream XEP-0198, acknowledged by) the
+//!   server;
 //! * per (account, peer): the partially reassembled incoming fragments.
 //!
 //! Everything goes through the small [`Store`] trait, with two
