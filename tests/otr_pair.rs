@@ -175,6 +175,78 @@ fn stalled_ake_is_started_over_while_messages_are_held() {
     assert!(p.alice.outbox.is_empty());
 }
 
+/// A message typed while we answer the peer's D-H Commit sends no new
+/// query: the peer would start its AKE over and ignore our Signature, and
+/// everything we send in the session we just completed would be
+/// unreadable to it (chaos campaign, fault during an AKE, TCP cut: the
+/// proxy's new connection has a fresh query throttle, and only the master
+/// AKE state was checked, not the instance's).
+#[test]
+fn a_message_typed_during_the_handshake_sends_no_new_query() {
+    let mut p = Pair::new();
+    let t0 = p.now;
+    p.alice.send("first", t0);
+    let query = p.alice.outbox.pop_front().expect("query");
+    p.bob.receive(&query, t0);
+    let commit = p.bob.outbox.pop_front().expect("D-H Commit");
+    // The commit reaches Alice late (her link was cut and came back).
+    let late = t0 + 11;
+    p.alice.receive(&commit, late);
+    assert_eq!(p.alice.outbox.len(), 1, "alice answered with her D-H Key");
+    p.alice.send("second", late);
+    assert!(
+        !p.alice.outbox.iter().any(|m| m.starts_with("?OTRv")),
+        "a new query during the AKE: {:?}",
+        p.alice.outbox
+    );
+    p.now = late;
+    p.run();
+    assert!(p.alice.conv.is_private() && p.bob.conv.is_private());
+    assert_eq!(p.bob.texts(), ["first", "second"]);
+}
+
+/// Our D-H Commit answering the peer's query supersedes an older
+/// handshake with that instance: the peer's D-H Key for it must not be
+/// ignored by the stale state (chaos campaign, fault during an AKE, proxy
+/// SIGKILL: both sides waited for a Reveal Signature until the AKE retry,
+/// and every message of the trial was late).
+#[test]
+fn a_newer_commit_of_ours_supersedes_a_stale_handshake() {
+    let mut p = Pair::new();
+    let t0 = p.now;
+    p.alice.send("from alice", t0);
+    let query = p.alice.outbox.pop_front().expect("query");
+    p.bob.receive(&query, t0);
+    let commit = p.bob.outbox.pop_front().expect("D-H Commit");
+    p.alice.receive(&commit, t0);
+    // Alice's D-H Key is lost; Bob's AKE state dies with his connection.
+    assert!(p.alice.outbox.pop_front().is_some());
+    p.bob.conv.suspend();
+    // Bob types: his query reaches Alice, who answers with her own commit
+    // while her answer to his old commit is still pending.
+    p.bob.send("from bob", t0 + 1);
+    let query = p.bob.outbox.pop_front().expect("bob's query");
+    assert!(query.starts_with("?OTRv"));
+    p.alice.receive(&query, t0 + 1);
+    let ours = p.alice.outbox.pop_front().expect("alice's D-H Commit");
+    p.bob.receive(&ours, t0 + 1);
+    let key = p.bob.outbox.pop_front().expect("bob's D-H Key");
+    p.alice.receive(&key, t0 + 1);
+    assert!(
+        p.alice
+            .outbox
+            .front()
+            .is_some_and(|m| m.starts_with("?OTR:AAMR")),
+        "alice answers with her Reveal Signature: {:?}",
+        p.alice.outbox
+    );
+    p.now = t0 + 1;
+    p.run();
+    assert!(p.alice.conv.is_private() && p.bob.conv.is_private());
+    assert_eq!(p.bob.texts(), ["from alice"]);
+    assert_eq!(p.alice.texts(), ["from bob"]);
+}
+
 /// Retries are bounded: an offline peer finds at most MAX_AKE_RETRIES
 /// extra queries in its offline storage; a new message from the user
 /// starts the count again.

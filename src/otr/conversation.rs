@@ -795,8 +795,36 @@ impl Conversation {
         out
     }
 
+    /// The AKE state a D-H Commit or D-H Key from instance `tag` continues:
+    /// the instance's own, unless we sent a D-H Commit of our own to an
+    /// unknown instance (`master_ake`, answering the peer's query) and the
+    /// instance is not waiting for a D-H Key. Such a commit is newer than
+    /// any handshake the instance has under way — that one would have
+    /// taken over `master_ake` otherwise — and the peer, which asked for
+    /// a new AKE, answers it; the stale state is dropped.
+    fn take_ake_for_dh(&mut self, tag: u32) -> AuthState {
+        let inst = self.instances.entry(tag).or_insert_with(Instance::new);
+        let state = std::mem::take(&mut inst.ake);
+        let ours_newer = matches!(self.master_ake, AuthState::AwaitingDhKey(_))
+            && !matches!(state, AuthState::AwaitingDhKey(_));
+        if ours_newer || (!state.in_progress() && self.master_ake.in_progress()) {
+            if state.in_progress() {
+                tracing::debug!(
+                    stale = state.name(),
+                    "our newer D-H Commit supersedes the instance's handshake"
+                );
+            }
+            return std::mem::take(&mut self.master_ake);
+        }
+        state
+    }
+
+    /// A new query restarts the peer's AKE, so none while one is under
+    /// way — with an unknown instance (`master_ake`) or a known one (we
+    /// answered its D-H Commit) — nor within 10 s of the last.
     fn may_query(&self, now: u64) -> bool {
         !self.master_ake.in_progress()
+            && !self.instances.values().any(|i| i.ake.in_progress())
             && self.last_query.is_none_or(|t| now.saturating_sub(t) >= 10)
     }
 
@@ -1073,11 +1101,7 @@ impl Conversation {
         match m.body {
             Body::Data(d) => self.on_data(&h, tag, &d, now, rng, out),
             Body::DhCommit(c) => {
-                let inst = self.instances.entry(tag).or_insert_with(Instance::new);
-                let mut state = std::mem::take(&mut inst.ake);
-                if !state.in_progress() && self.master_ake.in_progress() {
-                    state = std::mem::take(&mut self.master_ake);
-                }
+                let state = self.take_ake_for_dh(tag);
                 let (state, step) = state.handle_dh_commit(h.version, tags, &c, rng);
                 self.set_ake(tag, state);
                 if let Some(reply) = step.reply {
@@ -1085,11 +1109,7 @@ impl Conversation {
                 }
             }
             Body::DhKey(k) => {
-                let inst = self.instances.entry(tag).or_insert_with(Instance::new);
-                let mut state = std::mem::take(&mut inst.ake);
-                if !state.in_progress() && self.master_ake.in_progress() {
-                    state = std::mem::take(&mut self.master_ake);
-                }
+                let state = self.take_ake_for_dh(tag);
                 let lt = Arc::clone(&self.long_term);
                 match state.handle_dh_key(tags, &k, &lt, rng) {
                     Ok((state, step)) => {
