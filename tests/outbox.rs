@@ -675,6 +675,9 @@ impl Store for Counting {
     fn all_held_messages(&self) -> store::Result<Vec<HeldMessage>> {
         self.inner.all_held_messages()
     }
+    fn held_peers(&self, a: &str) -> store::Result<Vec<String>> {
+        self.inner.held_peers(a)
+    }
     fn release_held(&mut self, id: i64) -> store::Result<bool> {
         self.inner.release_held(id)
     }

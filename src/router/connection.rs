@@ -876,13 +876,8 @@ impl Router {
         let Some(account) = self.account.as_ref().map(|a| a.bare.clone()) else {
             return;
         };
-        let held = self.shared.store().all_held_messages();
-        let peers: std::collections::BTreeSet<String> = match held {
-            Ok(all) => all
-                .into_iter()
-                .filter(|m| m.account == account)
-                .map(|m| m.peer)
-                .collect(),
+        let peers = match self.shared.store().held_peers(&account) {
+            Ok(peers) => peers,
             Err(e) => {
                 tracing::error!(cause = %e, "could not read the held messages");
                 return;

@@ -331,6 +331,16 @@ impl Store for MemoryStore {
         Ok(self.held.values().cloned().collect())
     }
 
+    fn held_peers(&self, account: &str) -> Result<Vec<String>> {
+        let peers: std::collections::BTreeSet<&str> = self
+            .held
+            .values()
+            .filter(|m| m.account == account)
+            .map(|m| m.peer.as_str())
+            .collect();
+        Ok(peers.into_iter().map(str::to_string).collect())
+    }
+
     fn release_held(&mut self, id: i64) -> Result<bool> {
         Ok(self.held.remove(&id).is_some())
     }

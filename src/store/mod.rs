@@ -381,6 +381,9 @@ pub trait Store: Send {
     fn held_messages(&self, account: &str, peer: &str) -> Result<Vec<HeldMessage>>;
     /// All held messages, oldest first.
     fn all_held_messages(&self) -> Result<Vec<HeldMessage>>;
+    /// The peers `account` holds messages for, sorted (reads no message
+    /// text: a connection asks at bind which conversations to open).
+    fn held_peers(&self, account: &str) -> Result<Vec<String>>;
     /// Removes (and wipes) a held message once it has been sent; returns
     /// whether it existed.
     fn release_held(&mut self, id: i64) -> Result<bool>;

@@ -590,6 +590,16 @@ impl Store for SqliteStore {
         self.held_where("", &[])
     }
 
+    fn held_peers(&self, account: &str) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT peer FROM held_message WHERE account = ?1 ORDER BY peer",
+        )?;
+        let peers = stmt
+            .query_map([account], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(peers)
+    }
+
     fn release_held(&mut self, id: i64) -> Result<bool> {
         let n = self
             .conn

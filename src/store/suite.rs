@@ -180,6 +180,8 @@ pub(super) fn held_messages(s: &mut dyn Store) {
     );
     assert_eq!(all[2].queued_at, 4);
     assert_eq!(all[1].peer, "carol@y");
+    assert_eq!(s.held_peers("alice@x").unwrap(), ["bob@y", "carol@y"]);
+    assert!(s.held_peers("nobody@x").unwrap().is_empty());
     assert!(s.release_held(a).unwrap());
     assert!(!s.release_held(a).unwrap());
     let e = s.hold_message("alice@x", "bob@y", "fourth", 8).unwrap();
