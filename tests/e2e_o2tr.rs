@@ -418,3 +418,57 @@ fn commands_and_control_contact_stay_local() {
     );
     assert!(!log.contains("/otr fingerprint"));
 }
+
+/// ejabberd can leave a message in offline storage past the reconnecting
+/// session's initial presence (its store racing the flush: docs/chaos.md);
+/// here bob's client leaves it there on purpose (a XEP-0013 disco#info
+/// before its presence). Alice's next message arrives live, after the gap:
+/// bob's proxy holds it, fetches offline storage again, shows both in
+/// sending order with no "missing" notice, and empties the storage.
+#[test]
+fn a_message_left_in_offline_storage_is_fetched_for_the_gap() {
+    let ej = Ejabberd::start();
+    ej.register_all(&[("alice", "pw-a"), ("bob", "pw-b")]);
+    let pa = TestProxy::start(&ej, &temp_dir("alice-proxy"), Policy::Always);
+    let pb = TestProxy::start(&ej, &temp_dir("bob-proxy"), Policy::Always);
+    let mut alice = pa.client(&ej, "alice", "pw-a");
+    let mut bob = pb.client(&ej, "bob", "pw-b");
+    let tok = token();
+    alice.send(&ej.jid("bob"), &format!("hello {tok}"));
+    assert_eq!(collect(&mut bob, 1, T).0.len(), 1);
+    bob.send(&ej.jid("alice"), &format!("hi {tok}"));
+    assert_eq!(collect(&mut alice, 1, T).0.len(), 1);
+
+    bob.close();
+    std::thread::sleep(Duration::from_millis(500));
+    let stuck = format!("stuck {tok}");
+    alice.send(&ej.jid("bob"), &stuck);
+    let deadline = std::time::Instant::now() + T;
+    while ej.offline_count("bob") < 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ej.offline_count("bob"), 1);
+
+    let mut opts = pb.client_options(&ej, "bob", "pw-b");
+    opts.before_presence = Some(
+        "<iq type='get' id='d1'><query xmlns='http://jabber.org/protocol/disco#info' \
+         node='http://jabber.org/protocol/offline'/></iq>"
+            .into(),
+    );
+    let mut bob = XmppClient::connect(opts);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ej.offline_count("bob"), 1, "left in storage");
+    let live = format!("live {tok}");
+    alice.send(&ej.jid("bob"), &live);
+    let (got, notices) = collect(&mut bob, 2, T);
+    assert_eq!(bodies(&got), vec![stuck, live], "notices: {notices:?}");
+    assert!(
+        !notices.iter().any(|n| n.contains("missing")),
+        "{notices:?}"
+    );
+    let deadline = std::time::Instant::now() + T;
+    while ej.offline_count("bob") > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ej.offline_count("bob"), 0, "removed from storage");
+}

@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::ejabberd::Ejabberd;
-use common::xmpp_client::XmppClient;
+use common::xmpp_client::{ClientOptions, XmppClient};
 
 const T: Duration = Duration::from_secs(15);
 
@@ -176,4 +176,68 @@ fn raw_mode_shows_children_and_a_killed_client_goes_offline() {
         "messages to a killed client never reached offline storage"
     );
     alice.quit();
+}
+
+/// What the proxy's gap fetch relies on (`src/router/fetch.rs`): ejabberd
+/// serves XEP-0013 to an available session. A message still in offline
+/// storage comes back on a `<fetch/>`, routed to the session and marked
+/// with its node; fetching leaves it stored, removing that node empties
+/// storage (so the next login does not deliver it again). The session
+/// keeps the message in storage past its initial presence the way a
+/// XEP-0013 client does (disco#info on the offline node first): the race
+/// the proxy meets (docs/chaos.md) cannot be provoked at will.
+#[test]
+fn offline_storage_can_be_fetched_again_and_emptied_by_node() {
+    let ej = Ejabberd::start();
+    ej.register_all(&[("alice", "alice-pw"), ("bob", "bob-pw")]);
+    let mut alice = XmppClient::direct(&ej, "alice", "alice-pw");
+    let body = format!("stored {}", token());
+    alice.send(&ej.jid("bob"), &body);
+    let deadline = Instant::now() + T;
+    while ej.offline_count("bob") < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ej.offline_count("bob"), 1);
+
+    let mut opts = ClientOptions::direct(&ej, "bob", "bob-pw");
+    opts.raw = true;
+    opts.before_presence = Some(
+        "<iq type='get' id='d1'><query xmlns='http://jabber.org/protocol/disco#info' \
+         node='http://jabber.org/protocol/offline'/></iq>"
+            .into(),
+    );
+    let mut bob = XmppClient::connect(opts);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(bob.recv().is_empty(), "kept in storage past the presence");
+    assert_eq!(ej.offline_count("bob"), 1);
+
+    bob.send_raw(
+        "<iq type='get' id='f1'><offline xmlns='http://jabber.org/protocol/offline'><fetch/></offline></iq>",
+    );
+    let got = bob.recv_until(1, T);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].body.as_deref(), Some(body.as_str()));
+    let xml = got[0].xml.clone().unwrap_or_default();
+    assert!(xml.contains("http://jabber.org/protocol/offline"), "{xml}");
+    let node = xml
+        .split("node=")
+        .nth(1)
+        .and_then(|rest| rest.get(1..))
+        .and_then(|rest| rest.split(['"', '\'']).next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(!node.is_empty(), "no node in {xml}");
+    // Fetching leaves it stored; removing it by node does not.
+    assert_eq!(ej.offline_count("bob"), 1);
+    bob.send_raw(&format!(
+        "<iq type='set' id='f2'><offline xmlns='http://jabber.org/protocol/offline'>\
+         <item action='remove' node='{node}'/></offline></iq>"
+    ));
+    let deadline = Instant::now() + T;
+    while ej.offline_count("bob") > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ej.offline_count("bob"), 0);
+    alice.quit();
+    bob.quit();
 }

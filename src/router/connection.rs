@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use super::Shared;
 use super::account::{Identity, load_or_create};
 use super::command::{self, Command};
+use super::fetch;
 use super::group::{Part, Planned};
 use super::notice;
 use super::reorder::Reorder;
@@ -94,6 +95,9 @@ pub struct Router {
     /// and is dropped quietly; any other "not past the last counter"
     /// message is reported.
     shown: VecDeque<[u8; 32]>,
+    /// When offline storage was last fetched again for a gap (XEP-0013,
+    /// [`super::fetch`]).
+    last_fetch: Option<u64>,
     /// Outputs of the current hook call, with the steps still to commit
     /// (group commit, see [`super::group`]).
     pub(crate) parts: Vec<Part>,
@@ -145,6 +149,7 @@ impl Router {
             handed: HashSet::new(),
             control_announced: false,
             shown: VecDeque::new(),
+            last_fetch: None,
             parts: Vec::new(),
         }
     }
@@ -860,13 +865,51 @@ impl Router {
         let mut out = Vec::new();
         self.resend_outbox(now, &mut out);
         self.deliver_undelivered(&mut out);
-        if stanza.is("iq", ns::CLIENT) {
+        if fetch::is_answer(&stanza) {
+            if stanza.attr("type") == Some("error") {
+                tracing::warn!("the server refused an offline-storage request (XEP-0013)");
+            }
+        } else if stanza.is("iq", ns::CLIENT) {
             out.extend(self.handle_server_iq(stanza));
         } else {
+            let mut stanza = stanza;
+            let node = fetch::take_node(&mut stanza);
             self.parts.push(Part::Ready(std::mem::take(&mut out)));
             out.extend(self.handle_server_message(stanza, now));
+            if let Some(node) = node {
+                // After the group commit that made the message durable.
+                let id = self.new_fetch_id();
+                out.push(Outgoing::ToServer(fetch::remove_request(&id, &node)));
+            }
         }
         out
+    }
+
+    fn new_fetch_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("{}{}", fetch::ID_PREFIX, self.next_id)
+    }
+
+    /// Ask the server once per gap for what offline storage still holds,
+    /// when a peer's gap has been open for [`fetch::FETCH_AFTER_SECS`].
+    fn fetch_offline_for_gaps(&mut self, now: u64, out: &mut Vec<Outgoing>) {
+        let oldest_gap = self
+            .peers
+            .values()
+            .filter_map(|p| p.reorder.open_since())
+            .min();
+        let Some(since) = oldest_gap else {
+            return;
+        };
+        if now.saturating_sub(since) < fetch::FETCH_AFTER_SECS
+            || self.last_fetch.is_some_and(|t| t >= since)
+        {
+            return;
+        }
+        tracing::info!("messages missing for a while; fetching offline storage again");
+        self.last_fetch = Some(now);
+        let id = self.new_fetch_id();
+        out.push(Outgoing::ToServer(fetch::fetch_request(&id)));
     }
 
     /// Open the conversations that have messages held from before a
@@ -1112,6 +1155,7 @@ impl StanzaHook for Router {
             }
         }
         self.deliver_undelivered(&mut out);
+        self.fetch_offline_for_gaps(now, &mut out);
         self.expire_reorder(now, &mut out);
         self.retry_stalled_handshakes(now, out)
     }
@@ -1487,5 +1531,64 @@ mod tests {
             "{:?}",
             seen.bob_notices
         );
+    }
+
+    /// ejabberd's offline store racing its flush: a message stays in
+    /// offline storage after the new session's presence. When the gap has
+    /// been open for a while the router fetches offline storage again
+    /// (once), handles what comes like any message, then removes it from
+    /// storage; the fetch's answer stays in the proxy.
+    #[test]
+    fn a_gap_that_stays_open_fetches_offline_storage_again() {
+        let mut t = established();
+        let stuck = t.alice_sends("stuck");
+        let next = t.alice_sends("next");
+        let mut seen = Seen::default();
+        let out = t
+            .bob
+            .from_server(addressed(next[0].clone(), ALICE, BOB), t.now);
+        seen.take(out, true);
+        assert!(seen.bob.is_empty());
+        let is_fetch = |el: &Element| {
+            el.attr("type") == Some("get")
+                && el
+                    .get_child("offline", fetch::NS)
+                    .is_some_and(|o| o.get_child("fetch", fetch::NS).is_some())
+        };
+        let up = seen.take(t.bob.tick(t.now + Duration::from_secs(1)), true);
+        assert!(!up.iter().any(is_fetch), "{up:?}");
+        let up = seen.take(t.bob.tick(t.now + Duration::from_secs(2)), true);
+        let [fetch_iq] = &up[..] else {
+            panic!("one fetch: {up:?}")
+        };
+        assert!(is_fetch(fetch_iq), "{fetch_iq:?}");
+        let up = seen.take(t.bob.tick(t.now + Duration::from_secs(3)), true);
+        assert!(!up.iter().any(is_fetch), "one fetch per gap: {up:?}");
+
+        // The server sends what it held, marked, then answers the fetch.
+        let mut held = addressed(stuck[0].clone(), ALICE, BOB);
+        held.append_child(
+            Element::new("offline", fetch::NS)
+                .with_child(Element::new("item", fetch::NS).with_attr("node", "n1")),
+        );
+        let up = seen.take(t.bob.from_server(held, t.now), true);
+        assert_eq!(seen.bob, ["stuck", "next"], "{:?}", seen.bob_notices);
+        assert!(seen.bob_notices.is_empty(), "{:?}", seen.bob_notices);
+        let removes: Vec<&Element> = up
+            .iter()
+            .filter(|el| {
+                el.attr("type") == Some("set")
+                    && el
+                        .get_child("offline", fetch::NS)
+                        .and_then(|o| o.get_child("item", fetch::NS))
+                        .is_some_and(|i| {
+                            i.attr("action") == Some("remove") && i.attr("node") == Some("n1")
+                        })
+            })
+            .collect();
+        assert_eq!(removes.len(), 1, "{up:?}");
+        let id = fetch_iq.attr("id").unwrap_or_default();
+        let answer = parse(&format!("<iq type='result' id='{id}'/>"));
+        assert!(t.bob.from_server(answer, t.now).is_empty());
     }
 }

@@ -8,13 +8,15 @@
 //! * [`notice`] — the `[o2tr]` texts the user reads.
 //! * [`account`] — the account's long-term key and instance tag.
 //! * `reorder` — holds a peer's message that arrived after a gap until the
-//!   gap fills, so the client sees the sender's order.
+//!   gap fills, so the client sees the sender's order; `fetch` asks the
+//!   server's offline storage again when a gap stays open (XEP-0013).
 //!
 //! [`Conversation`]: crate::otr::conversation::Conversation
 
 pub mod account;
 pub mod command;
 pub mod connection;
+mod fetch;
 mod group;
 pub mod notice;
 mod reorder;

@@ -82,6 +82,11 @@ impl<T> Reorder<T> {
         out
     }
 
+    /// Since when the current gap has been open (unix seconds).
+    pub(crate) fn open_since(&self) -> Option<u64> {
+        self.deadline.map(|d| d.saturating_sub(HOLD_SECS))
+    }
+
     /// Whether something is held.
     #[cfg(test)]
     fn is_waiting(&self) -> bool {

@@ -9,6 +9,7 @@ Start:
     xmpp_client.py --jid alice@example.test --password pw \
                    --host 127.0.0.1 --port 5222 --ca ca.pem
                    [--plaintext] [--raw] [--carbons] [--sm] [--debug]
+                   [--before-presence XML]
 
 After login, initial presence, and the server's echo of that presence (a
 message sent before the echo can race the session and land in offline
@@ -201,6 +202,10 @@ class Client(slixmpp.ClientXMPP):
     async def _on_session_start(self, _event) -> None:
         try:
             await self.get_roster(timeout=PRESENCE_ECHO_TIMEOUT)
+            if self.args.before_presence:
+                # Stanzas of one stream are handled in order: the server
+                # has processed this before the presence below.
+                self.send_raw(self.args.before_presence)
             echo = asyncio.get_running_loop().create_future()
             own = self.boundjid.full
 
@@ -423,6 +428,7 @@ async def main() -> int:
     ap.add_argument("--carbons", action="store_true", help="enable XEP-0280 carbons")
     ap.add_argument("--sm", action="store_true", help="enable XEP-0198 stream management")
     ap.add_argument("--debug", action="store_true", help="slixmpp debug log on stderr")
+    ap.add_argument("--before-presence", help="raw XML to send before the initial presence")
     args = ap.parse_args()
     if not args.plaintext and not args.ca:
         out("ERR --ca is required unless --plaintext")

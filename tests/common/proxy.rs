@@ -100,11 +100,17 @@ impl TestProxy {
 
     /// Client options to log in as `user` through this proxy.
     pub fn client(&self, ej: &Ejabberd, user: &str, password: &str) -> XmppClient {
+        XmppClient::connect(self.client_options(ej, user, password))
+    }
+
+    /// What [`TestProxy::client`] connects with, to adjust first.
+    #[allow(dead_code)]
+    pub fn client_options(&self, ej: &Ejabberd, user: &str, password: &str) -> ClientOptions {
         let mut o = ClientOptions::direct(ej, user, password);
         o.host = "127.0.0.1".into();
         o.port = self.port;
         o.ca = Some(self.pki_dir.join("ca.pem"));
-        XmppClient::connect(o)
+        o
     }
 }
 

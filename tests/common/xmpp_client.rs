@@ -47,6 +47,10 @@ pub struct ClientOptions {
     pub sm: bool,
     /// slixmpp debug log on the client's stderr.
     pub debug: bool,
+    /// Raw XML the client sends after its roster request and before its
+    /// initial presence (e.g. a XEP-0013 disco#info, which makes ejabberd
+    /// keep offline storage instead of flushing it at that presence).
+    pub before_presence: Option<String>,
 }
 
 impl ClientOptions {
@@ -63,6 +67,7 @@ impl ClientOptions {
             carbons: false,
             sm: false,
             debug: false,
+            before_presence: None,
         }
     }
 }
@@ -154,6 +159,9 @@ impl XmppClient {
             .arg(opts.port.to_string());
         if let Some(ca) = &opts.ca {
             cmd.arg("--ca").arg(ca);
+        }
+        if let Some(xml) = &opts.before_presence {
+            cmd.arg("--before-presence").arg(xml);
         }
         for (on, flag) in [
             (opts.plaintext, "--plaintext"),
