@@ -572,3 +572,75 @@ fn responder_crash_right_after_signature_keeps_the_session() {
     p.run();
     assert_eq!(p.bob.texts(), vec!["right after the AKE".to_string()]);
 }
+
+/// A stored copy of a message from before the last key rotations (ejabberd
+/// SIGKILLed after it had handed out a spooled offline message: the
+/// deletion was lost and the copy came again after the restart, with its
+/// old delay stamp; found by the chaos campaign) names keys neither side
+/// holds any more. It is refused as a copy, without the OTR error that
+/// makes the peer start a new AKE, live or after a restart from the
+/// snapshot. Without a stamp older than the session's last receipt the
+/// same keyids could be a newer session's whose AKE this side lost in a
+/// crash: that one still gets the error, so that the peer starts over.
+#[test]
+fn a_stored_copy_from_before_the_last_key_rotations_does_not_start_an_ake() {
+    for (restart, stamp, copy) in [
+        (false, Some(-10), true),
+        (true, Some(-10), true),
+        (true, Some(0), false),
+        (false, None, false),
+    ] {
+        let case = format!("restart {restart}, stamp {stamp:?}");
+        let mut p = Pair::new();
+        p.establish();
+        p.alice.send("first", p.now);
+        let old = p.alice.outbox.front().cloned().unwrap();
+        p.run();
+        p.now += 60;
+        for i in 0..4 {
+            p.bob.send(&format!("b{i}"), p.now);
+            p.run();
+            p.alice.send(&format!("a{i}"), p.now);
+            p.run();
+        }
+        if restart {
+            p.bob.conv.suspend();
+            let kb = keys().1.clone();
+            p.bob.restart("bob@example.test", BOB_TAG, kb);
+        }
+        let texts = p.bob.texts().len();
+        let sent = (p.alice.sent_log.len(), p.bob.sent_log.len());
+        p.bob.notices.clear();
+        let stamp = stamp.map(|d: i64| p.now.saturating_add_signed(d));
+        let a = p
+            .bob
+            .conv
+            .handle_incoming_delayed(&old, stamp, p.now, &mut p.bob.rng);
+        p.bob.apply(a);
+        assert_eq!(p.bob.texts().len(), texts, "{case}: the copy is not shown");
+        assert!(
+            matches!(
+                p.bob.notices.as_slice(),
+                [Notice::Unreadable { replayed, .. }] if *replayed == copy
+            ),
+            "{case}: {:?}",
+            p.bob.notices
+        );
+        let error = p.bob.outbox.iter().any(|b| b.starts_with("?OTR Error"));
+        assert_eq!(error, !copy, "{case}: an OTR error only if not a copy");
+        if copy {
+            // The conversation goes on under the same keys.
+            p.run();
+            p.alice.send("after the copy", p.now);
+            p.bob.send("reply", p.now);
+            p.run();
+            assert!(!p.alice.sent_log[sent.0..].iter().any(|b| is_commit(b)));
+            assert!(!p.bob.sent_log[sent.1..].iter().any(|b| is_commit(b)));
+            assert_eq!(
+                p.bob.texts().last().map(String::as_str),
+                Some("after the copy")
+            );
+            assert_eq!(p.alice.texts().last().map(String::as_str), Some("reply"));
+        }
+    }
+}

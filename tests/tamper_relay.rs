@@ -386,6 +386,57 @@ fn tampered_replayed_dropped_reordered_and_injected_messages() {
     drop(p.pa);
 }
 
+/// ejabberd SIGKILLed right after it handed out a spooled offline message
+/// may hand it out again after its restart (the deletion had not reached
+/// the disk), with its old delay stamp, when the keys it names have rotated
+/// away (found by the chaos campaign: bob's proxy answered with an OTR
+/// error, alice's started a new AKE, and what was in flight was lost). Bob
+/// is told, nothing is shown, no OTR error goes back, no AKE follows.
+#[test]
+fn a_stored_copy_handed_out_again_after_a_server_crash() {
+    let tok = token();
+    let mut p = pair(&tok);
+    let (aj, bj) = (p.alice_jid.clone(), p.bob_jid.clone());
+    let first = p.relay.seen_kind(Dir::ToClient, OtrKind::Data)[0].element();
+    // Both sides rotate their keys past the ones it names.
+    for i in 0..3 {
+        deliver(&mut p.alice, &mut p.bob, &bj, &format!("a{i} {tok}"));
+        deliver(&mut p.bob, &mut p.alice, &aj, &format!("b{i} {tok}"));
+    }
+    // Bob's client reconnects, as after the server's restart (a new
+    // connection has not shown the original stanza: no quiet drop).
+    drop(p.bob);
+    p.bob = p.pb.client(&p.ej, "bob", "pw-b");
+    quiet(&p.relay);
+    let akes_before = akes(&p.relay);
+    let errors = |r: &TamperRelay| r.seen_kind(Dir::ToServer, OtrKind::Error).len();
+    let errors_before = errors(&p.relay);
+    // As ejabberd re-delivers from its spool: stamped when it was stored
+    // (any time before bob's last receipt).
+    let mut copy = first;
+    copy.remove_children(|c| c.is("delay", ns::DELAY));
+    copy.append_child(
+        Element::new("delay", ns::DELAY)
+            .with_attr("from", &p.ej.domain)
+            .with_attr("stamp", "2020-01-01T00:00:00.000000Z")
+            .with_text("Resent"),
+    );
+    p.relay.inject(
+        Dir::ToClient,
+        copy.to_xml(&NsScope::client_stream()).as_bytes(),
+    );
+    let seen = until_notice(&mut p.bob, "a second time");
+    assert!(seen.bodies.is_empty(), "{seen:?}");
+    quiet(&p.relay);
+    assert_eq!(errors(&p.relay), errors_before, "no OTR error for a copy");
+    assert_eq!(akes(&p.relay), akes_before, "no new AKE");
+    deliver(&mut p.alice, &mut p.bob, &bj, &format!("after {tok}"));
+    deliver(&mut p.bob, &mut p.alice, &aj, &format!("reply {tok}"));
+    assert_eq!(akes(&p.relay), akes_before, "no new AKE");
+    assert!(p.relay.errors().is_empty(), "{:?}", p.relay.errors());
+    drop(p.pa);
+}
+
 #[test]
 fn hints_stripped_or_added_by_the_server() {
     let tok = token();

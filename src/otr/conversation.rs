@@ -353,6 +353,10 @@ pub struct Conversation {
     /// if it does not decrypt no OTR error is sent (libotr answers one
     /// with a new AKE, which would defeat resumption).
     quiet_unreadable: bool,
+    /// Set while handling a message the server marked as stored earlier
+    /// (its XEP-0203 delay stamp, unix seconds), see
+    /// [`Conversation::handle_incoming_delayed`].
+    delayed_from: Option<u64>,
     held: VecDeque<Zeroizing<String>>,
     /// The instance user messages go to.
     selected: Option<u32>,
@@ -379,6 +383,7 @@ impl Conversation {
             master_ake: AuthState::None,
             reassembly: BTreeMap::new(),
             quiet_unreadable: false,
+            delayed_from: None,
             held: VecDeque::new(),
             selected: None,
             received_plaintext: false,
@@ -907,6 +912,27 @@ impl Conversation {
         out
     }
 
+    /// [`Conversation::handle_incoming`] for a message the server says it
+    /// stored at `stamp` (unix seconds, its XEP-0203 delay; unauthenticated,
+    /// like everything the server says). A server restarted after a crash
+    /// may hand out again an offline message it had already delivered (the
+    /// deletion from its spool did not reach the disk): a data message
+    /// stored before the session last received one and naming keys that
+    /// have rotated away since is such a copy, and gets no OTR error (which
+    /// would make the peer start a new AKE, losing what is in flight).
+    pub fn handle_incoming_delayed<R: CryptoRng + ?Sized>(
+        &mut self,
+        text: &str,
+        stamp: Option<u64>,
+        now: u64,
+        rng: &mut R,
+    ) -> Out {
+        self.delayed_from = stamp;
+        let out = self.handle_incoming(text, now, rng);
+        self.delayed_from = None;
+        out
+    }
+
     fn incoming<R: CryptoRng + ?Sized>(
         &mut self,
         text: &str,
@@ -1251,12 +1277,22 @@ impl Conversation {
         out: &mut Out,
     ) {
         let ignore_unreadable = d.flags & FLAG_IGNORE_UNREADABLE != 0;
+        let mut stale = false;
         let result = match self.instances.get_mut(&tag) {
             Some(Instance {
                 msg: MsgState::Encrypted(s),
                 smp,
                 ..
-            }) => s.ratchet.decrypt(h, d, rng).map(|r| (r, s, smp)),
+            }) => {
+                // Both tests: the keyids alone cannot tell a copy from a
+                // message of a newer session whose AKE we lost in a crash
+                // (it starts again at keyid 1), which needs the OTR error
+                // for the peer to start over; that one was sent after
+                // everything the session received.
+                stale = self.delayed_from.is_some_and(|t| t < s.last_received)
+                    && predates_keys(&s.ratchet, d);
+                s.ratchet.decrypt(h, d, rng).map(|r| (r, s, smp))
+            }
             _ => Err(Error::Peer(PeerMisbehaved::NotEncrypted)),
         };
         let (received, session, smp_state) = match result {
@@ -1266,8 +1302,11 @@ impl Conversation {
                     // An authentic message we already consumed (the server
                     // re-delivering after a crash, or a replay): no OTR
                     // error, since libotr answers one with a new AKE, which
-                    // would defeat resumption.
-                    let replay = matches!(e, Error::Peer(PeerMisbehaved::CounterReused));
+                    // would defeat resumption. Its keys may be gone already
+                    // (a stored copy from before the last key rotations, see
+                    // handle_incoming_delayed): still a copy, not a fault.
+                    let replay = matches!(e, Error::Peer(PeerMisbehaved::CounterReused))
+                        || (stale && matches!(e, Error::Peer(PeerMisbehaved::UnknownKeyids)));
                     out.push(Action::Notify(Notice::Unreadable {
                         reason: e.to_string(),
                         replayed: replay,
@@ -1565,6 +1604,22 @@ fn smp_notice(ev: SmpEvent, theirs: &Fingerprint) -> Notice {
             reason: e.to_string(),
         },
     }
+}
+
+/// Whether a data message names keys older than the two of each side the
+/// ratchet still holds, so that the peer sent it before a message we already
+/// read. The peer's keyids never go back: it sends with its newest key we
+/// acknowledged and to our newest key it has seen, and we only rotate ours
+/// when a message names our newest one. Within one session such a message
+/// is a late copy (a server re-delivering after a crash), never something
+/// the peer sends now. Keyids start over with every AKE, so the caller also
+/// needs to know the message is older than the session's last receipt.
+/// (Keyid 0 is no key at all: malformed, not old.)
+fn predates_keys(ratchet: &KeyRatchet, d: &DataMessage) -> bool {
+    d.sender_keyid != 0
+        && d.recipient_keyid != 0
+        && (d.recipient_keyid.saturating_add(1) < ratchet.our_keyid()
+            || d.sender_keyid.saturating_add(1) < ratchet.their_keyid())
 }
 
 fn data_header(version: Version, ours: u32, theirs: u32) -> Header {

@@ -801,7 +801,10 @@ impl Router {
                 if from.resource().is_some() {
                     p.full_jid = Some(from.to_string());
                 }
-                let actions = p.conv.handle_incoming(&body, now, &mut rng);
+                // The server's delay stamp tells a stored copy it hands out
+                // again after a crash from a newer session's message.
+                let stamp = stanza::delay_unix(&el);
+                let actions = p.conv.handle_incoming_delayed(&body, stamp, now, &mut rng);
                 // A fragment changed the reassembly: store it with this
                 // step, so a crash between fragments loses nothing the
                 // server already counts as delivered.

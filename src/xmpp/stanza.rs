@@ -172,6 +172,64 @@ pub fn delay_stamp(el: &Element) -> Option<&str> {
         .and_then(|d| d.attr("stamp"))
 }
 
+/// The XEP-0203 `<delay stamp>` of a message as unix seconds (fraction
+/// dropped), if present and well-formed.
+pub fn delay_unix(el: &Element) -> Option<u64> {
+    delay_stamp(el).and_then(datetime_unix)
+}
+
+/// An XEP-0082 DateTime (`CCYY-MM-DDThh:mm:ss[.sss](Z|±hh:mm)`) as unix
+/// seconds; `None` if malformed or before 1970.
+pub fn datetime_unix(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let d = b.get(r)?;
+        if d.is_empty() || !d.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(d).ok()?.parse().ok()
+    };
+    let sep = |i: usize, c: u8| b.get(i) == Some(&c);
+    if !(sep(4, b'-') && sep(7, b'-') && sep(10, b'T') && sep(13, b':') && sep(16, b':')) {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    if sep(i, b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+    }
+    let offset = match b.get(i) {
+        Some(b'Z') if i + 1 == b.len() => 0,
+        Some(&c @ (b'+' | b'-')) if i + 6 == b.len() && sep(i + 3, b':') => {
+            let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            let o = oh * 3600 + om * 60;
+            if c == b'+' { o } else { -o }
+        }
+        _ => return None,
+    };
+    // Days from 1970-01-01 to the civil date (H. Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let t = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
+    u64::try_from(t).ok()
+}
+
 /// True if the message asks for a delivery receipt (XEP-0184 `<request/>`).
 pub fn receipt_requested(el: &Element) -> bool {
     el.has_child("request", ns::RECEIPTS)
@@ -256,8 +314,42 @@ mod tests {
         assert_eq!(id(&m), Some("m1"));
         assert_eq!(body(&m).unwrap(), "?OTR:AAMDabc&def<x>.");
         assert_eq!(delay_stamp(&m), Some("2023-11-14T22:13:20.000000Z"));
+        assert_eq!(delay_unix(&m), Some(1_700_000_000));
         assert_eq!(message_type(&parse("<message/>")), MessageType::Normal);
         assert_eq!(body(&parse("<message/>")), None);
+    }
+
+    #[test]
+    fn xep0082_datetimes() {
+        assert_eq!(datetime_unix("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(datetime_unix("2023-11-14T22:13:20Z"), Some(1_700_000_000));
+        assert_eq!(
+            datetime_unix("2026-11-22T10:34:22.420049Z"),
+            Some(1_795_343_662)
+        );
+        assert_eq!(
+            datetime_unix("2023-11-15T00:13:20+02:00"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(
+            datetime_unix("2023-11-14T21:13:20-01:00"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(datetime_unix("2024-02-29T00:00:00Z"), Some(1_709_164_800));
+        for bad in [
+            "",
+            "2023-11-14",
+            "2023-11-14T22:13:20",
+            "2023-11-14T22:13:20.Z",
+            "2023-13-14T22:13:20Z",
+            "2023-11-14T22:13:20Zjunk",
+            "2023-11-14 22:13:20Z",
+            "1969-12-31T23:59:59Z",
+            "+023-11-14T22:13:20Z",
+            "2023-11-14T22:13:20+0200",
+        ] {
+            assert_eq!(datetime_unix(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
