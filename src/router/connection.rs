@@ -975,6 +975,13 @@ impl Router {
     /// replies to our own roster push stay here too.
     fn handle_client_iq(&mut self, el: Element) -> Vec<Outgoing> {
         let kind = el.attr("type").map(str::to_owned);
+        // The client's answer to the proxy's own roster push stays here
+        // (slixmpp's carries an empty roster query).
+        if matches!(kind.as_deref(), Some("result" | "error"))
+            && el.attr("id").is_some_and(|i| i.starts_with(ROSTER_PUSH_ID))
+        {
+            return Vec::new();
+        }
         if let Some(q) = el.get_child("query", ns::ROSTER) {
             match kind.as_deref() {
                 Some("get") => {
@@ -994,10 +1001,6 @@ impl Router {
                 }
                 _ => {}
             }
-        } else if matches!(kind.as_deref(), Some("result" | "error"))
-            && el.attr("id").is_some_and(|i| i.starts_with(ROSTER_PUSH_ID))
-        {
-            return Vec::new();
         }
         vec![Outgoing::ToServer(el)]
     }
@@ -1305,6 +1308,13 @@ mod tests {
             r.handle_client_iq(reply).is_empty(),
             "our push's reply never reaches the server"
         );
+        // slixmpp's reply carries an empty roster query: also kept here
+        // (it reached the server before, which bounced it).
+        let with_query = parse(&format!(
+            "<iq type='result' id='{id}'><query xmlns='jabber:iq:roster'/></iq>"
+        ));
+        assert!(crate::xmpp::stanza::is_hooked(&with_query));
+        assert!(r.handle_client_iq(with_query).is_empty());
     }
 
     #[test]
