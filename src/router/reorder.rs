@@ -22,6 +22,11 @@ use crate::otr::keys::{Position, REPLAY_WINDOW};
 /// server's offline flush.
 pub(crate) const HOLD_SECS: u64 = 5;
 
+/// Most messages held behind one gap; a peer that sends more within the
+/// hold gets them all shown at once (bounds memory; they are in the inbox
+/// anyway).
+pub(crate) const MAX_HELD: usize = 256;
+
 /// One peer's messages waiting for a gap to fill.
 pub(crate) struct Reorder<T> {
     /// The session the held positions belong to.
@@ -31,6 +36,9 @@ pub(crate) struct Reorder<T> {
     missing: BTreeSet<Position>,
     /// When the held messages go out regardless (unix seconds).
     deadline: Option<u64>,
+    /// Missing messages no longer waited for because too many were held,
+    /// still to be reported at the next [`Reorder::expire`].
+    given_up: u64,
 }
 
 impl<T> Default for Reorder<T> {
@@ -40,6 +48,7 @@ impl<T> Default for Reorder<T> {
             held: BTreeMap::new(),
             missing: BTreeSet::new(),
             deadline: None,
+            given_up: 0,
         }
     }
 }
@@ -74,7 +83,12 @@ impl<T> Reorder<T> {
             }
             out.push(entry.remove());
         }
-        if self.missing.is_empty() {
+        if self.held.len() > MAX_HELD {
+            self.given_up += self.missing.len() as u64;
+            out.extend(self.flush());
+            // Reported at the next tick.
+            self.deadline = Some(now);
+        } else if self.missing.is_empty() {
             self.deadline = None;
         } else if self.deadline.is_none() {
             self.deadline = Some(now + HOLD_SECS);
@@ -84,6 +98,9 @@ impl<T> Reorder<T> {
 
     /// Since when the current gap has been open (unix seconds).
     pub(crate) fn open_since(&self) -> Option<u64> {
+        if self.missing.is_empty() {
+            return None;
+        }
         self.deadline.map(|d| d.saturating_sub(HOLD_SECS))
     }
 
@@ -99,7 +116,7 @@ impl<T> Reorder<T> {
         if self.deadline.is_none_or(|d| now < d) {
             return None;
         }
-        let missing = self.missing.len() as u64;
+        let missing = self.missing.len() as u64 + std::mem::take(&mut self.given_up);
         Some((self.flush(), missing))
     }
 
@@ -216,5 +233,26 @@ mod tests {
         );
         assert_eq!(r.missing.len() as u64, REPLAY_WINDOW);
         assert_eq!(r.expire(HOLD_SECS), Some((vec![0], REPLAY_WINDOW)));
+    }
+
+    /// A flood behind a gap: past MAX_HELD everything goes out, and the
+    /// missing count is reported at the next tick.
+    #[test]
+    fn the_hold_is_bounded_in_messages() {
+        let mut r = Reorder::default();
+        assert!(r.arrive(Some(&order(1, 3, 2, false)), 3, 0).is_empty());
+        let mut out = Vec::new();
+        for ctr in 4..(4 + MAX_HELD as u64) {
+            out = r.arrive(Some(&order(1, ctr, 0, false)), ctr, 0);
+            if !out.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(out.len(), MAX_HELD + 1);
+        assert!(out.windows(2).all(|w| w[0] < w[1]));
+        assert!(!r.is_waiting());
+        assert_eq!(r.open_since(), None);
+        assert_eq!(r.expire(0), Some((vec![], 2)));
+        assert_eq!(r.expire(100), None);
     }
 }
