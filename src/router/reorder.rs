@@ -84,6 +84,10 @@ impl<T> Reorder<T> {
             out.push(entry.remove());
         }
         if self.held.len() > MAX_HELD {
+            tracing::warn!(
+                limit = MAX_HELD,
+                "too many messages held behind a gap; showing them now"
+            );
             self.given_up += self.missing.len() as u64;
             out.extend(self.flush());
             // Reported at the next tick.
