@@ -35,8 +35,8 @@
 //! The sending side has the mirror problem: encrypting a message advances
 //! the sending counter in the snapshot, which is committed before the
 //! ciphertext leaves. A crash between the commit and the write loses the
-//! message. So the router also commits each encrypted *data* stanza
-//! ([`Step::data_sends`]) as a [`DurableOp::Outbox`] entry in the same
+//! message. So the router also commits each encrypted *data* stanza (and
+//! the AKE's Signature, [`Step::outbox_sends`]) as a [`DurableOp::Outbox`] entry in the same
 //! transaction, and with it the release of the held plaintexts it
 //! encrypted ([`Step::release_in_commit`]); the entry is acknowledged
 //! ([`Store::ack_outbox`]) once written to the server, and after a restart
