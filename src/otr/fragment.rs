@@ -281,12 +281,15 @@ pub const MAX_SHAPES: usize = 4;
 /// Most pieces a [`Reassembler`] holds at once, whatever their size (the
 /// byte bound alone would let 1-byte pieces cost far more than their size).
 pub const MAX_PIECES: usize = 4096;
-/// Most combinations [`Reassembler::push_with`] hands to its verifier for
-/// one fragment until one is accepted (after that, the search starts over
-/// for another message the same fragment completes).
-pub const MAX_GUESSES: usize = 16;
+/// Most combinations [`Reassembler::push_with`] hands to its verifier in
+/// one search. Three interleaved 10-piece messages (seen after a proxy
+/// kill in the chaos campaign) leave 3^7 combinations for the one that
+/// completes last; a guess (join, parse, MAC) costs microseconds.
+pub const MAX_GUESSES: usize = 4096;
+/// Most bytes of reassembled text handed to the verifier in one search.
+pub const MAX_GUESS_BYTES: usize = 8 << 20;
 /// Most index combinations looked at (handed over or skipped) per search.
-const MAX_ENUMERATED: usize = 256;
+const MAX_ENUMERATED: usize = 1 << 16;
 /// How many unconsumed arrivals of one identical piece are counted.
 const MAX_COPIES: u16 = 8;
 
@@ -366,7 +369,7 @@ pub enum Assembly {
 /// a fragment makes a shape complete, combines pieces into messages: a
 /// single in-order run is returned as is ([`Assembly::Whole`]); anything
 /// else is a guess, checked by the caller's verifier (for a data message
-/// its MAC), at most [`MAX_GUESSES`] at a time. A combination's pieces
+/// its MAC), within [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`] per search. A combination's pieces
 /// are consumed only when it is accepted; the rest wait. A piece delivered
 /// again is counted, not stored twice.
 ///
@@ -501,16 +504,17 @@ impl Reassembler {
     /// Completion. Every combination is made of one piece per number
     /// 1..=n and includes `f`'s (those without it were tried when they
     /// completed). If there is one, and its pieces arrived in order, it is
-    /// [`Assembly::Whole`]. Otherwise up to [`MAX_GUESSES`] combinations
-    /// (those taking the newest piece of every number first, then the
-    /// second newest…, then the others) are sorted by `order` (stable; the
-    /// caller's idea of which message is older, so that two messages
-    /// completed by one fragment come in order) and go to `verify` until it
-    /// returns true: the caller has handled that message, its pieces are
-    /// consumed, and if `f`'s piece is still held and completes another
-    /// combination, the search goes on. `verify` must leave no trace when
-    /// it returns false. Only a data message may be put together from
-    /// pieces received out of order: a wrongly combined AKE message (a D-H
+    /// [`Assembly::Whole`]. Otherwise combinations go to `verify` until it
+    /// returns true — first those taking the newest piece of every number,
+    /// then the second newest…, sorted by `order` (stable; the caller's
+    /// idea of which message is older, so that two messages completed by
+    /// one fragment come in order), then all others, within
+    /// [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`]. On true the caller has
+    /// handled the message, its pieces are consumed and, with fewer
+    /// candidates left, every complete combination (with or without `f`'s
+    /// piece) is searched again. `verify` must leave no trace when it
+    /// returns false. Only a data message may be put together from pieces
+    /// received out of order: a wrongly combined AKE message (a D-H
     /// Commit's encrypted g^x is opaque until the Reveal Signature) would
     /// derail the handshake, while a data message fails its MAC. A repeat
     /// delivery that completes nothing new gives [`Assembly::Pending`], not
@@ -526,7 +530,7 @@ impl Reassembler {
             return Err(FragmentError::Illegal { k, n });
         }
         let (ri, repeat) = self.insert(f)?;
-        let Some(lists) = self.lists(ri, f) else {
+        let Some(lists) = self.lists(ri, Some(f)) else {
             return Ok(Assembly::Pending);
         };
         let first: Vec<usize> = lists.iter().map(|l| l[0]).collect();
@@ -538,44 +542,24 @@ impl Reassembler {
         let shape = Shape::of(f);
         let mut accepted = None;
         let mut tried = 0;
-        // Each round accepts a message or ends; copies bound the rounds.
-        for _ in 0..=MAX_COPIES {
+        // The first search takes f's piece; once a message is accepted,
+        // fewer candidates are left and every complete combination is
+        // searched again (a message stuck behind too many combinations).
+        let mut fixed = Some(f);
+        for _ in 0..=MAX_CANDIDATES {
             let Some(ri) = self.runs.iter().position(|r| r.shape == shape) else {
                 break;
             };
-            let Some(lists) = self.lists(ri, f) else {
+            let Some(lists) = self.lists(ri, fixed) else {
                 break;
             };
-            let mut batch: Vec<(K, usize, Vec<usize>)> = Vec::new();
-            for combo in Combinations::new(&lists) {
-                if batch.len() >= MAX_GUESSES {
-                    break;
-                }
-                let data = self.runs[ri]
-                    .slots
-                    .get(&1)
-                    .and_then(|s| s.get(combo[0]))
-                    .is_some_and(|c| starts_data_message(&c.piece));
-                if data || self.in_order(ri, &combo) {
-                    let key = order(&self.join(ri, &combo));
-                    batch.push((key, batch.len(), combo));
-                }
-            }
-            batch.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-            let mut found = None;
-            for (_, _, combo) in batch {
-                let whole = self.join(ri, &combo);
-                if verify(&whole) {
-                    found = Some((whole, combo));
-                    break;
-                }
-                tried += 1;
-            }
-            let Some((whole, combo)) = found else {
+            let Some((whole, combo)) = self.search(ri, &lists, &mut order, &mut verify, &mut tried)
+            else {
                 break;
             };
             self.consume(ri, &combo);
             accepted.get_or_insert(whole);
+            fixed = None;
         }
         Ok(match accepted {
             Some(whole) => Assembly::Verified(whole),
@@ -584,23 +568,67 @@ impl Reassembler {
         })
     }
 
-    /// For a complete run holding `f`'s piece, the candidates per number
-    /// (indices into the slot), newest first, only `f`'s piece for its
-    /// number.
-    fn lists(&self, ri: usize, f: &Fragment) -> Option<Vec<Vec<usize>>> {
+    /// Hands combinations of `lists` to `verify` until it accepts one,
+    /// within [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`]: first those taking
+    /// the i-th newest piece of every number, sorted by `order`, then the
+    /// others. Counts the refused ones in `tried`.
+    fn search<K: Ord>(
+        &self,
+        ri: usize,
+        lists: &[Vec<usize>],
+        order: &mut impl FnMut(&str) -> K,
+        verify: &mut impl FnMut(&str) -> bool,
+        tried: &mut usize,
+    ) -> Option<(String, Vec<usize>)> {
+        let slot1 = self.runs[ri].slots.get(&1)?;
+        let eligible = |combo: &[usize]| {
+            slot1
+                .get(combo[0])
+                .is_some_and(|c| starts_data_message(&c.piece))
+                || self.in_order(ri, combo)
+        };
+        let ranked = ranked(lists);
+        let mut first: Vec<(K, usize, &Vec<usize>)> = ranked
+            .iter()
+            .filter(|c| eligible(c))
+            .enumerate()
+            .map(|(i, c)| (order(&self.join(ri, c)), i, c))
+            .collect();
+        first.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let rest = Odometer::new(lists).filter(|c| !ranked.contains(c) && eligible(c));
+        let (mut guesses, mut bytes) = (0, 0usize);
+        for combo in first.into_iter().map(|(_, _, c)| c.clone()).chain(rest) {
+            if guesses >= MAX_GUESSES || bytes >= MAX_GUESS_BYTES {
+                break;
+            }
+            let whole = self.join(ri, &combo);
+            guesses += 1;
+            bytes = bytes.saturating_add(whole.len());
+            if verify(&whole) {
+                return Some((whole, combo));
+            }
+            *tried += 1;
+        }
+        None
+    }
+
+    /// For a complete run, the candidates per number (indices into the
+    /// slot), newest first; for `fixed`'s number only its piece (`None`
+    /// when it is not held).
+    fn lists(&self, ri: usize, fixed: Option<&Fragment>) -> Option<Vec<Vec<usize>>> {
         let run = &self.runs[ri];
-        if run.slots.len() < usize::from(f.n) {
+        if run.slots.len() < usize::from(run.shape.n) {
             return None;
         }
-        let mut lists = Vec::with_capacity(usize::from(f.n));
+        let mut lists = Vec::with_capacity(usize::from(run.shape.n));
         for (num, slot) in &run.slots {
-            let mut idx: Vec<usize> = if *num == f.k {
-                slot.iter()
+            let mut idx: Vec<usize> = match fixed {
+                Some(f) if *num == f.k => slot
+                    .iter()
                     .position(|c| c.piece == f.piece)
                     .into_iter()
-                    .collect()
-            } else {
-                (0..slot.len()).collect()
+                    .collect(),
+                _ => (0..slot.len()).collect(),
             };
             if idx.is_empty() {
                 return None;
@@ -746,83 +774,73 @@ impl Reassembler {
     }
 }
 
-/// The index combinations of `lists` (one index per list, each list
-/// ordered by preference), in the order [`Reassembler::push_with`] tries
-/// them: the i-th of every list (or its last) for i = 0, 1, …, then the
-/// others with the last list varying fastest; at most [`MAX_ENUMERATED`].
-struct Combinations<'a> {
+/// The combinations taking the i-th entry of every list (or its last),
+/// for i = 0, 1, …, without repeats: with each list newest first, these
+/// are the messages whose pieces all arrived in the same rank (two runs
+/// interleaved one after the other, or one after another).
+fn ranked(lists: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let widest = lists.iter().map(Vec::len).max().unwrap_or(0);
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for rank in 0..widest {
+        let c: Vec<usize> = lists
+            .iter()
+            .map(|l| l[rank.min(l.len().saturating_sub(1))])
+            .collect();
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Every combination of `lists` (one entry per list), the last list
+/// varying fastest; at most [`MAX_ENUMERATED`].
+struct Odometer<'a> {
     lists: &'a [Vec<usize>],
-    /// Next rank of the first phase; `widest` once in the second.
-    rank: usize,
-    widest: usize,
-    /// Odometer of the second phase; `None` when exhausted.
+    /// `None` when exhausted.
     pos: Option<Vec<usize>>,
     given: usize,
 }
 
-impl<'a> Combinations<'a> {
+impl<'a> Odometer<'a> {
     fn new(lists: &'a [Vec<usize>]) -> Self {
-        Combinations {
+        Odometer {
             lists,
-            rank: 0,
-            widest: lists.iter().map(Vec::len).max().unwrap_or(0),
             pos: Some(vec![0; lists.len()]),
             given: 0,
         }
     }
-
-    fn ranked(&self, rank: usize) -> Vec<usize> {
-        self.lists
-            .iter()
-            .map(|l| l[rank.min(l.len().saturating_sub(1))])
-            .collect()
-    }
 }
 
-impl Iterator for Combinations<'_> {
+impl Iterator for Odometer<'_> {
     type Item = Vec<usize>;
 
     fn next(&mut self) -> Option<Vec<usize>> {
-        while self.given < MAX_ENUMERATED {
-            let c = if self.rank < self.widest {
-                let c = self.ranked(self.rank);
-                self.rank += 1;
-                // A rank past every list but one repeats an earlier one.
-                if (0..self.rank - 1).any(|r| self.ranked(r) == c) {
-                    continue;
-                }
-                c
-            } else {
-                let pos = self.pos.as_mut()?;
-                let c: Vec<usize> = self
-                    .lists
-                    .iter()
-                    .zip(pos.iter())
-                    .map(|(l, &p)| l[p])
-                    .collect();
-                // Odometer, last list fastest.
-                let mut i = pos.len();
-                loop {
-                    if i == 0 {
-                        self.pos = None;
-                        break;
-                    }
-                    i -= 1;
-                    pos[i] += 1;
-                    if pos[i] < self.lists[i].len() {
-                        break;
-                    }
-                    pos[i] = 0;
-                }
-                if (0..self.widest).any(|r| self.ranked(r) == c) {
-                    continue;
-                }
-                c
-            };
-            self.given += 1;
-            return Some(c);
+        if self.given >= MAX_ENUMERATED {
+            return None;
         }
-        None
+        let pos = self.pos.as_mut()?;
+        let c: Vec<usize> = self
+            .lists
+            .iter()
+            .zip(pos.iter())
+            .map(|(l, &p)| l[p])
+            .collect();
+        self.given += 1;
+        let mut i = pos.len();
+        loop {
+            if i == 0 {
+                self.pos = None;
+                break;
+            }
+            i -= 1;
+            pos[i] += 1;
+            if pos[i] < self.lists[i].len() {
+                break;
+            }
+            pos[i] = 0;
+        }
+        Some(c)
     }
 }
 
@@ -1232,6 +1250,82 @@ HwNiIi5Ms+4PsY/L2i,",
         assert!(r.is_empty(), "{r:?}");
     }
 
+    /// After a proxy kill (chaos campaign, seed 20261191, trial 18): four
+    /// messages of ten pieces under the same keys (identical first and
+    /// last pieces), their runs cut and re-routed by the server into one
+    /// another. Every message is put together once.
+    #[test]
+    fn several_messages_cut_into_one_another() {
+        let msgs: Vec<Vec<String>> = (0..4)
+            .map(|m| {
+                (1..=10)
+                    .map(|k| match k {
+                        1 => "?OTR:AAMDhead".to_string(),
+                        10 => "=.".to_string(),
+                        _ => format!("m{m}k{k}"),
+                    })
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<Vec<&str>> = msgs
+            .iter()
+            .map(|m| m.iter().map(String::as_str).collect())
+            .collect();
+        let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+        // (message, k) as the proxy saw them: message 0 pieces 1 to 7 and
+        // message 1 piece 1 before the kill, the rest after.
+        let mut order: Vec<(usize, u16)> = (1..=7).map(|k| (0, k)).chain([(1, 1)]).collect();
+        order.extend([
+            (0, 8),
+            (0, 9),
+            (0, 10),
+            (2, 9),
+            (2, 10),
+            (3, 1),
+            (3, 2),
+            (1, 1),
+        ]);
+        order.extend([
+            (1, 9),
+            (1, 10),
+            (2, 1),
+            (2, 2),
+            (3, 3),
+            (3, 4),
+            (3, 5),
+            (2, 3),
+        ]);
+        order.extend([
+            (1, 2),
+            (3, 6),
+            (3, 7),
+            (3, 8),
+            (3, 9),
+            (3, 10),
+            (1, 3),
+            (1, 4),
+        ]);
+        order.extend([
+            (1, 5),
+            (2, 4),
+            (2, 5),
+            (2, 6),
+            (2, 7),
+            (1, 6),
+            (1, 7),
+            (1, 8),
+        ]);
+        order.extend([(2, 8)]);
+        let mut r = Reassembler::new(100_000);
+        let (out, _) = feed(&mut r, &slices, &order);
+        let mut sorted = out.clone();
+        sorted.sort();
+        let mut want: Vec<String> = msgs.iter().map(|m| m.concat()).collect();
+        want.sort();
+        assert_eq!(sorted, want, "delivered {out:?}");
+        assert!(r.is_empty(), "{r:?}");
+    }
+
     #[test]
     fn a_guess_that_never_verifies_keeps_its_pieces() {
         let mut r = Reassembler::new(1000);
@@ -1271,16 +1365,16 @@ HwNiIi5Ms+4PsY/L2i,",
 
     #[test]
     fn candidates_and_guesses_are_bounded() {
-        let mut r = Reassembler::new(100_000);
+        let mut r = Reassembler::new(1_000_000);
         // A flood of distinct pieces for every number of one shape.
-        let n = 6;
+        let n = 8;
         for round in 0..10 {
             for k in 2..=n {
                 assert_eq!(r.push(&f(k, n, &format!("p{round}-{k}"))), Ok(None));
             }
         }
         assert_eq!(r.held().len(), MAX_CANDIDATES * usize::from(n - 1));
-        // Completing it tries at most MAX_GUESSES combinations.
+        // Completing it tries at most MAX_GUESSES of the 4^7 combinations.
         let mut calls = 0;
         let res = r.push_with(
             &f(1, n, "?OTR:AAMDx"),
@@ -1293,18 +1387,41 @@ HwNiIi5Ms+4PsY/L2i,",
         assert_eq!(res, Ok(Assembly::Unverified { tried: MAX_GUESSES }));
         assert_eq!(calls, MAX_GUESSES);
         // The newest of every number is tried first, then the second
-        // newest…
-        let mut first = Vec::new();
+        // newest…, then the others, each once.
+        let mut seen = Vec::new();
         let _ = r.push_with(
             &f(1, n, "?OTR:AAMDy"),
             |_| 0,
             |w| {
-                first.push(w.to_string());
+                seen.push(w.to_string());
                 false
             },
         );
-        assert_eq!(first[0], "?OTR:AAMDyp9-2p9-3p9-4p9-5p9-6");
-        assert_eq!(first[1], "?OTR:AAMDyp8-2p8-3p8-4p8-5p8-6");
+        assert_eq!(seen[0], "?OTR:AAMDyp9-2p9-3p9-4p9-5p9-6p9-7p9-8");
+        assert_eq!(seen[1], "?OTR:AAMDyp8-2p8-3p8-4p8-5p8-6p8-7p8-8");
+        assert_eq!(seen[4], "?OTR:AAMDyp9-2p9-3p9-4p9-5p9-6p9-7p8-8");
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), seen.len());
+        // Big pieces: the byte budget ends the search first.
+        let mut r = Reassembler::new(usize::MAX);
+        let big = "b".repeat(MAX_GUESS_BYTES / 8);
+        for round in 0..2 {
+            for k in 2..=4 {
+                assert_eq!(r.push(&f(k, 4, &format!("{round}{big}"))), Ok(None));
+            }
+        }
+        let mut calls = 0;
+        let _ = r.push_with(
+            &f(1, 4, "?OTR:AAMDx"),
+            |_| 0,
+            |_| {
+                calls += 1;
+                false
+            },
+        );
+        assert_eq!(calls, 3, "three of 8 combinations fill the byte budget");
 
         // At most MAX_SHAPES shapes: the least recently fed goes.
         r.reset();
