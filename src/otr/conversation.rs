@@ -329,11 +329,16 @@ pub struct Conversation {
     /// An AKE we started before knowing which instance will answer.
     master_ake: AuthState,
     reassembly: BTreeMap<u32, Reassembler>,
-    /// Set while handling a combination of fragments the reassembler
-    /// guessed ([`Reassembler::push_with`]): a data message that does not
-    /// decode or verify is then refused without a trace (no notice, no
-    /// OTR error, no state change) and its pieces wait for another try.
+    /// Set while handling a message put together by the reassembler
+    /// ([`Reassembler::push_with`]): one that fails its MAC, or (for a
+    /// guess, not one run received in order) does not parse or cannot be
+    /// checked, is then refused without a trace (no notice, no OTR error,
+    /// no state change) and its pieces wait for another combination.
     guessing: bool,
+    /// The message being handled is one run of fragments received in
+    /// order: a failure other than its MAC is the sender's (handled as
+    /// for any message: notice, OTR error), not a wrong guess.
+    guess_plain: bool,
     /// Set when the guess being handled was refused.
     guess_refused: bool,
     held: VecDeque<Zeroizing<String>>,
@@ -362,6 +367,7 @@ impl Conversation {
             master_ake: AuthState::None,
             reassembly: BTreeMap::new(),
             guessing: false,
+            guess_plain: false,
             guess_refused: false,
             held: VecDeque::new(),
             selected: None,
@@ -861,7 +867,7 @@ impl Conversation {
     ) {
         let parsed = match message::parse(text) {
             Ok(m) => m,
-            Err(_) if self.guessing => {
+            Err(_) if self.guessing && !self.guess_plain => {
                 self.guess_refused = true;
                 return;
             }
@@ -884,7 +890,9 @@ impl Conversation {
                 }
             }
             Message::Fragment(f) if !reassembled => self.on_fragment(f, now, rng, out),
-            Message::Fragment(_) if self.guessing => self.guess_refused = true,
+            Message::Fragment(_) if self.guessing && !self.guess_plain => {
+                self.guess_refused = true;
+            }
             Message::Fragment(_) => out.push(Action::Notify(Notice::Malformed(
                 "a fragment contained another fragment".into(),
             ))),
@@ -932,14 +940,13 @@ impl Conversation {
             .reassembly
             .remove(&key)
             .unwrap_or_else(|| Reassembler::new(max));
-        let result = r.push_with(&f, message_age, |whole| {
-            self.try_guess(whole, now, rng, out)
+        let result = r.push_with(&f, message_age, |whole, plain| {
+            self.try_guess(whole, plain, now, rng, out)
         });
         if !r.is_empty() {
             self.reassembly.insert(key, r);
         }
         match result {
-            Ok(Assembly::Whole(whole)) => self.incoming(&whole, now, rng, out, true),
             Ok(Assembly::Pending | Assembly::Verified(_)) => {}
             Ok(Assembly::Unverified { tried }) => {
                 // One notice for the fragment, none per guess; no OTR
@@ -970,21 +977,24 @@ impl Conversation {
         }
     }
 
-    /// Handles a reassembly the reassembler guessed; returns false, with
-    /// nothing changed and nothing added to `out`, if it is a data message
-    /// that does not decode or verify (or any text that does not parse).
+    /// Handles a message the reassembler put together (`plain`: one run
+    /// received in order); returns false, with nothing changed and nothing
+    /// added to `out`, if it is refused (see [`Conversation::guessing`]).
     fn try_guess<R: CryptoRng + ?Sized>(
         &mut self,
         whole: &str,
+        plain: bool,
         now: u64,
         rng: &mut R,
         out: &mut Out,
     ) -> bool {
         let mut guess_out = Out::new();
         self.guessing = true;
+        self.guess_plain = plain;
         self.guess_refused = false;
         self.incoming(whole, now, rng, &mut guess_out, true);
         self.guessing = false;
+        self.guess_plain = false;
         if std::mem::take(&mut self.guess_refused) {
             return false;
         }
@@ -1262,15 +1272,24 @@ impl Conversation {
         };
         let (received, session, smp_state) = match result {
             Ok(x) => x,
-            // A guessed reassembly that is not this session's authentic
-            // message: refused, decrypt changed nothing. Errors found after
+            // Reassembled from fragments and not this session's authentic
+            // message: refused, decrypt changed nothing. Even one run in
+            // order may be the head of one message and the tail of another
+            // (a stored partial message and a re-routed tail after a
+            // crash): a bad MAC is refused, not answered with an OTR error
+            // (libotr answers one with a new AKE, defeating resumption).
+            // A run in order without a session for its keys is the
+            // sender's problem and answered as usual. Errors found after
             // the MAC (a replayed counter) belong to an authentic message.
+            Err(Error::Peer(PeerMisbehaved::DataMacMismatch)) if self.guessing => {
+                self.guess_refused = true;
+                return;
+            }
             Err(Error::Peer(
                 PeerMisbehaved::NotEncrypted
                 | PeerMisbehaved::UnknownKeyids
-                | PeerMisbehaved::ZeroKeyid
-                | PeerMisbehaved::DataMacMismatch,
-            )) if self.guessing => {
+                | PeerMisbehaved::ZeroKeyid,
+            )) if self.guessing && !self.guess_plain => {
                 self.guess_refused = true;
                 return;
             }

@@ -335,6 +335,9 @@ struct Run {
     slots: BTreeMap<u16, Vec<Candidate>>,
     /// Arrival order of the latest fragment of this shape.
     last_seq: u64,
+    /// [`Assembly::Unverified`] was returned since a message of this shape
+    /// was last accepted: not again (one notice, not one per fragment).
+    reported: bool,
 }
 
 /// What [`Reassembler::push_with`] made of a fragment.
@@ -342,13 +345,9 @@ struct Run {
 pub enum Assembly {
     /// More fragments are needed.
     Pending,
-    /// A message from one run of fragments received in order, one piece per
-    /// number: not a guess. The caller handles it as any message (its
-    /// pieces are consumed whether it verifies or not).
-    Whole(String),
-    /// A guessed combination (fragments of several messages interleaved, or
-    /// received out of order) that the verifier accepted: the verifier
-    /// has handled it. Its pieces are consumed.
+    /// A combination the verifier accepted (the first, if the fragment
+    /// completed several messages): the verifier has handled it. Its
+    /// pieces are consumed.
     Verified(String),
     /// Complete combinations were tried and none verified; every piece is
     /// kept (the other message may complete later).
@@ -366,12 +365,12 @@ pub enum Assembly {
 /// session's re-routed stanzas and newer ones, or a re-send). So instead
 /// of the spec's one partial message, the reassembler keeps per shape up
 /// to [`MAX_CANDIDATES`] distinct pieces for each fragment number, and when
-/// a fragment makes a shape complete, combines pieces into messages: a
-/// single in-order run is returned as is ([`Assembly::Whole`]); anything
-/// else is a guess, checked by the caller's verifier (for a data message
-/// its MAC), within [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`] per search. A combination's pieces
-/// are consumed only when it is accepted; the rest wait. A piece delivered
-/// again is counted, not stored twice.
+/// a fragment makes a shape complete, combines pieces into messages and
+/// has the caller's verifier check them (for a data message, its MAC):
+/// a single run received in order first, or else guesses, within
+/// [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`] per search. A combination's
+/// pieces are consumed only when it is accepted; the rest wait. A piece
+/// delivered again is counted, not stored twice.
 ///
 /// The caller keeps one per (peer, sender instance).
 #[derive(Debug, Clone)]
@@ -476,13 +475,12 @@ impl Reassembler {
         self.insert(f).is_ok()
     }
 
-    /// Feeds one fragment; a complete message is returned only from one
-    /// in-order run, or else the first combination in the order of
-    /// [`Reassembler::push_with`] (no verification): for callers that
+    /// Feeds one fragment and returns the first complete combination in the
+    /// order of [`Reassembler::push_with`], unverified: for callers that
     /// cannot verify. `None` when more fragments are needed.
     pub fn push(&mut self, f: &Fragment) -> Result<Option<String>, FragmentError> {
-        Ok(match self.push_with(f, |_| 0, |_| true)? {
-            Assembly::Whole(w) | Assembly::Verified(w) => Some(w),
+        Ok(match self.push_with(f, |_| 0, |_, _| true)? {
+            Assembly::Verified(w) => Some(w),
             Assembly::Pending | Assembly::Unverified { .. } => None,
         })
     }
@@ -503,9 +501,12 @@ impl Reassembler {
     ///
     /// Completion. Every combination is made of one piece per number
     /// 1..=n and includes `f`'s (those without it were tried when they
-    /// completed). If there is one, and its pieces arrived in order, it is
-    /// [`Assembly::Whole`]. Otherwise combinations go to `verify` until it
-    /// returns true — first those taking the newest piece of every number,
+    /// completed). If there is one, and its pieces arrived in order, it goes
+    /// to `verify` with `plain` true (the caller may then treat a failure
+    /// as the sender's, not a guess's); if refused, it is
+    /// [`Assembly::Unverified`]. Otherwise combinations go to `verify`
+    /// (`plain` false) until it returns true — first those taking the
+    /// newest piece of every number,
     /// then the second newest…, sorted by `order` (stable; the caller's
     /// idea of which message is older, so that two messages completed by
     /// one fragment come in order), then all others, within
@@ -516,14 +517,15 @@ impl Reassembler {
     /// returns false. Only a data message may be put together from pieces
     /// received out of order: a wrongly combined AKE message (a D-H
     /// Commit's encrypted g^x is opaque until the Reveal Signature) would
-    /// derail the handshake, while a data message fails its MAC. A repeat
-    /// delivery that completes nothing new gives [`Assembly::Pending`], not
-    /// [`Assembly::Unverified`] again.
+    /// derail the handshake, while a data message fails its MAC.
+    /// [`Assembly::Unverified`] comes once until a message of the shape is
+    /// accepted (one notice, not one per fragment), and never for a repeat
+    /// delivery; [`Assembly::Pending`] otherwise.
     pub fn push_with<K: Ord>(
         &mut self,
         f: &Fragment,
         mut order: impl FnMut(&str) -> K,
-        mut verify: impl FnMut(&str) -> bool,
+        mut verify: impl FnMut(&str, bool) -> bool,
     ) -> Result<Assembly, FragmentError> {
         let (k, n) = (f.k, f.n);
         if k == 0 || n == 0 || k > n {
@@ -536,8 +538,11 @@ impl Reassembler {
         let first: Vec<usize> = lists.iter().map(|l| l[0]).collect();
         if lists.iter().all(|l| l.len() == 1) && self.in_order(ri, &first) {
             let whole = self.join(ri, &first);
-            self.consume(ri, &first);
-            return Ok(Assembly::Whole(whole));
+            if verify(&whole, true) {
+                self.consume(ri, &first);
+                return Ok(Assembly::Verified(whole));
+            }
+            return Ok(self.unverified(ri, repeat, 1));
         }
         let shape = Shape::of(f);
         let mut accepted = None;
@@ -563,9 +568,21 @@ impl Reassembler {
         }
         Ok(match accepted {
             Some(whole) => Assembly::Verified(whole),
-            None if tried == 0 || repeat => Assembly::Pending,
-            None => Assembly::Unverified { tried },
+            None if tried == 0 => Assembly::Pending,
+            None => self.unverified(ri, repeat, tried),
         })
+    }
+
+    /// [`Assembly::Unverified`] once after an accepted message (and not
+    /// for a repeat delivery), else [`Assembly::Pending`].
+    fn unverified(&mut self, ri: usize, repeat: bool, tried: usize) -> Assembly {
+        match self.runs.get_mut(ri) {
+            Some(run) if !repeat && !run.reported => {
+                run.reported = true;
+                Assembly::Unverified { tried }
+            }
+            _ => Assembly::Pending,
+        }
     }
 
     /// Hands combinations of `lists` to `verify` until it accepts one,
@@ -577,7 +594,7 @@ impl Reassembler {
         ri: usize,
         lists: &[Vec<usize>],
         order: &mut impl FnMut(&str) -> K,
-        verify: &mut impl FnMut(&str) -> bool,
+        verify: &mut impl FnMut(&str, bool) -> bool,
         tried: &mut usize,
     ) -> Option<(String, Vec<usize>)> {
         let slot1 = self.runs[ri].slots.get(&1)?;
@@ -604,7 +621,7 @@ impl Reassembler {
             let whole = self.join(ri, &combo);
             guesses += 1;
             bytes = bytes.saturating_add(whole.len());
-            if verify(&whole) {
+            if verify(&whole, false) {
                 return Some((whole, combo));
             }
             *tried += 1;
@@ -657,6 +674,7 @@ impl Reassembler {
                     shape,
                     slots: BTreeMap::new(),
                     last_seq: seq,
+                    reported: false,
                 });
                 self.runs.len() - 1
             }
@@ -768,6 +786,7 @@ impl Reassembler {
             }
         }
         run.slots.retain(|_, slot| !slot.is_empty());
+        run.reported = false;
         if run.slots.values().flatten().all(|c| c.used) {
             self.remove_run(ri);
         }
@@ -1028,8 +1047,15 @@ HwNiIi5Ms+4PsY/L2i,",
         assert!(r.push(&f(0, 3, "x")).is_err());
         assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
         assert_eq!(
-            r.push_with(&f(3, 3, "c"), |_| 0, |_| panic!("not a guess")),
-            Ok(Assembly::Whole("abc".into()))
+            r.push_with(
+                &f(3, 3, "c"),
+                |_| 0,
+                |_, plain| {
+                    assert!(plain);
+                    true
+                }
+            ),
+            Ok(Assembly::Verified("abc".into()))
         );
         assert!(r.is_empty());
 
@@ -1053,7 +1079,7 @@ HwNiIi5Ms+4PsY/L2i,",
             r.push_with(
                 &f(2, 4, "b"),
                 |_| 0,
-                |w| {
+                |w, _| {
                     seen.push(w.to_string());
                     true
                 }
@@ -1067,7 +1093,7 @@ HwNiIi5Ms+4PsY/L2i,",
         // the piece that came before its first one is not taken.
         assert_eq!(r.push(&f(2, 2, "x")), Ok(None));
         assert_eq!(
-            r.push_with(&f(1, 2, "?OTR:AAMCa"), |_| 0, |_| panic!("out of order")),
+            r.push_with(&f(1, 2, "?OTR:AAMCa"), |_| 0, |_, _| panic!("out of order")),
             Ok(Assembly::Pending)
         );
         assert_eq!(r.push(&f(2, 2, "b")), Ok(Some("?OTR:AAMCab".into())));
@@ -1114,14 +1140,14 @@ HwNiIi5Ms+4PsY/L2i,",
             let res = r.push_with(
                 fr,
                 |_| 0,
-                |w| {
+                |w, _| {
                     let ok = genuine.iter().any(|g| g == w);
                     refused += usize::from(!ok);
                     ok
                 },
             );
             match res.unwrap() {
-                Assembly::Whole(w) | Assembly::Verified(w) => {
+                Assembly::Verified(w) => {
                     assert!(genuine.contains(&w), "{w}");
                     out.push(w);
                 }
@@ -1333,7 +1359,7 @@ HwNiIi5Ms+4PsY/L2i,",
         // A1 A2 B4 B3: one combination, out of order; the verifier says no.
         for fr in [&frags[0][0], &frags[0][1], &frags[1][3]] {
             assert_eq!(
-                r.push_with(fr, |_| 0, |_| panic!("incomplete")),
+                r.push_with(fr, |_| 0, |_, _| panic!("incomplete")),
                 Ok(Assembly::Pending)
             );
         }
@@ -1342,7 +1368,7 @@ HwNiIi5Ms+4PsY/L2i,",
             r.push_with(
                 &frags[1][2],
                 |_| 0,
-                |_| {
+                |_, _| {
                     calls += 1;
                     false
                 }
@@ -1353,7 +1379,7 @@ HwNiIi5Ms+4PsY/L2i,",
         assert_eq!(r.held().len(), 4);
         // Delivered again: tried again, but no second report.
         assert_eq!(
-            r.push_with(&frags[1][2], |_| 0, |_| false),
+            r.push_with(&frags[1][2], |_| 0, |_, _| false),
             Ok(Assembly::Pending)
         );
         // The pieces that were missing arrive: both messages.
@@ -1379,7 +1405,7 @@ HwNiIi5Ms+4PsY/L2i,",
         let res = r.push_with(
             &f(1, n, "?OTR:AAMDx"),
             |_| 0,
-            |_| {
+            |_, _| {
                 calls += 1;
                 false
             },
@@ -1392,7 +1418,7 @@ HwNiIi5Ms+4PsY/L2i,",
         let _ = r.push_with(
             &f(1, n, "?OTR:AAMDy"),
             |_| 0,
-            |w| {
+            |w, _| {
                 seen.push(w.to_string());
                 false
             },
@@ -1416,7 +1442,7 @@ HwNiIi5Ms+4PsY/L2i,",
         let _ = r.push_with(
             &f(1, 4, "?OTR:AAMDx"),
             |_| 0,
-            |_| {
+            |_, _| {
                 calls += 1;
                 false
             },
