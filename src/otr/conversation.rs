@@ -29,8 +29,10 @@ use super::tlv::{self, Tlv};
 /// Text libotr sends for an unreadable data message.
 pub const UNREADABLE_ERROR: &str = "You transmitted an unreadable encrypted message.";
 
-/// Marks a stored fragment text held ahead of a gap (see
-/// [`Conversation::partial_fragments`]); never the start of a fragment.
+/// Marks a stored fragment text as one held piece (see
+/// [`Conversation::partial_fragments`]); texts without it are the
+/// cumulative partial messages of earlier versions. Never the start of a
+/// fragment. (The name is from when only pieces ahead of a gap had it.)
 pub const AHEAD_MARK: &str = "+";
 
 /// Settings for a conversation.
