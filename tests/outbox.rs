@@ -329,7 +329,8 @@ fn partial_fragments_survive_a_crash() {
             .fragments("alice@example.test", "bob@example.test")
             .unwrap()
             .len(),
-        1
+        2,
+        "one text per held piece"
     );
     drop(a1);
     drop(store_a);

@@ -22,7 +22,7 @@ pub use smp_target::smp;
 pub use xml::{stanza_rewrite, xml_framer};
 
 use o2tr_proxy::otr::decode::describe;
-use o2tr_proxy::otr::fragment::{Reassembler, fragment as split};
+use o2tr_proxy::otr::fragment::{FragmentError, MAX_PIECES, Reassembler, fragment as split};
 use o2tr_proxy::otr::message::{EncodedMessage, Message, Version, parse};
 use o2tr_proxy::otr::tlv::{join_plaintext, parse_smp_mpis, split_plaintext};
 
@@ -86,11 +86,19 @@ pub fn fragment(data: &[u8]) {
         }
         let mut r = Reassembler::new(plain.len());
         let mut out = None;
-        for f in &frags {
+        for (i, f) in frags.iter().enumerate() {
             assert!(f.len() <= max_len);
             let Ok(Message::Fragment(f)) = parse(f) else {
                 panic!("own fragment did not parse: {f:?}");
             };
+            if i >= MAX_PIECES {
+                // More pieces than a reassembler holds (tiny pieces).
+                assert_eq!(
+                    r.push(&f),
+                    Err(FragmentError::TooManyPieces { max: MAX_PIECES })
+                );
+                return;
+            }
             out = r.push(&f).expect("own fragments are in sequence");
         }
         assert_eq!(out.as_deref(), Some(plain.as_str()));

@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 use super::ake::{AuthState, Tags};
 use super::crypto::{DsaPrivateKey, Fingerprint};
 use super::error::{Error, PeerMisbehaved};
-use super::fragment::{Fragment, Reassembler, fragment};
+use super::fragment::{Assembly, Fragment, FragmentError, Reassembler, fragment};
 use super::keys::{KeyRatchet, Position};
 use super::message::{
     self, Body, DataMessage, EncodedMessage, FLAG_IGNORE_UNREADABLE, Header, Message, Version,
@@ -29,8 +29,10 @@ use super::tlv::{self, Tlv};
 /// Text libotr sends for an unreadable data message.
 pub const UNREADABLE_ERROR: &str = "You transmitted an unreadable encrypted message.";
 
-/// Marks a stored fragment text held ahead of a gap (see
-/// [`Conversation::partial_fragments`]); never the start of a fragment.
+/// Marks a stored fragment text as one held piece (see
+/// [`Conversation::partial_fragments`]); texts without it are the
+/// cumulative partial messages of earlier versions. Never the start of a
+/// fragment. (The name is from when only pieces ahead of a gap had it.)
 pub const AHEAD_MARK: &str = "+";
 
 /// Settings for a conversation.
@@ -348,15 +350,22 @@ pub struct Conversation {
     /// An AKE we started before knowing which instance will answer.
     master_ake: AuthState,
     reassembly: BTreeMap<u32, Reassembler>,
-    /// Set while handling a message completed from fragments kept ahead
-    /// of a gap ([`Reassembler::reordered`]): it may be a wrong guess, so
-    /// if it does not decrypt no OTR error is sent (libotr answers one
-    /// with a new AKE, which would defeat resumption).
-    quiet_unreadable: bool,
     /// Set while handling a message the server marked as stored earlier
     /// (its XEP-0203 delay stamp, unix seconds), see
     /// [`Conversation::handle_incoming_delayed`].
     delayed_from: Option<u64>,
+    /// Set while handling a message put together by the reassembler
+    /// ([`Reassembler::push_with`]): one that fails its MAC, or (for a
+    /// guess, not one run received in order) does not parse or cannot be
+    /// checked, is then refused without a trace (no notice, no OTR error,
+    /// no state change) and its pieces wait for another combination.
+    guessing: bool,
+    /// The message being handled is one run of fragments received in
+    /// order: a failure other than its MAC is the sender's (handled as
+    /// for any message: notice, OTR error), not a wrong guess.
+    guess_plain: bool,
+    /// Set when the guess being handled was refused.
+    guess_refused: bool,
     held: VecDeque<Zeroizing<String>>,
     /// The instance user messages go to.
     selected: Option<u32>,
@@ -382,8 +391,10 @@ impl Conversation {
             instances: BTreeMap::new(),
             master_ake: AuthState::None,
             reassembly: BTreeMap::new(),
-            quiet_unreadable: false,
             delayed_from: None,
+            guessing: false,
+            guess_plain: false,
+            guess_refused: false,
             held: VecDeque::new(),
             selected: None,
             received_plaintext: false,
@@ -425,66 +436,54 @@ impl Conversation {
 
     /// The partially reassembled incoming messages, for durable storage:
     /// a crash between fragments must not lose what the server already
-    /// considers delivered. Per sender instance, one cumulative fragment
-    /// text (see [`Reassembler::partial`]) and the fragments held ahead of
-    /// a gap, each marked with [`AHEAD_MARK`] (texts without the mark are
-    /// cumulative, as stored before fragments were kept ahead).
+    /// considers delivered. Every held piece as one fragment text marked
+    /// with [`AHEAD_MARK`] ([`Reassembler::held`]), in arrival order.
     pub fn partial_fragments(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for r in self.reassembly.values() {
-            out.extend(r.partial().map(|f| f.to_text()));
-            out.extend(
-                r.ahead()
-                    .iter()
-                    .map(|f| format!("{AHEAD_MARK}{}", f.to_text())),
-            );
-        }
-        out
+        self.reassembly
+            .values()
+            .flat_map(Reassembler::held)
+            .map(|f| format!("{AHEAD_MARK}{}", f.to_text()))
+            .collect()
     }
 
     /// Restore what [`Conversation::partial_fragments`] returned (after a
-    /// restart). Texts that do not parse or exceed the reassembly bound are
-    /// dropped; returns how many were restored.
+    /// restart). Texts without the mark are what versions before the
+    /// candidate reassembly stored for a message received in sequence (one
+    /// cumulative fragment: [`Reassembler::split_cumulative`]). Texts that
+    /// do not parse or exceed the reassembly bounds are dropped; returns
+    /// how many were restored.
     pub fn restore_fragments<S: AsRef<str>>(&mut self, texts: &[S]) -> usize {
         let max = self.cfg.max_reassembly_bytes;
-        let key = |f: &Fragment| {
-            if f.version == Version::V3 {
+        let mut n = 0;
+        // Cumulative states first, as the earlier versions restored them.
+        let (marked, cumulative): (Vec<&str>, Vec<&str>) = texts
+            .iter()
+            .map(AsRef::as_ref)
+            .partition(|t| t.starts_with(AHEAD_MARK));
+        let fragments =
+            cumulative
+                .iter()
+                .filter_map(|t| super::fragment::parse_fragment(t).ok())
+                .filter_map(|f| Reassembler::split_cumulative(&f))
+                .flatten()
+                .chain(marked.iter().filter_map(|t| {
+                    super::fragment::parse_fragment(t.strip_prefix(AHEAD_MARK)?).ok()
+                }));
+        for f in fragments {
+            let key = if f.version == Version::V3 {
                 f.sender_tag
             } else {
                 0
-            }
-        };
-        let mut n = 0;
-        // Cumulative states first, then what was held ahead of their gaps.
-        for t in texts.iter().map(AsRef::as_ref) {
-            if t.starts_with(AHEAD_MARK) {
-                continue;
-            }
-            let Ok(f) = super::fragment::parse_fragment(t) else {
-                continue;
-            };
-            if let Some(r) = Reassembler::resume(max, &f) {
-                self.reassembly.insert(key(&f), r);
-                n += 1;
-            }
-        }
-        for t in texts
-            .iter()
-            .filter_map(|t| t.as_ref().strip_prefix(AHEAD_MARK))
-        {
-            let Ok(f) = super::fragment::parse_fragment(t) else {
-                continue;
             };
             let r = self
                 .reassembly
-                .entry(key(&f))
+                .entry(key)
                 .or_insert_with(|| Reassembler::new(max));
-            // Never completes a message: the fragment that filled the gap
-            // would have completed it before the crash.
-            if matches!(r.push(&f), Ok(None)) {
+            if r.hold(&f) {
                 n += 1;
             }
         }
+        self.reassembly.retain(|_, r| !r.is_empty());
         n
     }
 
@@ -943,6 +942,10 @@ impl Conversation {
     ) {
         let parsed = match message::parse(text) {
             Ok(m) => m,
+            Err(_) if self.guessing && !self.guess_plain => {
+                self.guess_refused = true;
+                return;
+            }
             Err(e) => {
                 out.push(Action::Notify(Notice::Malformed(e.to_string())));
                 return;
@@ -962,6 +965,9 @@ impl Conversation {
                 }
             }
             Message::Fragment(f) if !reassembled => self.on_fragment(f, now, rng, out),
+            Message::Fragment(_) if self.guessing && !self.guess_plain => {
+                self.guess_refused = true;
+            }
             Message::Fragment(_) => out.push(Action::Notify(Notice::Malformed(
                 "a fragment contained another fragment".into(),
             ))),
@@ -997,31 +1003,78 @@ impl Conversation {
                 if let Some(victim) = self.reassembly.keys().next().copied() {
                     self.reassembly.remove(&victim);
                 }
-                let e = super::fragment::FragmentError::TooManySenders {
+                let e = FragmentError::TooManySenders {
                     max: self.cfg.max_reassembly_senders,
                 };
                 tracing::warn!(sender = key, cause = %e, "fragment buffer limit reached");
                 out.push(Action::Notify(Notice::Malformed(e.to_string())));
             }
         }
-        let r = self
+        // Out of the map while guesses are handled, which needs `self`.
+        let mut r = self
             .reassembly
-            .entry(key)
-            .or_insert_with(|| Reassembler::new(max));
-        match r.push(&f) {
-            Ok(Some(whole)) => {
-                self.quiet_unreadable = r.reordered();
-                self.incoming(&whole, now, rng, out, true);
-                self.quiet_unreadable = false;
+            .remove(&key)
+            .unwrap_or_else(|| Reassembler::new(max));
+        let result = r.push_with(&f, message_age, |whole, plain| {
+            self.try_guess(whole, plain, now, rng, out)
+        });
+        if !r.is_empty() {
+            self.reassembly.insert(key, r);
+        }
+        match result {
+            Ok(Assembly::Pending | Assembly::Verified(_)) => {}
+            Ok(Assembly::Unverified { tried }) => {
+                // One notice for the fragment, none per guess; no OTR
+                // error (libotr answers one with a new AKE, which would
+                // defeat resumption), and the pieces wait.
+                tracing::debug!(
+                    sender = key,
+                    tried,
+                    "no reassembly of interleaved fragments verified"
+                );
+                out.push(Action::Notify(Notice::Unreadable {
+                    reason: format!(
+                        "its fragments are mixed with another message's and none of {tried} \
+                         combinations verified yet; they are kept for the fragments to come"
+                    ),
+                    replayed: false,
+                }));
             }
-            Ok(None) => {}
             Err(e) => {
-                if matches!(e, super::fragment::FragmentError::TooLarge { .. }) {
+                if matches!(
+                    e,
+                    FragmentError::TooLarge { .. } | FragmentError::TooManyPieces { .. }
+                ) {
                     tracing::warn!(sender = key, cause = %e, "fragment buffer limit reached");
                 }
                 out.push(Action::Notify(Notice::Malformed(e.to_string())));
             }
         }
+    }
+
+    /// Handles a message the reassembler put together (`plain`: one run
+    /// received in order); returns false, with nothing changed and nothing
+    /// added to `out`, if it is refused (see [`Conversation::guessing`]).
+    fn try_guess<R: CryptoRng + ?Sized>(
+        &mut self,
+        whole: &str,
+        plain: bool,
+        now: u64,
+        rng: &mut R,
+        out: &mut Out,
+    ) -> bool {
+        let mut guess_out = Out::new();
+        self.guessing = true;
+        self.guess_plain = plain;
+        self.guess_refused = false;
+        self.incoming(whole, now, rng, &mut guess_out, true);
+        self.guessing = false;
+        self.guess_plain = false;
+        if std::mem::take(&mut self.guess_refused) {
+            return false;
+        }
+        out.extend(guess_out);
+        true
     }
 
     fn on_plaintext<R: CryptoRng + ?Sized>(
@@ -1297,6 +1350,27 @@ impl Conversation {
         };
         let (received, session, smp_state) = match result {
             Ok(x) => x,
+            // Reassembled from fragments and not this session's authentic
+            // message: refused, decrypt changed nothing. Even one run in
+            // order may be the head of one message and the tail of another
+            // (a stored partial message and a re-routed tail after a
+            // crash): a bad MAC is refused, not answered with an OTR error
+            // (libotr answers one with a new AKE, defeating resumption).
+            // A run in order without a session for its keys is the
+            // sender's problem and answered as usual. Errors found after
+            // the MAC (a replayed counter) belong to an authentic message.
+            Err(Error::Peer(PeerMisbehaved::DataMacMismatch)) if self.guessing => {
+                self.guess_refused = true;
+                return;
+            }
+            Err(Error::Peer(
+                PeerMisbehaved::NotEncrypted
+                | PeerMisbehaved::UnknownKeyids
+                | PeerMisbehaved::ZeroKeyid,
+            )) if self.guessing && !self.guess_plain => {
+                self.guess_refused = true;
+                return;
+            }
             Err(e) => {
                 if !ignore_unreadable {
                     // An authentic message we already consumed (the server
@@ -1311,7 +1385,7 @@ impl Conversation {
                         reason: e.to_string(),
                         replayed: replay,
                     }));
-                    if !replay && !self.quiet_unreadable {
+                    if !replay {
                         out.push(Action::Send(message::error_message(UNREADABLE_ERROR)));
                     }
                 }
@@ -1669,6 +1743,25 @@ fn encrypt_last(s: &mut EncryptedSession, flags: u8, plaintext: &[u8], now: u64)
     EncodedMessage {
         header,
         body: Body::Data(data),
+    }
+}
+
+/// Where a reassembled text stands among the peer's data messages (keyids,
+/// then counter; texts that are not data messages last), so that two
+/// messages completed by one fragment are handled oldest first: the
+/// counter check refuses an older one after a newer.
+fn message_age(whole: &str) -> (bool, u32, u32, u64) {
+    match message::parse(whole) {
+        Ok(Message::Encoded(EncodedMessage {
+            body: Body::Data(d),
+            ..
+        })) => (
+            false,
+            d.sender_keyid,
+            d.recipient_keyid,
+            u64::from_be_bytes(d.ctr),
+        ),
+        _ => (true, 0, 0, 0),
     }
 }
 

@@ -4,13 +4,16 @@
 //! libotr 4.1.1 writes them: `?OTR|%08x|%08x,%05hu,%05hu,piece,` for
 //! version 3 and `?OTR,%05hu,%05hu,piece,` for version 2 (python-potr
 //! writes the v2 numbers without leading zeros; both forms are read).
-//! [`parse_fragment`] reads one fragment and [`Reassembler`] applies the
-//! spec's receiving rules with a bound on the memory it holds, with two
-//! tolerances the spec lacks: a fragment of the message being reassembled
-//! that is already held is ignored, and fragments that arrive ahead of a
-//! gap are kept until the gap is filled (after a crash the server delivers
-//! again what it had not seen acknowledged, and re-routes a dead session's
-//! unacknowledged stanzas after newer ones; see [`Reassembler::push`]).
+//! [`parse_fragment`] reads one fragment and [`Reassembler`] puts
+//! messages back together within bounds on the memory it holds. It departs
+//! from the spec's receiving rules (one partial message per sender, any
+//! fragment out of sequence discards it) because after a fault the server
+//! delivers again what it had not seen acknowledged, re-routes a dead
+//! session's unacknowledged stanzas after newer ones, and so interleaves
+//! the fragment runs of two messages of the same shape, which v3
+//! fragments cannot tell apart (no message id). It keeps candidate pieces
+//! per fragment number and lets the caller verify guessed combinations
+//! (a data message's MAC); see [`Reassembler::push_with`].
 
 use std::collections::BTreeMap;
 
@@ -80,20 +83,20 @@ pub enum FragmentError {
         /// Fragment count.
         n: u16,
     },
-    /// The fragment does not continue the stored partial message; the
-    /// stored partial message was discarded.
-    #[error("fragment {k}/{n} out of sequence; partial message discarded")]
-    OutOfSequence {
-        /// Fragment number.
-        k: u16,
-        /// Fragment count.
-        n: u16,
-    },
-    /// The reassembled message would exceed the bound; the partial message
-    /// was discarded.
+    /// Holding the fragment would exceed the reassembler's byte bound even
+    /// after evicting the pieces of every other shape; the pieces of its
+    /// shape were discarded.
     #[error("reassembled message would exceed {max} bytes; discarded")]
     TooLarge {
         /// The reassembler's bound.
+        max: usize,
+    },
+    /// Holding the fragment would exceed [`MAX_PIECES`] even after evicting
+    /// the pieces of every other shape; the pieces of its shape were
+    /// discarded.
+    #[error("fragmented message of more than {max} pieces; discarded")]
+    TooManyPieces {
+        /// The bound on pieces held.
         max: usize,
     },
     /// Partial messages from too many sender instances were being
@@ -268,31 +271,118 @@ fn starts_data_message(piece: &str) -> bool {
     piece.starts_with("?OTR:AAMD") || piece.starts_with("?OTR:AAID")
 }
 
-/// How many fragments a [`Reassembler`] keeps ahead of a gap.
-pub const MAX_AHEAD: usize = 64;
+/// Most distinct pieces a [`Reassembler`] keeps for one fragment number of
+/// one shape: the candidates of that many interleaved messages (a fifth
+/// evicts the oldest).
+pub const MAX_CANDIDATES: usize = 4;
+/// Most shapes (version, tags, n) a [`Reassembler`] holds pieces of at
+/// once; a new one evicts the one that got a fragment least recently.
+pub const MAX_SHAPES: usize = 4;
+/// Most pieces a [`Reassembler`] holds at once, whatever their size (the
+/// byte bound alone would let 1-byte pieces cost far more than their size).
+pub const MAX_PIECES: usize = 4096;
+/// Most combinations [`Reassembler::push_with`] hands to its verifier in
+/// one search. Three interleaved 10-piece messages (seen after a proxy
+/// kill in the chaos campaign) leave 3^7 combinations for the one that
+/// completes last; a guess (join, parse, MAC) costs microseconds.
+pub const MAX_GUESSES: usize = 4096;
+/// Most bytes of reassembled text handed to the verifier in one search.
+pub const MAX_GUESS_BYTES: usize = 8 << 20;
+/// Most index combinations looked at (handed over or skipped) per search.
+const MAX_ENUMERATED: usize = 1 << 16;
+/// How many unconsumed arrivals of one identical piece are counted.
+const MAX_COPIES: u16 = 8;
+
+/// What a fragment's pieces belong to: fragments of one message share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    version: Version,
+    sender_tag: u32,
+    receiver_tag: u32,
+    n: u16,
+}
+
+impl Shape {
+    fn of(f: &Fragment) -> Self {
+        Shape {
+            version: f.version,
+            sender_tag: f.sender_tag,
+            receiver_tag: f.receiver_tag,
+            n: f.n,
+        }
+    }
+}
+
+/// One distinct piece held for a fragment number.
+#[derive(Debug, Clone)]
+struct Candidate {
+    piece: String,
+    /// Arrivals not yet consumed. Under the same keys the first pieces of
+    /// two data messages are identical (header, tags, keyids, next D-H
+    /// key), so one held piece may serve two messages.
+    copies: u16,
+    /// Arrival order of its latest copy.
+    seq: u64,
+    /// A copy of it went into an accepted message: what is left is a
+    /// repeat, or the identical piece of another message.
+    used: bool,
+}
+
+/// The pieces held for one shape, by fragment number.
+#[derive(Debug, Clone)]
+struct Run {
+    shape: Shape,
+    slots: BTreeMap<u16, Vec<Candidate>>,
+    /// Arrival order of the latest fragment of this shape.
+    last_seq: u64,
+    /// [`Assembly::Unverified`] was returned since a message of this shape
+    /// was last accepted: not again (one notice, not one per fragment).
+    reported: bool,
+}
+
+/// What [`Reassembler::push_with`] made of a fragment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assembly {
+    /// More fragments are needed.
+    Pending,
+    /// A combination the verifier accepted (the first, if the fragment
+    /// completed several messages): the verifier has handled it. Its
+    /// pieces are consumed.
+    Verified(String),
+    /// Complete combinations were tried and none verified; every piece is
+    /// kept (the other message may complete later).
+    Unverified {
+        /// How many combinations the verifier refused.
+        tried: usize,
+    },
+}
 
 /// Reassembles fragments of one sender (spec §"Receiving Fragments"),
 /// holding at most `max_total_bytes` of pieces.
 ///
-/// The caller keeps one per (peer, sender instance) and calls
-/// [`Reassembler::reset`] when an unfragmented message arrives from that
-/// sender, as the spec asks.
+/// OTR v3 fragments carry no message id, and after a fault the server
+/// interleaves the runs of two messages of the same shape (a dead
+/// session's re-routed stanzas and newer ones, or a re-send). So instead
+/// of the spec's one partial message, the reassembler keeps per shape up
+/// to [`MAX_CANDIDATES`] distinct pieces for each fragment number, and when
+/// a fragment makes a shape complete, combines pieces into messages and
+/// has the caller's verifier check them (for a data message, its MAC):
+/// a single run received in order first, or else guesses, within
+/// [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`] per search. A combination's
+/// pieces are consumed only when it is accepted; the rest wait. A piece
+/// delivered again is counted, not stored twice.
+///
+/// The caller keeps one per (peer, sender instance).
 #[derive(Debug, Clone)]
 pub struct Reassembler {
     max_total_bytes: usize,
-    /// (K, N) of the stored partial message; (0, 0) when empty.
-    k: u16,
-    n: u16,
-    /// Version and tags of the stored partial message.
-    origin: Option<(Version, u32, u32)>,
-    buf: String,
-    /// Fragments of the stored message (same n, version and tags) that
-    /// arrived before one preceding them, by k (all > K + 1): appended
-    /// when the gap is filled. At most [`MAX_AHEAD`].
-    ahead: BTreeMap<u16, String>,
-    /// The message the last [`Reassembler::push`] completed used
-    /// fragments kept ahead of a gap.
-    reordered: bool,
+    /// At most [`MAX_SHAPES`].
+    runs: Vec<Run>,
+    next_seq: u64,
+    /// Bytes of distinct pieces held.
+    bytes: usize,
+    /// Distinct pieces held.
+    pieces: usize,
 }
 
 impl Reassembler {
@@ -301,203 +391,475 @@ impl Reassembler {
     pub fn new(max_total_bytes: usize) -> Self {
         Self {
             max_total_bytes,
-            k: 0,
-            n: 0,
-            origin: None,
-            buf: String::new(),
-            ahead: BTreeMap::new(),
-            reordered: false,
+            runs: Vec::new(),
+            next_seq: 0,
+            bytes: 0,
+            pieces: 0,
         }
     }
 
-    /// Forgets any stored partial message.
+    /// Forgets every held piece.
     pub fn reset(&mut self) {
-        self.k = 0;
-        self.n = 0;
-        self.origin = None;
-        self.buf = String::new();
-        self.ahead.clear();
+        self.runs.clear();
+        self.bytes = 0;
+        self.pieces = 0;
     }
 
-    /// Whether a partial message is stored.
+    /// Whether no piece is held.
     pub fn is_empty(&self) -> bool {
-        self.n == 0
+        self.runs.is_empty()
     }
 
-    /// Bytes of pieces currently stored.
+    /// Bytes of pieces currently held.
     pub fn stored_bytes(&self) -> usize {
-        self.buf
-            .len()
-            .saturating_add(self.ahead.values().map(String::len).sum())
+        self.bytes
     }
 
-    /// Whether the message the last [`Reassembler::push`] completed was
-    /// put together with fragments kept ahead of a gap: a guess, wrong if
-    /// two messages of the same shape were interleaved.
-    pub fn reordered(&self) -> bool {
-        self.reordered
+    /// Every held piece as a fragment (a piece that arrived several times
+    /// unconsumed, that many times), in arrival order: for durable storage,
+    /// restored by [`Reassembler::hold`].
+    pub fn held(&self) -> Vec<Fragment> {
+        let mut out: Vec<(u64, Fragment)> = Vec::new();
+        for run in &self.runs {
+            let s = run.shape;
+            for (k, slot) in &run.slots {
+                for c in slot {
+                    let f = Fragment {
+                        version: s.version,
+                        sender_tag: s.sender_tag,
+                        receiver_tag: s.receiver_tag,
+                        k: *k,
+                        n: s.n,
+                        piece: c.piece.clone(),
+                    };
+                    out.extend(std::iter::repeat_n((c.seq, f), usize::from(c.copies)));
+                }
+            }
+        }
+        out.sort_by_key(|(seq, _)| *seq);
+        out.into_iter().map(|(_, f)| f).collect()
     }
 
-    /// The fragments held ahead of a gap, for durable storage next to
-    /// [`Reassembler::partial`] (restored by [`Reassembler::push`]).
-    pub fn ahead(&self) -> Vec<Fragment> {
-        let Some((version, sender_tag, receiver_tag)) = self.origin else {
-            return Vec::new();
-        };
-        self.ahead
-            .iter()
-            .map(|(k, piece)| Fragment {
-                version,
-                sender_tag,
-                receiver_tag,
-                k: *k,
-                n: self.n,
-                piece: piece.clone(),
-            })
-            .collect()
-    }
-
-    /// The stored partial message as one cumulative fragment (k = K, the
-    /// number of fragments received in sequence, and the concatenated
-    /// pieces), for durable storage; `None` when nothing is stored in
-    /// sequence (fragments ahead of a gap: [`Reassembler::ahead`]).
-    pub fn partial(&self) -> Option<Fragment> {
-        let (version, sender_tag, receiver_tag) = self.origin?;
-        if self.n == 0 || self.k == 0 || self.buf.is_empty() {
+    /// Splits what an earlier version stored for a partial message — one
+    /// cumulative fragment, k = K pieces received in sequence, concatenated
+    /// — into its K fragments. Senders cut every piece but the last to the
+    /// same length (libotr, python-potr, [`fragment`]; armoured text is
+    /// ASCII), so K pieces are K equal parts. `None` if `f` is not such a
+    /// state (k < n required, length a multiple of k).
+    pub fn split_cumulative(f: &Fragment) -> Option<Vec<Fragment>> {
+        let k = usize::from(f.k);
+        if f.k == 0 || f.k >= f.n || f.piece.is_empty() || f.piece.len() % k != 0 {
             return None;
         }
-        Some(Fragment {
-            version,
-            sender_tag,
-            receiver_tag,
-            k: self.k,
-            n: self.n,
-            piece: self.buf.clone(),
-        })
-    }
-
-    /// A reassembler holding what [`Reassembler::partial`] returned, under
-    /// the same bound; `None` if `f` is not a valid partial state (k < n
-    /// required, pieces within `max_total_bytes`).
-    pub fn resume(max_total_bytes: usize, f: &Fragment) -> Option<Self> {
-        if f.k == 0 || f.k >= f.n || f.piece.is_empty() || f.piece.len() > max_total_bytes {
-            return None;
+        let len = f.piece.len() / k;
+        let mut out = Vec::with_capacity(k);
+        for i in 1..=f.k {
+            let start = usize::from(i - 1) * len;
+            let piece = f.piece.get(start..start + len)?;
+            out.push(Fragment {
+                k: i,
+                piece: piece.to_string(),
+                ..f.clone()
+            });
         }
-        Some(Self {
-            max_total_bytes,
-            k: f.k,
-            n: f.n,
-            origin: Some((f.version, f.sender_tag, f.receiver_tag)),
-            buf: f.piece.clone(),
-            ahead: BTreeMap::new(),
-            reordered: false,
-        })
+        Some(out)
     }
 
-    /// Feeds one fragment. Returns the whole message when `f` completes it,
-    /// `None` when more fragments are needed.
-    ///
-    /// Rules (spec): k == 1 starts a new message, discarding any partial
-    /// one; k == K+1 with the same n (and the same version and tags)
-    /// appends; anything else discards the partial message
-    /// ([`FragmentError::OutOfSequence`]). k == 0, n == 0 or k > n is
-    /// illegal and ignored ([`FragmentError::Illegal`], state unchanged).
-    /// Growing past the bound discards the partial message
-    /// ([`FragmentError::TooLarge`]).
-    ///
-    /// Two exceptions to "anything else": 2 <= k <= K with the same n,
-    /// version and tags is a fragment delivered again and is ignored; and
-    /// k > K+1 with the same n, version
-    /// and tags (or into an empty reassembler) is kept ahead of the gap,
-    /// up to [`MAX_AHEAD`] fragments and within the bound, and appended
-    /// once the fragments before it arrive; a k == 1 of the same shape
-    /// keeps them. The order of fragments is only the server's order: a
-    /// server that re-routes a dead session's unacknowledged stanzas after
-    /// newer ones delivers, say, 9 and 10 of ten before 1 to 8. A wrong
-    /// guess (two messages of the same shape interleaved) yields a message
-    /// that fails its MAC, as a discarded one would have been lost.
+    /// Holds `f` without trying to complete a message (restoring what
+    /// [`Reassembler::held`] returned: a message complete then would have
+    /// been completed before). Returns whether it is held.
+    pub fn hold(&mut self, f: &Fragment) -> bool {
+        if f.k == 0 || f.n == 0 || f.k > f.n {
+            return false;
+        }
+        self.insert(f).is_ok()
+    }
+
+    /// Feeds one fragment and returns the first complete combination in the
+    /// order of [`Reassembler::push_with`], unverified: for callers that
+    /// cannot verify. `None` when more fragments are needed.
     pub fn push(&mut self, f: &Fragment) -> Result<Option<String>, FragmentError> {
-        self.reordered = false;
+        Ok(match self.push_with(f, |_| 0, |_, _| true)? {
+            Assembly::Verified(w) => Some(w),
+            Assembly::Pending | Assembly::Unverified { .. } => None,
+        })
+    }
+
+    /// Feeds one fragment; when it completes its shape, combines the held
+    /// pieces into messages.
+    ///
+    /// k == 0, n == 0 or k > n is illegal and ignored
+    /// ([`FragmentError::Illegal`], state unchanged). A piece already held
+    /// for the same number and shape is counted again (a repeat delivery,
+    /// or the identical piece of another message: under the same keys the
+    /// first pieces of data messages are identical, and short last pieces
+    /// can be). Bounds: a new shape beyond [`MAX_SHAPES`] evicts the least
+    /// recently fed one, a fifth distinct piece for a number evicts that
+    /// number's oldest; beyond `max_total_bytes` or [`MAX_PIECES`] other
+    /// shapes are evicted, and if this shape alone is too big it is
+    /// discarded ([`FragmentError::TooLarge`], [`FragmentError::TooManyPieces`]).
+    ///
+    /// Completion. Every combination is made of one piece per number
+    /// 1..=n and includes `f`'s (those without it were tried when they
+    /// completed). If there is one, and its pieces arrived in order, it goes
+    /// to `verify` with `plain` true (the caller may then treat a failure
+    /// as the sender's, not a guess's); if refused, it is
+    /// [`Assembly::Unverified`]. Otherwise combinations go to `verify`
+    /// (`plain` false) until it returns true — first those taking the
+    /// newest piece of every number,
+    /// then the second newest…, sorted by `order` (stable; the caller's
+    /// idea of which message is older, so that two messages completed by
+    /// one fragment come in order), then all others, within
+    /// [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`]. On true the caller has
+    /// handled the message, its pieces are consumed and, with fewer
+    /// candidates left, every complete combination (with or without `f`'s
+    /// piece) is searched again. `verify` must leave no trace when it
+    /// returns false. Only a data message may be put together from pieces
+    /// received out of order: a wrongly combined AKE message (a D-H
+    /// Commit's encrypted g^x is opaque until the Reveal Signature) would
+    /// derail the handshake, while a data message fails its MAC.
+    /// [`Assembly::Unverified`] comes once until a message of the shape is
+    /// accepted (one notice, not one per fragment), and never for a repeat
+    /// delivery; [`Assembly::Pending`] otherwise.
+    pub fn push_with<K: Ord>(
+        &mut self,
+        f: &Fragment,
+        mut order: impl FnMut(&str) -> K,
+        mut verify: impl FnMut(&str, bool) -> bool,
+    ) -> Result<Assembly, FragmentError> {
         let (k, n) = (f.k, f.n);
         if k == 0 || n == 0 || k > n {
             return Err(FragmentError::Illegal { k, n });
         }
-        let origin = (f.version, f.sender_tag, f.receiver_tag);
-        let same_shape = n == self.n && self.origin == Some(origin);
-        if k == 1 {
-            // Only a data message may take the fragments kept ahead: a
-            // wrong guess fails its MAC and is dropped, while a wrong AKE
-            // message (a D-H Commit's encrypted g^x is opaque until the
-            // Reveal Signature) would derail the handshake.
-            let ahead = if same_shape && starts_data_message(&f.piece) {
-                std::mem::take(&mut self.ahead)
-            } else {
-                BTreeMap::new()
+        let (ri, repeat) = self.insert(f)?;
+        let Some(lists) = self.lists(ri, Some(f)) else {
+            return Ok(Assembly::Pending);
+        };
+        let first: Vec<usize> = lists.iter().map(|l| l[0]).collect();
+        if lists.iter().all(|l| l.len() == 1) && self.in_order(ri, &first) {
+            let whole = self.join(ri, &first);
+            if verify(&whole, true) {
+                self.consume(ri, &first);
+                return Ok(Assembly::Verified(whole));
+            }
+            return Ok(self.unverified(ri, repeat, 1));
+        }
+        let shape = Shape::of(f);
+        let mut accepted = None;
+        let mut tried = 0;
+        // The first search takes f's piece; once a message is accepted,
+        // fewer candidates are left and every complete combination is
+        // searched again (a message stuck behind too many combinations).
+        let mut fixed = Some(f);
+        for _ in 0..=MAX_CANDIDATES {
+            let Some(ri) = self.runs.iter().position(|r| r.shape == shape) else {
+                break;
             };
-            self.reset();
-            self.origin = Some(origin);
-            self.n = n;
-            self.ahead = ahead;
-        } else if same_shape && k == self.k.wrapping_add(1) {
-            // In sequence.
-        } else if same_shape && k <= self.k {
-            // Already held: the server delivers again what it had not seen
-            // acknowledged when the proxy died (the stored partial state
-            // has it). A new message would start with k == 1.
-            return Ok(None);
-        } else if (same_shape || self.is_empty()) && k > self.k.wrapping_add(1) {
-            return self.keep_ahead(f, origin);
-        } else {
-            self.reset();
-            return Err(FragmentError::OutOfSequence { k, n });
+            let Some(lists) = self.lists(ri, fixed) else {
+                break;
+            };
+            let Some((whole, combo)) = self.search(ri, &lists, &mut order, &mut verify, &mut tried)
+            else {
+                break;
+            };
+            self.consume(ri, &combo);
+            accepted.get_or_insert(whole);
+            fixed = None;
         }
-        if self.stored_bytes().saturating_add(f.piece.len()) > self.max_total_bytes {
-            self.reset();
-            return Err(FragmentError::TooLarge {
-                max: self.max_total_bytes,
-            });
-        }
-        self.buf.push_str(&f.piece);
-        self.k = k;
-        self.n = n;
-        // Fill in what arrived ahead of this one.
-        let mut filled = false;
-        while let Some(piece) = self.ahead.remove(&self.k.wrapping_add(1)) {
-            self.buf.push_str(&piece);
-            self.k += 1;
-            filled = true;
-        }
-        if self.k == n {
-            let whole = std::mem::take(&mut self.buf);
-            self.reset();
-            self.reordered = filled;
-            return Ok(Some(whole));
-        }
-        Ok(None)
+        Ok(match accepted {
+            Some(whole) => Assembly::Verified(whole),
+            None if tried == 0 => Assembly::Pending,
+            None => self.unverified(ri, repeat, tried),
+        })
     }
 
-    /// Keeps `f` (k > K+1) until the fragments before it arrive.
-    fn keep_ahead(
-        &mut self,
-        f: &Fragment,
-        origin: (Version, u32, u32),
-    ) -> Result<Option<String>, FragmentError> {
-        let replaced = self.ahead.get(&f.k).map_or(0, String::len);
-        if !self.ahead.contains_key(&f.k) && self.ahead.len() >= MAX_AHEAD {
-            self.reset();
-            return Err(FragmentError::OutOfSequence { k: f.k, n: f.n });
+    /// [`Assembly::Unverified`] once after an accepted message (and not
+    /// for a repeat delivery), else [`Assembly::Pending`].
+    fn unverified(&mut self, ri: usize, repeat: bool, tried: usize) -> Assembly {
+        match self.runs.get_mut(ri) {
+            Some(run) if !repeat && !run.reported => {
+                run.reported = true;
+                Assembly::Unverified { tried }
+            }
+            _ => Assembly::Pending,
         }
-        let bytes = self.stored_bytes() - replaced;
-        if bytes.saturating_add(f.piece.len()) > self.max_total_bytes {
-            self.reset();
-            return Err(FragmentError::TooLarge {
-                max: self.max_total_bytes,
-            });
+    }
+
+    /// Hands combinations of `lists` to `verify` until it accepts one,
+    /// within [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`]: first those taking
+    /// the i-th newest piece of every number, sorted by `order`, then the
+    /// others. Counts the refused ones in `tried`.
+    fn search<K: Ord>(
+        &self,
+        ri: usize,
+        lists: &[Vec<usize>],
+        order: &mut impl FnMut(&str) -> K,
+        verify: &mut impl FnMut(&str, bool) -> bool,
+        tried: &mut usize,
+    ) -> Option<(String, Vec<usize>)> {
+        let slot1 = self.runs[ri].slots.get(&1)?;
+        let eligible = |combo: &[usize]| {
+            slot1
+                .get(combo[0])
+                .is_some_and(|c| starts_data_message(&c.piece))
+                || self.in_order(ri, combo)
+        };
+        let ranked = ranked(lists);
+        let mut first: Vec<(K, usize, &Vec<usize>)> = ranked
+            .iter()
+            .filter(|c| eligible(c))
+            .enumerate()
+            .map(|(i, c)| (order(&self.join(ri, c)), i, c))
+            .collect();
+        first.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let rest = Odometer::new(lists).filter(|c| !ranked.contains(c) && eligible(c));
+        let (mut guesses, mut bytes) = (0, 0usize);
+        for combo in first.into_iter().map(|(_, _, c)| c.clone()).chain(rest) {
+            if guesses >= MAX_GUESSES || bytes >= MAX_GUESS_BYTES {
+                break;
+            }
+            let whole = self.join(ri, &combo);
+            guesses += 1;
+            bytes = bytes.saturating_add(whole.len());
+            if verify(&whole, false) {
+                return Some((whole, combo));
+            }
+            *tried += 1;
         }
-        self.origin = Some(origin);
-        self.n = f.n;
-        self.ahead.insert(f.k, f.piece.clone());
-        Ok(None)
+        None
+    }
+
+    /// For a complete run, the candidates per number (indices into the
+    /// slot), newest first; for `fixed`'s number only its piece (`None`
+    /// when it is not held).
+    fn lists(&self, ri: usize, fixed: Option<&Fragment>) -> Option<Vec<Vec<usize>>> {
+        let run = &self.runs[ri];
+        if run.slots.len() < usize::from(run.shape.n) {
+            return None;
+        }
+        let mut lists = Vec::with_capacity(usize::from(run.shape.n));
+        for (num, slot) in &run.slots {
+            let mut idx: Vec<usize> = match fixed {
+                Some(f) if *num == f.k => slot
+                    .iter()
+                    .position(|c| c.piece == f.piece)
+                    .into_iter()
+                    .collect(),
+                _ => (0..slot.len()).collect(),
+            };
+            if idx.is_empty() {
+                return None;
+            }
+            idx.sort_by_key(|&i| std::cmp::Reverse(slot[i].seq));
+            lists.push(idx);
+        }
+        Some(lists)
+    }
+
+    /// Stores `f`'s piece (or counts it again); returns its run's index and
+    /// whether it was already held.
+    fn insert(&mut self, f: &Fragment) -> Result<(usize, bool), FragmentError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let shape = Shape::of(f);
+        let mut ri = match self.runs.iter().position(|r| r.shape == shape) {
+            Some(i) => i,
+            None => {
+                if self.runs.len() >= MAX_SHAPES {
+                    if let Some(j) = self.least_recent(None) {
+                        self.remove_run(j);
+                    }
+                }
+                self.runs.push(Run {
+                    shape,
+                    slots: BTreeMap::new(),
+                    last_seq: seq,
+                    reported: false,
+                });
+                self.runs.len() - 1
+            }
+        };
+        self.runs[ri].last_seq = seq;
+        let slot = self.runs[ri].slots.entry(f.k).or_default();
+        if let Some(c) = slot.iter_mut().find(|c| c.piece == f.piece) {
+            c.copies = c.copies.saturating_add(1).min(MAX_COPIES);
+            c.seq = seq;
+            return Ok((ri, true));
+        }
+        if slot.len() >= MAX_CANDIDATES {
+            if let Some(old) = (0..slot.len()).min_by_key(|&i| slot[i].seq) {
+                let c = slot.remove(old);
+                self.bytes -= c.piece.len();
+                self.pieces -= 1;
+            }
+        }
+        // Room: other shapes go first; this one alone too big is dropped.
+        let len = f.piece.len();
+        while self.bytes.saturating_add(len) > self.max_total_bytes || self.pieces >= MAX_PIECES {
+            match self.least_recent(Some(ri)) {
+                Some(j) => {
+                    self.remove_run(j);
+                    if j < ri {
+                        ri -= 1;
+                    }
+                }
+                None => {
+                    let too_many = self.pieces >= MAX_PIECES;
+                    self.remove_run(ri);
+                    return Err(if too_many {
+                        FragmentError::TooManyPieces { max: MAX_PIECES }
+                    } else {
+                        FragmentError::TooLarge {
+                            max: self.max_total_bytes,
+                        }
+                    });
+                }
+            }
+        }
+        self.runs[ri].slots.entry(f.k).or_default().push(Candidate {
+            piece: f.piece.clone(),
+            copies: 1,
+            seq,
+            used: false,
+        });
+        self.bytes += len;
+        self.pieces += 1;
+        Ok((ri, false))
+    }
+
+    /// The run fed least recently, other than `except`.
+    fn least_recent(&self, except: Option<usize>) -> Option<usize> {
+        (0..self.runs.len())
+            .filter(|&i| Some(i) != except)
+            .min_by_key(|&i| self.runs[i].last_seq)
+    }
+
+    fn remove_run(&mut self, i: usize) {
+        let run = self.runs.remove(i);
+        for c in run.slots.values().flatten() {
+            self.bytes -= c.piece.len();
+            self.pieces -= 1;
+        }
+    }
+
+    /// Whether the pieces chosen by `combo` (an index per number) arrived
+    /// in the order of their numbers.
+    fn in_order(&self, ri: usize, combo: &[usize]) -> bool {
+        let seqs = self.runs[ri]
+            .slots
+            .values()
+            .zip(combo)
+            .map(|(slot, &i)| slot.get(i).map_or(0, |c| c.seq));
+        let mut last = None;
+        for s in seqs {
+            if last.is_some_and(|l| s <= l) {
+                return false;
+            }
+            last = Some(s);
+        }
+        true
+    }
+
+    fn join(&self, ri: usize, combo: &[usize]) -> String {
+        let mut whole = String::new();
+        for (slot, &i) in self.runs[ri].slots.values().zip(combo) {
+            if let Some(c) = slot.get(i) {
+                whole.push_str(&c.piece);
+            }
+        }
+        whole
+    }
+
+    /// Takes one copy of each piece of `combo`. When only copies of pieces
+    /// already used are left for the shape (repeats, or identical pieces
+    /// of a message none of whose own pieces came), they are dropped.
+    fn consume(&mut self, ri: usize, combo: &[usize]) {
+        let run = &mut self.runs[ri];
+        for (slot, &i) in run.slots.values_mut().zip(combo) {
+            let Some(c) = slot.get_mut(i) else { continue };
+            c.copies -= 1;
+            c.used = true;
+            if c.copies == 0 {
+                let c = slot.remove(i);
+                self.bytes -= c.piece.len();
+                self.pieces -= 1;
+            }
+        }
+        run.slots.retain(|_, slot| !slot.is_empty());
+        run.reported = false;
+        if run.slots.values().flatten().all(|c| c.used) {
+            self.remove_run(ri);
+        }
+    }
+}
+
+/// The combinations taking the i-th entry of every list (or its last),
+/// for i = 0, 1, …, without repeats: with each list newest first, these
+/// are the messages whose pieces all arrived in the same rank (two runs
+/// interleaved one after the other, or one after another).
+fn ranked(lists: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let widest = lists.iter().map(Vec::len).max().unwrap_or(0);
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for rank in 0..widest {
+        let c: Vec<usize> = lists
+            .iter()
+            .map(|l| l[rank.min(l.len().saturating_sub(1))])
+            .collect();
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Every combination of `lists` (one entry per list), the last list
+/// varying fastest; at most [`MAX_ENUMERATED`].
+struct Odometer<'a> {
+    lists: &'a [Vec<usize>],
+    /// `None` when exhausted.
+    pos: Option<Vec<usize>>,
+    given: usize,
+}
+
+impl<'a> Odometer<'a> {
+    fn new(lists: &'a [Vec<usize>]) -> Self {
+        Odometer {
+            lists,
+            pos: Some(vec![0; lists.len()]),
+            given: 0,
+        }
+    }
+}
+
+impl Iterator for Odometer<'_> {
+    type Item = Vec<usize>;
+
+    fn next(&mut self) -> Option<Vec<usize>> {
+        if self.given >= MAX_ENUMERATED {
+            return None;
+        }
+        let pos = self.pos.as_mut()?;
+        let c: Vec<usize> = self
+            .lists
+            .iter()
+            .zip(pos.iter())
+            .map(|(l, &p)| l[p])
+            .collect();
+        self.given += 1;
+        let mut i = pos.len();
+        loop {
+            if i == 0 {
+                self.pos = None;
+                break;
+            }
+            i -= 1;
+            pos[i] += 1;
+            if pos[i] < self.lists[i].len() {
+                break;
+            }
+            pos[i] = 0;
+        }
+        Some(c)
     }
 }
 
@@ -663,7 +1025,7 @@ HwNiIi5Ms+4PsY/L2i,",
     }
 
     #[test]
-    fn reassembler_follows_the_spec_rules() {
+    fn reassembler_rules() {
         let mut r = Reassembler::new(100);
         assert_eq!(
             r.push(&f(0, 1, "a")),
@@ -677,98 +1039,507 @@ HwNiIi5Ms+4PsY/L2i,",
             r.push(&f(3, 2, "a")),
             Err(FragmentError::Illegal { k: 3, n: 2 })
         );
+        assert!(r.is_empty());
         assert_eq!(r.push(&f(1, 1, "whole")), Ok(Some("whole".into())));
 
+        // In order; illegal fragments leave the held pieces alone.
         assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
-        // Illegal fragments leave the partial message alone.
         assert!(r.push(&f(0, 3, "x")).is_err());
         assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
-        // A restart discards the partial message.
-        assert_eq!(r.push(&f(1, 3, "A")), Ok(None));
-        assert_eq!(r.push(&f(2, 3, "B")), Ok(None));
-        assert_eq!(r.push(&f(3, 3, "C")), Ok(Some("ABC".into())));
-
-        // Wrong n: discard.
-        r.reset();
-        assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
         assert_eq!(
-            r.push(&f(2, 4, "c")),
-            Err(FragmentError::OutOfSequence { k: 2, n: 4 })
+            r.push_with(
+                &f(3, 3, "c"),
+                |_| 0,
+                |_, plain| {
+                    assert!(plain);
+                    true
+                }
+            ),
+            Ok(Assembly::Verified("abc".into()))
         );
         assert!(r.is_empty());
 
-        // Beyond the spec: a fragment delivered again is ignored…
-        r.reset();
+        // A piece delivered again is counted, not a new candidate; the
+        // spare copy goes with the message.
         assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
         assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
         assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
+        assert_eq!(r.held().len(), 3);
+        assert_eq!(r.stored_bytes(), 2);
         assert_eq!(r.push(&f(3, 3, "c")), Ok(Some("abc".into())));
-        // …and fragments ahead of a gap wait for it, also into an empty
-        // reassembler (9 and 10 of ten re-routed before 1 to 8).
+        assert!(r.is_empty(), "{r:?}");
+
+        // Out of order (9 and 10 of ten re-routed before 1 to 8): a data
+        // message is a guess, handed to the verifier.
         assert_eq!(r.push(&f(3, 4, "c")), Ok(None));
         assert_eq!(r.push(&f(4, 4, "d")), Ok(None));
-        assert!(!r.is_empty());
-        assert_eq!(r.stored_bytes(), 2);
-        assert_eq!(r.ahead().len(), 2);
-        assert!(r.partial().is_none(), "nothing in sequence yet");
         assert_eq!(r.push(&f(1, 4, "?OTR:AAMDa")), Ok(None));
-        assert_eq!(r.push(&f(2, 4, "b")), Ok(Some("?OTR:AAMDabcd".into())));
-        assert!(r.is_empty());
-        assert!(r.reordered(), "completed with fragments kept ahead");
-        // Only for a data message: an AKE message (here a D-H Commit)
-        // starts afresh and the kept fragments are dropped.
-        assert_eq!(r.push(&f(2, 2, "x")), Ok(None));
-        assert_eq!(r.push(&f(1, 2, "?OTR:AAMCa")), Ok(None));
-        assert_eq!(r.push(&f(2, 2, "b")), Ok(Some("?OTR:AAMCab".into())));
-        assert!(!r.reordered());
-        assert_eq!(r.push(&f(1, 1, "whole")), Ok(Some("whole".into())));
-        assert!(!r.reordered());
-        // A fragment ahead of a gap of another shape is out of sequence.
-        assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
+        let mut seen = Vec::new();
         assert_eq!(
-            r.push(&f(3, 4, "c")),
-            Err(FragmentError::OutOfSequence { k: 3, n: 4 })
+            r.push_with(
+                &f(2, 4, "b"),
+                |_| 0,
+                |w, _| {
+                    seen.push(w.to_string());
+                    true
+                }
+            ),
+            Ok(Assembly::Verified("?OTR:AAMDabcd".into()))
         );
-        assert!(r.is_empty());
-        // At most MAX_AHEAD are kept.
-        for k in 0..MAX_AHEAD {
-            assert_eq!(r.push(&f(k as u16 + 2, 1000, "x")), Ok(None));
-        }
-        assert_eq!(
-            r.push(&f(999, 1000, "x")),
-            Err(FragmentError::OutOfSequence { k: 999, n: 1000 })
-        );
+        assert_eq!(seen, ["?OTR:AAMDabcd"]);
         assert!(r.is_empty());
 
-        // A different sender instance does not continue the message.
+        // An AKE message (here a D-H Commit) only from pieces in order:
+        // the piece that came before its first one is not taken.
+        assert_eq!(r.push(&f(2, 2, "x")), Ok(None));
+        assert_eq!(
+            r.push_with(&f(1, 2, "?OTR:AAMCa"), |_| 0, |_, _| panic!("out of order")),
+            Ok(Assembly::Pending)
+        );
+        assert_eq!(r.push(&f(2, 2, "b")), Ok(Some("?OTR:AAMCab".into())));
+        assert_eq!(r.held().len(), 1, "the stray piece waits");
         r.reset();
-        assert_eq!(r.push(&f(1, 2, "a")), Ok(None));
-        let mut other = f(2, 2, "b");
+
+        // Another n (or sender instance) is another shape: both complete.
+        assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
+        assert_eq!(r.push(&f(1, 2, "?OTR:AAMDp")), Ok(None));
+        let mut other = f(1, 2, "?OTR:AAMDs");
         other.sender_tag = 0x101;
-        assert!(r.push(&other).is_err());
+        assert_eq!(r.push(&other), Ok(None));
+        assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
+        assert_eq!(r.push(&f(2, 2, "q")), Ok(Some("?OTR:AAMDpq".into())));
+        assert_eq!(r.push(&f(3, 3, "c")), Ok(Some("abc".into())));
+        other.k = 2;
+        other.piece = "t".into();
+        assert_eq!(r.push(&other), Ok(Some("?OTR:AAMDst".into())));
+        assert!(r.is_empty());
+    }
+
+    /// The fragments of messages `m` (n = pieces.len() each).
+    fn runs(msgs: &[&[&str]]) -> Vec<Vec<Fragment>> {
+        msgs.iter()
+            .map(|pieces| {
+                let n = pieces.len() as u16;
+                (1..=n)
+                    .zip(pieces.iter())
+                    .map(|(k, p)| f(k, n, p))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Feeds `order` ((message, k) pairs) with a verifier that accepts only
+    /// the genuine messages; returns what was accepted, in order, and how
+    /// many guesses were refused.
+    fn feed(r: &mut Reassembler, msgs: &[&[&str]], order: &[(usize, u16)]) -> (Vec<String>, usize) {
+        let genuine: Vec<String> = msgs.iter().map(|m| m.concat()).collect();
+        let frags = runs(msgs);
+        let (mut out, mut refused) = (Vec::new(), 0);
+        for &(m, k) in order {
+            let fr = &frags[m][usize::from(k) - 1];
+            let res = r.push_with(
+                fr,
+                |_| 0,
+                |w, _| {
+                    let ok = genuine.iter().any(|g| g == w);
+                    refused += usize::from(!ok);
+                    ok
+                },
+            );
+            match res.unwrap() {
+                Assembly::Verified(w) => {
+                    assert!(genuine.contains(&w), "{w}");
+                    out.push(w);
+                }
+                Assembly::Pending | Assembly::Unverified { .. } => {}
+            }
+        }
+        (out, refused)
+    }
+
+    const A: &[&str] = &["?OTR:AAMDhead", "a2", "a3", "a4."];
+    const B: &[&str] = &["?OTR:AAMDhead", "b2", "b3", "b4."];
+    const C: &[&str] = &["?OTR:AAMDhdC", "c2", "c3", "c4."];
+
+    #[test]
+    fn interleaved_runs_of_the_same_shape_are_told_apart() {
+        let ab = |r: &mut Reassembler, order: &[(usize, u16)]| {
+            let (out, _) = feed(r, &[A, B], order);
+            let mut sorted = out.clone();
+            sorted.sort();
+            assert_eq!(sorted, [A.concat(), B.concat()], "order {order:?}");
+            assert!(r.is_empty(), "{order:?}: {r:?}");
+            out
+        };
+        let mut r = Reassembler::new(1000);
+        // A1 B1 A2 B2 …: the first pieces are identical (same keys), held
+        // once with two copies.
+        let out = ab(
+            &mut r,
+            &[
+                (0, 1),
+                (1, 1),
+                (0, 2),
+                (1, 2),
+                (0, 3),
+                (1, 3),
+                (0, 4),
+                (1, 4),
+            ],
+        );
+        assert_eq!(out, [A.concat(), B.concat()]);
+        // B1 A1 B2 A2 …
+        let out = ab(
+            &mut r,
+            &[
+                (1, 1),
+                (0, 1),
+                (1, 2),
+                (0, 2),
+                (1, 3),
+                (0, 3),
+                (1, 4),
+                (0, 4),
+            ],
+        );
+        assert_eq!(out, [B.concat(), A.concat()]);
+        // A's tail re-routed after all of B.
+        let out = ab(
+            &mut r,
+            &[
+                (0, 1),
+                (0, 2),
+                (1, 1),
+                (1, 2),
+                (1, 3),
+                (1, 4),
+                (0, 3),
+                (0, 4),
+            ],
+        );
+        assert_eq!(out, [B.concat(), A.concat()]);
+        // The last pieces first, then the heads interleaved.
+        ab(
+            &mut r,
+            &[
+                (1, 4),
+                (0, 4),
+                (0, 1),
+                (1, 1),
+                (1, 2),
+                (0, 2),
+                (0, 3),
+                (1, 3),
+            ],
+        );
+        // Repeats of A's pieces mixed in, before it completes.
+        ab(
+            &mut r,
+            &[
+                (0, 1),
+                (0, 2),
+                (1, 1),
+                (0, 2),
+                (1, 2),
+                (0, 3),
+                (0, 2),
+                (1, 3),
+                (0, 4),
+                (1, 4),
+            ],
+        );
+
+        // Distinct heads, interleaved with a run missing a piece: A and C
+        // complete, B's pieces wait and complete when its last comes.
+        let msgs: &[&[&str]] = &[A, B, C];
+        let (out, refused) = feed(
+            &mut r,
+            msgs,
+            &[
+                (0, 1),
+                (2, 1),
+                (0, 2),
+                (2, 2),
+                (1, 2),
+                (0, 3),
+                (2, 3),
+                (1, 3),
+                (2, 4),
+                (0, 4),
+            ],
+        );
+        assert_eq!(out, [C.concat(), A.concat()]);
+        assert!(refused > 0);
+        assert_eq!(r.held().len(), 2, "B's pieces wait: {r:?}");
+        let (out, _) = feed(&mut r, msgs, &[(1, 4), (1, 1)]);
+        assert_eq!(out, [B.concat()]);
+        assert!(r.is_empty(), "{r:?}");
+    }
+
+    /// After a proxy kill (chaos campaign, seed 20261191, trial 18): four
+    /// messages of ten pieces under the same keys (identical first and
+    /// last pieces), their runs cut and re-routed by the server into one
+    /// another. Every message is put together once.
+    #[test]
+    fn several_messages_cut_into_one_another() {
+        let msgs: Vec<Vec<String>> = (0..4)
+            .map(|m| {
+                (1..=10)
+                    .map(|k| match k {
+                        1 => "?OTR:AAMDhead".to_string(),
+                        10 => "=.".to_string(),
+                        _ => format!("m{m}k{k}"),
+                    })
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<Vec<&str>> = msgs
+            .iter()
+            .map(|m| m.iter().map(String::as_str).collect())
+            .collect();
+        let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+        // (message, k) as the proxy saw them: message 0 pieces 1 to 7 and
+        // message 1 piece 1 before the kill, the rest after.
+        let mut order: Vec<(usize, u16)> = (1..=7).map(|k| (0, k)).chain([(1, 1)]).collect();
+        order.extend([
+            (0, 8),
+            (0, 9),
+            (0, 10),
+            (2, 9),
+            (2, 10),
+            (3, 1),
+            (3, 2),
+            (1, 1),
+        ]);
+        order.extend([
+            (1, 9),
+            (1, 10),
+            (2, 1),
+            (2, 2),
+            (3, 3),
+            (3, 4),
+            (3, 5),
+            (2, 3),
+        ]);
+        order.extend([
+            (1, 2),
+            (3, 6),
+            (3, 7),
+            (3, 8),
+            (3, 9),
+            (3, 10),
+            (1, 3),
+            (1, 4),
+        ]);
+        order.extend([
+            (1, 5),
+            (2, 4),
+            (2, 5),
+            (2, 6),
+            (2, 7),
+            (1, 6),
+            (1, 7),
+            (1, 8),
+        ]);
+        order.extend([(2, 8)]);
+        let mut r = Reassembler::new(100_000);
+        let (out, _) = feed(&mut r, &slices, &order);
+        let mut sorted = out.clone();
+        sorted.sort();
+        let mut want: Vec<String> = msgs.iter().map(|m| m.concat()).collect();
+        want.sort();
+        assert_eq!(sorted, want, "delivered {out:?}");
+        assert!(r.is_empty(), "{r:?}");
     }
 
     #[test]
-    fn partial_state_survives_a_round_trip() {
+    fn a_guess_that_never_verifies_keeps_its_pieces() {
+        let mut r = Reassembler::new(1000);
+        let frags = runs(&[A, B]);
+        // A1 A2 B4 B3: one combination, out of order; the verifier says no.
+        for fr in [&frags[0][0], &frags[0][1], &frags[1][3]] {
+            assert_eq!(
+                r.push_with(fr, |_| 0, |_, _| panic!("incomplete")),
+                Ok(Assembly::Pending)
+            );
+        }
+        let mut calls = 0;
+        assert_eq!(
+            r.push_with(
+                &frags[1][2],
+                |_| 0,
+                |_, _| {
+                    calls += 1;
+                    false
+                }
+            ),
+            Ok(Assembly::Unverified { tried: 1 })
+        );
+        assert_eq!(calls, 1);
+        assert_eq!(r.held().len(), 4);
+        // Delivered again: tried again, but no second report.
+        assert_eq!(
+            r.push_with(&frags[1][2], |_| 0, |_, _| false),
+            Ok(Assembly::Pending)
+        );
+        // The pieces that were missing arrive: both messages.
+        let (out, _) = feed(&mut r, &[A, B], &[(0, 3), (0, 4), (1, 1), (1, 2)]);
+        assert_eq!(out, [A.concat(), B.concat()]);
+        // B3 was counted twice: one spare copy, dropped with the message.
+        assert!(r.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn candidates_and_guesses_are_bounded() {
+        let mut r = Reassembler::new(1_000_000);
+        // A flood of distinct pieces for every number of one shape.
+        let n = 8;
+        for round in 0..10 {
+            for k in 2..=n {
+                assert_eq!(r.push(&f(k, n, &format!("p{round}-{k}"))), Ok(None));
+            }
+        }
+        assert_eq!(r.held().len(), MAX_CANDIDATES * usize::from(n - 1));
+        // Completing it tries at most MAX_GUESSES of the 4^7 combinations.
+        let mut calls = 0;
+        let res = r.push_with(
+            &f(1, n, "?OTR:AAMDx"),
+            |_| 0,
+            |_, _| {
+                calls += 1;
+                false
+            },
+        );
+        assert_eq!(res, Ok(Assembly::Unverified { tried: MAX_GUESSES }));
+        assert_eq!(calls, MAX_GUESSES);
+        // The newest of every number is tried first, then the second
+        // newest…, then the others, each once.
+        let mut seen = Vec::new();
+        let _ = r.push_with(
+            &f(1, n, "?OTR:AAMDy"),
+            |_| 0,
+            |w, _| {
+                seen.push(w.to_string());
+                false
+            },
+        );
+        assert_eq!(seen[0], "?OTR:AAMDyp9-2p9-3p9-4p9-5p9-6p9-7p9-8");
+        assert_eq!(seen[1], "?OTR:AAMDyp8-2p8-3p8-4p8-5p8-6p8-7p8-8");
+        assert_eq!(seen[4], "?OTR:AAMDyp9-2p9-3p9-4p9-5p9-6p9-7p8-8");
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), seen.len());
+        // Big pieces: the byte budget ends the search first.
+        let mut r = Reassembler::new(usize::MAX);
+        let big = "b".repeat(MAX_GUESS_BYTES / 8);
+        for round in 0..2 {
+            for k in 2..=4 {
+                assert_eq!(r.push(&f(k, 4, &format!("{round}{big}"))), Ok(None));
+            }
+        }
+        let mut calls = 0;
+        let _ = r.push_with(
+            &f(1, 4, "?OTR:AAMDx"),
+            |_| 0,
+            |_, _| {
+                calls += 1;
+                false
+            },
+        );
+        assert_eq!(calls, 3, "three of 8 combinations fill the byte budget");
+
+        // At most MAX_SHAPES shapes: the least recently fed goes.
+        r.reset();
+        for n in 2..(2 + MAX_SHAPES as u16 + 3) {
+            assert_eq!(r.push(&f(2, n, "z")), Ok(None));
+        }
+        assert_eq!(r.held().len(), MAX_SHAPES);
+        assert!(r.held().iter().all(|h| h.n >= 5));
+
+        // At most MAX_PIECES pieces, whatever their size: other shapes are
+        // evicted first, then the shape that grows too big is dropped.
+        let mut r = Reassembler::new(usize::MAX);
+        assert_eq!(r.push(&f(2, 3, "other")), Ok(None));
+        let mut res = Ok(None);
+        for k in 1..=MAX_PIECES as u16 {
+            res = r.push(&f(k, u16::MAX, "x"));
+        }
+        assert_eq!(res, Ok(None));
+        assert_eq!(r.held().len(), MAX_PIECES);
+        assert!(r.held().iter().all(|h| h.n == u16::MAX));
+        assert_eq!(
+            r.push(&f(MAX_PIECES as u16 + 1, u16::MAX, "x")),
+            Err(FragmentError::TooManyPieces { max: MAX_PIECES })
+        );
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn held_pieces_survive_a_round_trip() {
         let mut r = Reassembler::new(64 * 1024);
-        assert!(r.partial().is_none());
-        r.push(&frag(SPEC_FRAGMENTS[0])).unwrap();
-        r.push(&frag(SPEC_FRAGMENTS[1])).unwrap();
-        let p = r.partial().unwrap();
-        assert_eq!((p.k, p.n), (2, 3));
-        // Through its text form, as stored.
-        let text = p.to_text();
-        let mut resumed = Reassembler::resume(64 * 1024, &parse_fragment(&text).unwrap()).unwrap();
+        assert!(r.held().is_empty());
+        let frags = runs(&[A, B]);
+        for fr in [
+            &frags[1][3],
+            &frags[0][0],
+            &frags[0][1],
+            &frags[1][0],
+            &frags[1][1],
+        ] {
+            assert_eq!(r.push(fr), Ok(None));
+        }
+        // Through the text form, as stored.
+        let texts: Vec<String> = r.held().iter().map(Fragment::to_text).collect();
+        assert_eq!(texts.len(), 5, "the shared first piece twice");
+        let mut restored = Reassembler::new(64 * 1024);
+        for t in &texts {
+            assert!(restored.hold(&parse_fragment(t).unwrap()));
+        }
+        assert_eq!(restored.held(), r.held());
+        let (out, _) = feed(&mut restored, &[A, B], &[(0, 3), (0, 4), (1, 3)]);
+        assert_eq!(out, [A.concat(), B.concat()]);
+        assert!(restored.is_empty());
+        assert!(!restored.hold(&f(0, 2, "x")));
+
+        // What earlier versions stored: one cumulative fragment of K pieces
+        // received in sequence.
+        let mut old = Reassembler::new(64 * 1024);
+        old.push(&frag(SPEC_FRAGMENTS[0])).unwrap();
+        old.push(&frag(SPEC_FRAGMENTS[1])).unwrap();
+        let first = frag(SPEC_FRAGMENTS[0]);
+        let cumulative = Fragment {
+            k: 2,
+            piece: format!("{}{}", first.piece, frag(SPEC_FRAGMENTS[1]).piece),
+            ..first
+        };
+        let text = cumulative.to_text();
+        let split = Reassembler::split_cumulative(&parse_fragment(&text).unwrap()).unwrap();
+        assert_eq!(split, old.held());
+        let mut resumed = Reassembler::new(64 * 1024);
+        assert!(split.iter().all(|p| resumed.hold(p)));
         let a = resumed.push(&frag(SPEC_FRAGMENTS[2])).unwrap().unwrap();
-        let b = r.push(&frag(SPEC_FRAGMENTS[2])).unwrap().unwrap();
-        assert_eq!(a, b);
-        assert!(resumed.partial().is_none(), "complete: nothing partial");
-        // Invalid states and states over the bound are refused.
-        assert!(Reassembler::resume(10, &p).is_none());
-        let done = Fragment { k: 3, ..p.clone() };
-        assert!(Reassembler::resume(64 * 1024, &done).is_none());
-        let zero = Fragment { k: 0, ..p };
-        assert!(Reassembler::resume(64 * 1024, &zero).is_none());
+        assert_eq!(Some(a), old.push(&frag(SPEC_FRAGMENTS[2])).unwrap());
+        // Not a partial state: complete, empty, or not K equal pieces.
+        assert!(
+            Reassembler::split_cumulative(&Fragment {
+                k: 3,
+                ..cumulative.clone()
+            })
+            .is_none()
+        );
+        assert!(
+            Reassembler::split_cumulative(&Fragment {
+                k: 0,
+                ..cumulative.clone()
+            })
+            .is_none()
+        );
+        let odd = Fragment {
+            piece: format!("{}x", cumulative.piece),
+            ..cumulative
+        };
+        assert!(Reassembler::split_cumulative(&odd).is_none());
     }
 
     #[test]
@@ -786,5 +1557,18 @@ HwNiIi5Ms+4PsY/L2i,",
             Err(FragmentError::TooLarge { max: 5 })
         );
         assert_eq!(r.push(&f(1, 1, "12345")), Ok(Some("12345".into())));
+        // Another shape's pieces make room first.
+        assert_eq!(r.push(&f(1, 3, "abc")), Ok(None));
+        assert_eq!(r.push(&f(1, 2, "de")), Ok(None));
+        assert_eq!(
+            r.push(&f(2, 2, "fghi")),
+            Err(FragmentError::TooLarge { max: 5 })
+        );
+        assert!(r.is_empty());
+        let mut r = Reassembler::new(5);
+        assert_eq!(r.push(&f(1, 3, "abc")), Ok(None));
+        assert_eq!(r.push(&f(1, 2, "de")), Ok(None));
+        assert_eq!(r.push(&f(2, 2, "f")), Ok(Some("def".into())));
+        assert!(r.is_empty());
     }
 }
