@@ -247,6 +247,45 @@ fn a_newer_commit_of_ours_supersedes_a_stale_handshake() {
     assert_eq!(p.alice.texts(), ["from bob"]);
 }
 
+/// The responder is private once it has the Reveal Signature and sends at
+/// once; the server may hand its data over before its Signature (ejabberd
+/// re-routing a dead session's stanzas after newer ones; chaos campaign,
+/// fault during an AKE with fragments, seed 20261205 trial 17). The
+/// initiator keeps such data until the Signature completes its session,
+/// then reads it: no OTR error, nothing lost.
+#[test]
+fn data_that_overtakes_the_signature_is_read_after_it() {
+    let mut p = Pair::new();
+    let t0 = p.now;
+    p.alice.send("overtaking", t0);
+    let query = p.alice.outbox.pop_front().expect("query");
+    p.bob.receive(&query, t0);
+    let commit = p.bob.outbox.pop_front().expect("D-H Commit");
+    p.alice.receive(&commit, t0);
+    let key = p.alice.outbox.pop_front().expect("D-H Key");
+    p.bob.receive(&key, t0);
+    let reveal = p.bob.outbox.pop_front().expect("Reveal Signature");
+    p.alice.receive(&reveal, t0);
+    let sig = p.alice.outbox.pop_front().expect("Signature");
+    assert!(sig.starts_with("?OTR:AAMS"), "{sig}");
+    let data = p.alice.outbox.pop_front().expect("the held message");
+    assert!(data.starts_with("?OTR:AAMD"), "{data}");
+    p.bob.receive(&data, t0);
+    assert!(p.bob.texts().is_empty());
+    assert!(p.bob.outbox.is_empty(), "no OTR error: {:?}", p.bob.outbox);
+    p.bob.receive(&sig, t0);
+    assert!(p.bob.conv.is_private());
+    assert_eq!(p.bob.texts(), ["overtaking"]);
+    assert!(
+        !p.bob
+            .notices
+            .iter()
+            .any(|n| matches!(n, Notice::Unreadable { .. })),
+        "{:?}",
+        p.bob.notices
+    );
+}
+
 /// Retries are bounded: an offline peer finds at most MAX_AKE_RETRIES
 /// extra queries in its offline storage; a new message from the user
 /// starts the count again.

@@ -70,6 +70,10 @@ pub struct Config {
     pub ake_retry_secs: u64,
 }
 
+/// Most data messages kept while waiting for a Signature message (see
+/// `Conversation::early_data`).
+const MAX_EARLY_DATA: usize = 16;
+
 /// How many times [`Conversation::handle_tick`] starts a stalled handshake
 /// over before it waits for the user to send again (an offline peer gets
 /// each query from its server's offline storage; 10 s doubling six times
@@ -366,6 +370,13 @@ pub struct Conversation {
     guess_plain: bool,
     /// Set when the guess being handled was refused.
     guess_refused: bool,
+    /// Data messages that arrived, per instance, while we waited for that
+    /// instance's Signature message (we sent our Reveal Signature): the
+    /// peer is private already and the server may hand its first messages
+    /// over before the Signature (ejabberd re-routing a dead session's
+    /// stanzas after newer ones). Read once the Signature completes the
+    /// session; reported unreadable if the handshake is started over.
+    early_data: Vec<(u32, Header, DataMessage)>,
     held: VecDeque<Zeroizing<String>>,
     /// The instance user messages go to.
     selected: Option<u32>,
@@ -395,6 +406,7 @@ impl Conversation {
             guessing: false,
             guess_plain: false,
             guess_refused: false,
+            early_data: Vec::new(),
             held: VecDeque::new(),
             selected: None,
             received_plaintext: false,
@@ -691,6 +703,12 @@ impl Conversation {
         self.master_ake = AuthState::None;
         for inst in self.instances.values_mut() {
             inst.ake = AuthState::None;
+        }
+        for _ in std::mem::take(&mut self.early_data) {
+            out.push(Action::Notify(Notice::Unreadable {
+                reason: "sent in a handshake that never completed".into(),
+                replayed: false,
+            }));
         }
         self.ake_retries += 1;
         self.send_query(now, &mut out);
@@ -1249,6 +1267,14 @@ impl Conversation {
                         self.set_ake(tag, state);
                         if let Some(done) = step.complete {
                             self.go_encrypted(tag, done, now, rng, out);
+                            let (early, rest): (Vec<_>, Vec<_>) =
+                                std::mem::take(&mut self.early_data)
+                                    .into_iter()
+                                    .partition(|(t, _, _)| *t == tag);
+                            self.early_data = rest;
+                            for (_, h, d) in early {
+                                self.on_data(&h, tag, &d, now, rng, out);
+                            }
                         }
                     }
                     Err(e) => {
@@ -1330,6 +1356,10 @@ impl Conversation {
         out: &mut Out,
     ) {
         let ignore_unreadable = d.flags & FLAG_IGNORE_UNREADABLE != 0;
+        let awaiting_sig = self
+            .instances
+            .get(&tag)
+            .is_some_and(|i| matches!(i.ake, AuthState::AwaitingSig(_)));
         let mut stale = false;
         let result = match self.instances.get_mut(&tag) {
             Some(Instance {
@@ -1369,6 +1399,13 @@ impl Conversation {
                 | PeerMisbehaved::ZeroKeyid,
             )) if self.guessing && !self.guess_plain => {
                 self.guess_refused = true;
+                return;
+            }
+            Err(Error::Peer(PeerMisbehaved::NotEncrypted))
+                if awaiting_sig && self.early_data.len() < MAX_EARLY_DATA =>
+            {
+                tracing::debug!(instance = tag, "data message before the Signature; kept");
+                self.early_data.push((tag, *h, d.clone()));
                 return;
             }
             Err(e) => {
