@@ -112,19 +112,15 @@ const FAULTS: [Fault; 7] = [
 ];
 
 /// Fault kinds that still lose a message in some trials (issue 9,
-/// docs/chaos.md). Between fragments: after a crash ejabberd re-routes the
-/// dead session's unacknowledged fragments after newer ones, interleaving
-/// two messages' fragment runs, which OTR cannot tell apart (no message
-/// id). (Client disconnect left the list when late messages became
-/// readable — the replay window and the reorder hold — and ejabberd
-/// restart when a stored copy stopped starting a new AKE and messages the
-/// server acknowledged before dying became [`Risk::ServerDown`];
-/// docs/chaos.md.) The CI run leaves them out, and runs without
-/// fragmentation (the product's default: the interleaving above also hits
-/// the other kinds in 1–3% of trials when every message is fragmented), so
-/// that it stays a test that must pass; `scripts/chaos.sh` runs all kinds
+/// docs/chaos.md): none at present. Kinds left the list as their causes
+/// were fixed — client disconnect (the replay window and the reorder
+/// hold), ejabberd restart (a stored copy is a replay; messages the server
+/// acknowledged before dying are [`Risk::ServerDown`]), between fragments
+/// (candidate reassembly) — and the CI run covers every kind. It runs
+/// without fragmentation (the product's default), so that it stays a test
+/// that must pass on a loaded machine; `scripts/chaos.sh` runs all kinds
 /// with fragments of 300 bytes.
-const OPEN_BUGS: [Fault; 1] = [Fault::BetweenFragments];
+const OPEN_BUGS: [Fault; 0] = [];
 
 impl Fault {
     fn name(self) -> &'static str {
