@@ -443,11 +443,7 @@ fn a_message_left_in_offline_storage_is_fetched_for_the_gap() {
     std::thread::sleep(Duration::from_millis(500));
     let stuck = format!("stuck {tok}");
     alice.send(&ej.jid("bob"), &stuck);
-    let deadline = std::time::Instant::now() + T;
-    while ej.offline_count("bob") < 1 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(ej.offline_count("bob"), 1);
+    assert_eq!(ej.wait_offline_count("bob", 1, T), 1);
 
     let mut opts = pb.client_options(&ej, "bob", "pw-b");
     opts.before_presence = Some(
@@ -466,9 +462,9 @@ fn a_message_left_in_offline_storage_is_fetched_for_the_gap() {
         !notices.iter().any(|n| n.contains("missing")),
         "{notices:?}"
     );
-    let deadline = std::time::Instant::now() + T;
-    while ej.offline_count("bob") > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(ej.offline_count("bob"), 0, "removed from storage");
+    assert_eq!(
+        ej.wait_offline_count("bob", 0, T),
+        0,
+        "removed from storage"
+    );
 }

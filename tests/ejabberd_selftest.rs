@@ -100,11 +100,7 @@ fn offline_messages_survive_disconnect_and_server_restart() {
         alice.send_with(&ej.jid("bob"), body, &["receipt", "chatstate"]);
     }
     // The server holds them (poll: routing is asynchronous).
-    let deadline = Instant::now() + T;
-    while ej.offline_count("bob") < 5 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(ej.offline_count("bob"), 5);
+    assert_eq!(ej.wait_offline_count("bob", 5, T), 5);
     // Offline storage is visible in a database dump (control for dump-based
     // leak checks).
     assert!(ej.dump_db().contains(&sent[0]));
@@ -193,11 +189,7 @@ fn offline_storage_can_be_fetched_again_and_emptied_by_node() {
     let mut alice = XmppClient::direct(&ej, "alice", "alice-pw");
     let body = format!("stored {}", token());
     alice.send(&ej.jid("bob"), &body);
-    let deadline = Instant::now() + T;
-    while ej.offline_count("bob") < 1 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(ej.offline_count("bob"), 1);
+    assert_eq!(ej.wait_offline_count("bob", 1, T), 1);
 
     let mut opts = ClientOptions::direct(&ej, "bob", "bob-pw");
     opts.raw = true;
@@ -233,11 +225,7 @@ fn offline_storage_can_be_fetched_again_and_emptied_by_node() {
         "<iq type='set' id='f2'><offline xmlns='http://jabber.org/protocol/offline'>\
          <item action='remove' node='{node}'/></offline></iq>"
     ));
-    let deadline = Instant::now() + T;
-    while ej.offline_count("bob") > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(ej.offline_count("bob"), 0);
+    assert_eq!(ej.wait_offline_count("bob", 0, T), 0);
     alice.quit();
     bob.quit();
 }

@@ -310,6 +310,21 @@ impl Ejabberd {
             .unwrap_or_else(|_| panic!("get_offline_count answered {out:?}"))
     }
 
+    /// Polls [`Ejabberd::offline_count`] until it is `want` or `timeout`
+    /// passed (routing and storage are asynchronous); returns the last
+    /// count.
+    #[allow(dead_code)]
+    pub fn wait_offline_count(&self, user: &str, want: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.offline_count(user);
+            if n == want || Instant::now() >= deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The whole Mnesia database as Erlang terms (`ejabberdctl dump`):
     /// offline storage (`offline_msg`), the MAM archive (`archive_msg`),
     /// rosters... Text appears as `<<"...">>` binaries; ASCII needles are
