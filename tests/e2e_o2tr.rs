@@ -9,7 +9,7 @@ use common::ejabberd::Ejabberd;
 use common::ejabberd::free_port;
 use common::peer::{PeerKind, PeerOptions, PeerPolicy, PeerProcess};
 use common::proxy::{ProxyProcess, TestProxy, bodies, collect, temp_dir};
-use common::xmpp_client::XmppClient;
+use common::xmpp_client::{KEEP_OFFLINE_STORAGE, XmppClient};
 use o2tr_proxy::otr::policy::Policy;
 
 const T: Duration = Duration::from_secs(30);
@@ -446,11 +446,7 @@ fn a_message_left_in_offline_storage_is_fetched_for_the_gap() {
     assert_eq!(ej.wait_offline_count("bob", 1, T), 1);
 
     let mut opts = pb.client_options(&ej, "bob", "pw-b");
-    opts.before_presence = Some(
-        "<iq type='get' id='d1'><query xmlns='http://jabber.org/protocol/disco#info' \
-         node='http://jabber.org/protocol/offline'/></iq>"
-            .into(),
-    );
+    opts.before_presence = Some(KEEP_OFFLINE_STORAGE.into());
     let mut bob = XmppClient::connect(opts);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(ej.offline_count("bob"), 1, "left in storage");

@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::ejabberd::Ejabberd;
-use common::xmpp_client::{ClientOptions, XmppClient};
+use common::xmpp_client::{ClientOptions, KEEP_OFFLINE_STORAGE, XmppClient};
 
 const T: Duration = Duration::from_secs(15);
 
@@ -193,11 +193,7 @@ fn offline_storage_can_be_fetched_again_and_emptied_by_node() {
 
     let mut opts = ClientOptions::direct(&ej, "bob", "bob-pw");
     opts.raw = true;
-    opts.before_presence = Some(
-        "<iq type='get' id='d1'><query xmlns='http://jabber.org/protocol/disco#info' \
-         node='http://jabber.org/protocol/offline'/></iq>"
-            .into(),
-    );
+    opts.before_presence = Some(KEEP_OFFLINE_STORAGE.into());
     let mut bob = XmppClient::connect(opts);
     std::thread::sleep(Duration::from_millis(500));
     assert!(bob.recv().is_empty(), "kept in storage past the presence");

@@ -24,6 +24,14 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for login up to `READY` (the client itself gives up after 20 s).
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(40);
 
+/// For [`ClientOptions::before_presence`]: XEP-0013's disco#info on the
+/// offline node, after which ejabberd keeps offline storage instead of
+/// flushing it at the initial presence (what its store/flush race does to
+/// a message by accident, docs/chaos.md).
+#[allow(dead_code)]
+pub const KEEP_OFFLINE_STORAGE: &str = "<iq type='get' id='d1'><query xmlns='http://jabber.org/protocol/disco#info' \
+     node='http://jabber.org/protocol/offline'/></iq>";
+
 /// How to start a client.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
