@@ -517,6 +517,18 @@ fn keygen_fingerprint_trust_sessions_forget() {
                 .save_snapshot(&key, SessionState::Suspended, snap, p.now)
                 .unwrap();
         }
+        // And a handshake of Alice's waiting for a Signature (a refresh).
+        store
+            .commit_step(
+                "alice@example.test",
+                "bob@example.test",
+                &[o2tr_proxy::store::DurableOp::SaveHandshake {
+                    instance: pair::BOB_TAG,
+                    data: zeroize::Zeroizing::new(b"O2TR-AKE record".to_vec()),
+                }],
+                p.now,
+            )
+            .unwrap();
     }
     let out = stdout_of(&mut e.state_cmd(&["sessions"]));
     let lines: Vec<&str> = out.lines().collect();
@@ -556,8 +568,17 @@ fn keygen_fingerprint_trust_sessions_forget() {
         "bob@example.test",
     ]));
     assert!(out.contains("wiped 1 session"), "{out}");
+    assert!(out.contains("1 unfinished handshake"), "{out}");
     let out = stdout_of(&mut e.state_cmd(&["sessions"]));
     assert_eq!(out.trim(), "no sessions");
+    let store = SqliteStore::open(&e.state()).unwrap();
+    assert!(
+        store
+            .handshakes("alice@example.test", "bob@example.test")
+            .unwrap()
+            .is_empty()
+    );
+    drop(store);
 
     // --force replaces the key.
     let out =

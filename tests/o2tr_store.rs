@@ -530,3 +530,123 @@ fn held_messages_survive_restart_and_flush_on_resume() {
     assert!(b.store().held_messages(BOB, ALICE).unwrap().is_empty());
     assert_eq!(b.gone_secure(), 1);
 }
+
+/// The bytes of the most varied 32-byte window of `data` (key material).
+fn key_probe(data: &[u8]) -> Vec<u8> {
+    data.windows(32)
+        .max_by_key(|w| w.iter().collect::<std::collections::BTreeSet<_>>().len())
+        .unwrap()
+        .to_vec()
+}
+
+/// Whether the database or its WAL still holds `probe`.
+fn on_disk(dir: &Path, probe: &[u8]) -> bool {
+    let db = dir.join(o2tr_proxy::store::DB_FILE_NAME);
+    let mut wal = db.clone().into_os_string();
+    wal.push("-wal");
+    [db, PathBuf::from(wal)].iter().any(|f| {
+        std::fs::read(f)
+            .unwrap_or_default()
+            .windows(probe.len())
+            .any(|w| w == probe)
+    })
+}
+
+/// Bob is the AKE initiator and is killed right after his Reveal
+/// Signature went out. Alice completes the handshake and writes at once;
+/// after the restart Bob's durable handshake record reads her Signature
+/// and messages, with no new AKE (chaos campaign: `AkeInitiatorKilled`).
+/// The record is wiped when the Signature completes the session, and its
+/// bytes leave the database file.
+#[test]
+fn initiator_killed_after_its_reveal_signature_reads_the_first_messages() {
+    let (_tmp, dir) = state_dir();
+    let mut a = alice();
+    let mut b = Bob::new(&dir);
+    a.start(T0);
+    let query = a.outbox.pop_front().unwrap();
+    b.receive(&query);
+    let commit = b.outbox.pop_front().unwrap();
+    a.receive(&commit, b.now);
+    let dh_key = a.outbox.pop_front().unwrap();
+    b.receive(&dh_key);
+    let records = b.store().handshakes(BOB, ALICE).unwrap();
+    assert_eq!(
+        records.len(),
+        1,
+        "record committed with the Reveal Signature"
+    );
+    assert_eq!(records[0].instance, ALICE_TAG);
+    let probe = key_probe(&records[0].data);
+    let reveal = b.outbox.pop_front().unwrap();
+    b.proc = None; // killed: the AKE state in memory is gone
+    let (b_sent, a_sent) = (b.sent_log.len(), a.sent_log.len());
+    a.receive(&reveal, b.now);
+    assert!(a.conv.is_private());
+    a.send("first", b.now);
+    a.send("second", b.now);
+    b.now += 30;
+    let r = b.restart();
+    assert_eq!(r.handshakes, vec![ALICE_TAG]);
+    settle(&mut a, &mut b);
+    assert!(b.proc().conv.is_private());
+    assert_eq!(b.client.shown, ["first", "second"]);
+    assert_eq!(b.unreadable(), 0);
+    let new_ake = |log: &[String]| log.iter().any(|m| is_ake(m) && !m.starts_with("?OTR:AAMS"));
+    assert!(
+        !new_ake(&b.sent_log[b_sent..]),
+        "{:?}",
+        &b.sent_log[b_sent..]
+    );
+    assert!(
+        !new_ake(&a.sent_log[a_sent..]),
+        "{:?}",
+        &a.sent_log[a_sent..]
+    );
+    assert!(b.store().handshakes(BOB, ALICE).unwrap().is_empty());
+    b.store().maintenance().unwrap();
+    assert!(
+        !on_disk(&dir, &probe),
+        "handshake record bytes still on disk"
+    );
+    // Both ways, still without a new AKE.
+    b.send("answer");
+    settle(&mut a, &mut b);
+    assert_eq!(a.texts(), ["answer"]);
+}
+
+/// A handshake record older than the snapshot lifetime, or unreadable, is
+/// wiped at restart instead of restored.
+#[test]
+fn expired_or_unreadable_handshake_record_is_wiped() {
+    let (_tmp, dir) = state_dir();
+    let mut a = alice();
+    let mut b = Bob::new(&dir);
+    a.start(T0);
+    let query = a.outbox.pop_front().unwrap();
+    b.receive(&query);
+    let commit = b.outbox.pop_front().unwrap();
+    a.receive(&commit, b.now);
+    let dh_key = a.outbox.pop_front().unwrap();
+    b.receive(&dh_key);
+    b.now += LIFETIME + 1;
+    let r = b.restart();
+    assert!(r.handshakes.is_empty(), "expired");
+    assert!(b.store().handshakes(BOB, ALICE).unwrap().is_empty());
+    // Garbage under the key (a damaged file) is wiped, not fatal.
+    let now = b.now;
+    b.store()
+        .commit_step(
+            BOB,
+            ALICE,
+            &[o2tr_proxy::store::DurableOp::SaveHandshake {
+                instance: ALICE_TAG,
+                data: zeroize::Zeroizing::new(b"O2TR-AKE\x01garbage".to_vec()),
+            }],
+            now,
+        )
+        .unwrap();
+    let r = b.restart();
+    assert!(r.handshakes.is_empty());
+    assert!(b.store().handshakes(BOB, ALICE).unwrap().is_empty());
+}

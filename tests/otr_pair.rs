@@ -7,6 +7,11 @@ mod common;
 use common::pair::{ALICE_TAG, BOB_TAG, Pair, keys};
 use o2tr_proxy::otr::conversation::{Action, Notice};
 
+fn is_reveal(body: &str) -> bool {
+    // v3 Reveal Signature: version 0x0003, type 0x11 → base64 "AAMR".
+    body.starts_with("?OTR:AAMR")
+}
+
 fn is_commit(body: &str) -> bool {
     // v3 D-H Commit: version 0x0003, type 0x02 → base64 "AAMC".
     body.starts_with("?OTR:AAMC")
@@ -317,9 +322,21 @@ fn ake_retries_stop_after_the_limit() {
 /// once): the router parks the handshake in memory and the next
 /// connection's conversation takes it over, so the Signature and the
 /// messages after it are read. Without the hand-over they are unreadable.
+/// How Bob's side comes back between his Reveal Signature and Alice's
+/// Signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Comeback {
+    /// The client reconnected: the handshake is handed over in memory.
+    HandOver,
+    /// The proxy was killed: only the durable handshake record is left.
+    Crash,
+    /// The record was lost as well (the old behaviour).
+    RecordLost,
+}
+
 #[test]
-fn handshake_survives_a_reconnect_between_reveal_signature_and_signature() {
-    for hand_over in [true, false] {
+fn handshake_survives_a_reconnect_or_crash_between_reveal_signature_and_signature() {
+    for comeback in [Comeback::HandOver, Comeback::Crash, Comeback::RecordLost] {
         let mut p = Pair::new();
         let t = p.now;
         p.alice.start(t);
@@ -330,34 +347,125 @@ fn handshake_survives_a_reconnect_between_reveal_signature_and_signature() {
         let dh_key = p.alice.outbox.pop_front().unwrap();
         p.bob.receive(&dh_key, t);
         let reveal = p.bob.outbox.pop_front().unwrap();
+        assert_eq!(p.bob.handshakes.len(), 1, "{comeback:?}: record written");
         p.alice.receive(&reveal, t);
         assert!(p.alice.conv.is_private());
         let signature = p.alice.outbox.pop_front().unwrap();
         p.alice.send("sent right after the handshake", t);
         let data = p.alice.outbox.pop_front().unwrap();
-        // Bob's connection ends; a new one starts from the store.
-        let akes = p.bob.conv.take_akes();
-        assert!(akes.is_some(), "bob was waiting for the Signature");
-        p.bob.conv.suspend();
         let (_, kb) = common::pair::keys();
+        let akes = match comeback {
+            Comeback::HandOver => {
+                // Bob's connection ends; a new one starts from the store.
+                let akes = p.bob.conv.take_akes();
+                assert!(akes.is_some(), "bob was waiting for the Signature");
+                p.bob.conv.suspend();
+                akes
+            }
+            Comeback::Crash => None,
+            Comeback::RecordLost => {
+                p.bob.handshakes.clear();
+                None
+            }
+        };
         p.bob
-            .restart("bob@example.test", common::pair::BOB_TAG, kb.clone());
-        if hand_over {
-            p.bob.conv.restore_akes(akes.unwrap());
+            .restart_at("bob@example.test", common::pair::BOB_TAG, kb.clone(), t + 1);
+        if let Some(akes) = akes {
+            p.bob.conv.restore_akes(akes);
         }
         p.bob.receive(&signature, t + 1);
         p.bob.receive(&data, t + 1);
-        if hand_over {
-            assert!(p.bob.conv.is_private());
-            assert_eq!(
-                p.bob.texts(),
-                vec!["sent right after the handshake".to_string()]
-            );
-        } else {
+        if comeback == Comeback::RecordLost {
             assert!(!p.bob.conv.is_private());
             assert!(p.bob.texts().is_empty());
+            continue;
         }
+        assert!(p.bob.conv.is_private(), "{comeback:?}");
+        assert_eq!(
+            p.bob.texts(),
+            vec!["sent right after the handshake".to_string()],
+            "{comeback:?}"
+        );
+        assert!(
+            p.bob.handshakes.is_empty(),
+            "{comeback:?}: the record is wiped with the Signature"
+        );
+        // And the session goes on both ways with no new AKE.
+        p.bob.send("answer", t + 2);
+        p.run();
+        assert_eq!(p.alice.texts(), vec!["answer".to_string()]);
+        assert!(
+            !p.alice.sent_log.iter().any(|m| is_commit(m)),
+            "{comeback:?}"
+        );
     }
+}
+
+/// The handshake record is written before the Reveal Signature leaves
+/// (persist before release), once, and wiped when the handshake is
+/// started over.
+#[test]
+fn handshake_record_precedes_the_reveal_signature_and_goes_when_the_handshake_starts_over() {
+    let mut p = Pair::new();
+    let t = p.now;
+    // Bob writes first: his query makes Alice the initiator; Alice writes
+    // too while the handshake runs.
+    p.bob.send("from bob", t);
+    let query = p.bob.outbox.pop_front().unwrap();
+    p.alice.receive(&query, t);
+    let commit = p.alice.outbox.pop_front().unwrap();
+    p.alice.send("from alice", t);
+    assert!(p.alice.outbox.is_empty(), "held, no new query");
+    let acts = p.bob.conv.handle_incoming(&commit, t, &mut p.bob.rng);
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, Action::PersistHandshake(_))),
+        "the responder keeps no record"
+    );
+    p.bob.apply(acts);
+    let dh_key = p.bob.outbox.pop_front().unwrap();
+    let acts = p.alice.conv.handle_incoming(&dh_key, t, &mut p.alice.rng);
+    let persist = acts
+        .iter()
+        .position(|a| matches!(a, Action::PersistHandshake(_)))
+        .expect("record persisted");
+    let send = acts
+        .iter()
+        .position(|a| matches!(a, Action::Send(s) if is_reveal(s)))
+        .expect("Reveal Signature sent");
+    assert!(persist < send, "record at {persist}, send at {send}");
+    p.alice.apply(acts);
+    assert_eq!(p.alice.handshakes.len(), 1);
+    p.alice.outbox.clear(); // the Reveal Signature is lost
+    // The D-H Key again: the Reveal Signature is re-sent, the record stays.
+    let acts = p.alice.conv.handle_incoming(&dh_key, t, &mut p.alice.rng);
+    assert!(!acts.iter().any(|a| matches!(
+        a,
+        Action::PersistHandshake(_) | Action::ForgetHandshake { .. }
+    )));
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::Send(s) if is_reveal(s)))
+    );
+    p.alice.apply(acts);
+    p.alice.outbox.clear(); // lost again
+    // No Signature comes: the stalled handshake is started over, and its
+    // record wiped.
+    p.alice.tick(t + 9);
+    assert_eq!(p.alice.handshakes.len(), 1, "not yet");
+    p.alice.tick(t + 11);
+    assert!(p.alice.handshakes.is_empty(), "record wiped with the state");
+    assert!(
+        p.alice
+            .outbox
+            .iter()
+            .any(|m| m.starts_with("?OTR?v") || m.starts_with("?OTRv"))
+    );
+    p.run();
+    assert!(p.alice.conv.is_private() && p.bob.conv.is_private());
+    assert_eq!(p.alice.texts(), vec!["from bob".to_string()]);
+    assert_eq!(p.bob.texts(), vec!["from alice".to_string()]);
 }
 
 #[test]
@@ -877,4 +985,51 @@ fn a_head_and_another_messages_tail_are_not_answered_with_an_otr_error() {
     assert!(p.alice.notices.is_empty(), "{:?}", p.alice.notices);
     assert!(p.alice.outbox.is_empty(), "answered: {:?}", p.alice.outbox);
     assert!(p.alice.conv.partial_fragments().is_empty());
+}
+
+/// A handshake record that is damaged, truncated, padded or written for
+/// another instance tag of ours is refused with an error (the store then
+/// wipes it); an intact one restores.
+#[test]
+fn damaged_handshake_records_are_refused() {
+    use o2tr_proxy::otr::conversation::{Config, Conversation};
+    let mut p = Pair::new();
+    let t = p.now;
+    p.alice.start(t);
+    let query = p.alice.outbox.pop_front().unwrap();
+    p.bob.receive(&query, t);
+    let commit = p.bob.outbox.pop_front().unwrap();
+    p.alice.receive(&commit, t);
+    let dh_key = p.alice.outbox.pop_front().unwrap();
+    p.bob.receive(&dh_key, t);
+    let record = p.bob.handshakes.get(&ALICE_TAG).expect("record").clone();
+    let fresh = |tag| Conversation::new(Config::new("bob@example.test", tag), keys().1.clone());
+    assert_eq!(
+        fresh(BOB_TAG).restore_handshake(&record, t, 60).unwrap(),
+        ALICE_TAG
+    );
+    assert!(
+        fresh(BOB_TAG)
+            .restore_handshake(&record, t + 61, 60)
+            .is_err(),
+        "expired"
+    );
+    assert!(
+        fresh(0x3333_3333)
+            .restore_handshake(&record, t, 60)
+            .is_err(),
+        "other tag"
+    );
+    let mut bad = vec![record[..record.len() - 1].to_vec()];
+    bad.push([record.as_slice(), &[0]].concat());
+    bad.push(Vec::new());
+    let mut magic = record.clone();
+    magic[0] ^= 1;
+    bad.push(magic);
+    let mut format = record.clone();
+    format[8] = 2;
+    bad.push(format);
+    for b in &bad {
+        assert!(fresh(BOB_TAG).restore_handshake(b, t, 60).is_err());
+    }
 }

@@ -712,6 +712,9 @@ impl Store for Counting {
     fn fragments(&self, a: &str, p: &str) -> store::Result<Vec<String>> {
         self.inner.fragments(a, p)
     }
+    fn handshakes(&self, a: &str, p: &str) -> store::Result<Vec<store::HandshakeRecord>> {
+        self.inner.handshakes(a, p)
+    }
 }
 
 /// Alice and Bob with a private session, both over a [`Counting`] store;

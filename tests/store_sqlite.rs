@@ -424,6 +424,35 @@ fn replaced_and_deleted_secrets_leave_no_bytes_on_disk_after_maintenance() {
     );
     wipe(&mut s);
     assert_absent(&db, text.as_bytes(), "acknowledged inbox text");
+
+    // A handshake record (our AKE secret), replaced, then deleted.
+    let (acct, peer) = ("alice@example.org", "bob@example.net");
+    let mut first = [0u8; 32];
+    let mut second = [0u8; 32];
+    rand::fill(&mut first);
+    rand::fill(&mut second);
+    let save = |p: &[u8; 32]| DurableOp::SaveHandshake {
+        instance: 0x100,
+        data: p.to_vec().into(),
+    };
+    s.commit_step(acct, peer, &[save(&first)], 8).unwrap();
+    s.checkpoint().unwrap();
+    assert_present_in_db(&db, &first, "handshake record");
+    s.commit_step(acct, peer, &[save(&second)], 9).unwrap();
+    wipe(&mut s);
+    assert_absent(&db, &first, "replaced handshake record");
+    assert_present_in_db(&db, &second, "current handshake record");
+    assert_eq!(s.handshakes(acct, peer).unwrap().len(), 1);
+    s.commit_step(
+        acct,
+        peer,
+        &[DurableOp::DeleteHandshake { instance: 0x100 }],
+        10,
+    )
+    .unwrap();
+    wipe(&mut s);
+    assert_absent(&db, &second, "deleted handshake record");
+    assert!(s.handshakes(acct, peer).unwrap().is_empty());
 }
 
 fn random_text() -> String {
@@ -644,7 +673,8 @@ fn survives_sigkill_after_every_save() {
 
 #[test]
 fn opens_a_version_2_database_and_adds_the_outbox() {
-    // A database as schema version 2 left it: no outbox, no fragment table.
+    // A database as schema version 2 left it: no outbox, no fragment and no
+    // handshake table.
     let (_tmp, dir) = state_dir();
     {
         let mut s = SqliteStore::open(&dir).unwrap();
@@ -655,8 +685,11 @@ fn opens_a_version_2_database_and_adds_the_outbox() {
     let db = dir.join(DB_FILE_NAME);
     {
         let c = rusqlite::Connection::open(&db).unwrap();
-        c.execute_batch("DROP TABLE outbox; DROP TABLE fragment; PRAGMA user_version = 2;")
-            .unwrap();
+        c.execute_batch(
+            "DROP TABLE outbox; DROP TABLE fragment; DROP TABLE handshake;
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
     }
     chmod(&db, 0o600);
     let mut s = SqliteStore::open(&dir).unwrap();
@@ -672,12 +705,19 @@ fn opens_a_version_2_database_and_adds_the_outbox() {
             &[
                 DurableOp::Outbox("<message/>".into()),
                 DurableOp::Fragments(vec!["?OTR,00001,00002,a,".into()]),
+                DurableOp::SaveHandshake {
+                    instance: 7,
+                    data: b"record".to_vec().into(),
+                },
             ],
             3,
         )
         .unwrap();
     assert_eq!(s.outbox("alice@x").unwrap()[0].id, r.outbox_ids[0]);
     assert_eq!(s.fragments("alice@x", "bob@y").unwrap().len(), 1);
+    let hs = s.handshakes("alice@x", "bob@y").unwrap();
+    assert_eq!((hs.len(), hs[0].instance), (1, 7));
+    assert_eq!(hs[0].data.as_slice(), b"record");
     drop(s);
     let c = rusqlite::Connection::open(&db).unwrap();
     let v: u32 = c

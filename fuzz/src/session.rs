@@ -39,7 +39,11 @@ impl Alice {
                     assert_eq!(instance, BOB_TAG);
                     self.snapshot = None;
                 }
-                Action::Notify(_) | Action::Hold(_) | Action::ReleaseHeld { .. } => {}
+                Action::Notify(_)
+                | Action::Hold(_)
+                | Action::ReleaseHeld { .. }
+                | Action::PersistHandshake(_)
+                | Action::ForgetHandshake { .. } => {}
             }
         }
         delivered
@@ -280,6 +284,12 @@ pub fn snapshot_decode(data: &[u8]) {
         }
         Err(_) => assert!(restored.is_err()),
     }
+    // The same bytes as a handshake record: refused or restored, no panic.
+    let _ = Conversation::new(alice_config(), fx.alice_key.clone()).restore_handshake(
+        &bytes,
+        0,
+        u64::MAX,
+    );
     if restored.is_ok() {
         // Use the restored session: send, receive Bob's message, end.
         let mut r = rng(7);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use o2tr_proxy::libotr_import::{self, LibotrKey};
 use o2tr_proxy::otr::crypto::{DsaPrivateKey, Fingerprint};
 use o2tr_proxy::otr::offline::SnapshotInfo;
-use o2tr_proxy::store::{SessionState, SqliteStore, Store, Trust};
+use o2tr_proxy::store::{DurableOp, SessionState, SqliteStore, Store, Trust};
 
 use super::{
     Failure, FingerprintArgs, ForgetArgs, ImportArgs, KeygenArgs, StateArg, TrustArgs, state_dir,
@@ -300,7 +300,8 @@ pub fn sessions(config_flag: Option<&Path>, a: &StateArg) -> Result<(), Failure>
     Ok(())
 }
 
-/// `forget`: wipe every snapshot of one peer.
+/// `forget`: wipe every snapshot of one peer, and the records of our
+/// handshakes with it that wait for a Signature.
 pub fn forget(config_flag: Option<&Path>, a: &ForgetArgs) -> Result<(), Failure> {
     let account = jid_arg("account", &a.account)?;
     let peer = jid_arg("peer", &a.peer)?;
@@ -311,10 +312,23 @@ pub fn forget(config_flag: Option<&Path>, a: &ForgetArgs) -> Result<(), Failure>
             n += 1;
         }
     }
-    if n == 0 {
-        println!("no sessions with {peer} for {account}");
-    } else {
-        println!("wiped {n} session(s) with {peer} for {account}");
+    let handshakes: Vec<DurableOp> = store
+        .handshakes(&account, &peer)?
+        .into_iter()
+        .map(|r| DurableOp::DeleteHandshake {
+            instance: r.instance,
+        })
+        .collect();
+    if !handshakes.is_empty() {
+        store.commit_step(&account, &peer, &handshakes, now())?;
+        store.maintenance()?;
+    }
+    match (n, handshakes.len()) {
+        (0, 0) => println!("no sessions with {peer} for {account}"),
+        (n, 0) => println!("wiped {n} session(s) with {peer} for {account}"),
+        (n, h) => println!(
+            "wiped {n} session(s) and {h} unfinished handshake(s) with {peer} for {account}"
+        ),
     }
     Ok(())
 }

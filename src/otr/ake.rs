@@ -145,6 +145,33 @@ pub struct AwaitingSig {
     reveal_sig: EncodedMessage,
 }
 
+/// Start of a durable handshake record ([`AuthState::awaiting_sig_record`]).
+const RECORD_MAGIC: &[u8; 8] = b"O2TR-AKE";
+/// The record format written (and the only one read).
+const RECORD_FORMAT: u8 = 1;
+
+/// A handshake restored from its durable record
+/// ([`AuthState::from_awaiting_sig_record`]).
+pub struct RestoredAke {
+    /// The state: always [`AuthState::AwaitingSig`].
+    pub state: AuthState,
+    /// The header of the Reveal Signature we sent: its instance tags say
+    /// whose handshake it is.
+    pub header: Header,
+    /// When the record was written (unix seconds).
+    pub saved_at: u64,
+}
+
+impl std::fmt::Debug for RestoredAke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoredAke")
+            .field("state", &self.state)
+            .field("header", &self.header)
+            .field("saved_at", &self.saved_at)
+            .finish()
+    }
+}
+
 /// The result of feeding one AKE message to the state machine.
 #[derive(Debug, Default)]
 pub struct AkeStep {
@@ -215,6 +242,74 @@ impl AuthState {
     /// Whether an AKE is in progress.
     pub fn in_progress(&self) -> bool {
         !matches!(self, AuthState::None)
+    }
+
+    /// The durable record of an initiator's handshake that sent its Reveal
+    /// Signature and waits for the Signature (`None` in any other state).
+    /// The peer commits its new session when it sends the Signature and
+    /// encrypts its next messages under it at once, so if we forgot this
+    /// state in a crash those messages could never be read (found by the
+    /// chaos campaign: an initiator SIGKILLed right after its Reveal
+    /// Signature). Holds our AKE secret exponent: wiped on drop.
+    pub fn awaiting_sig_record(&self, now: u64) -> Option<Zeroizing<Vec<u8>>> {
+        let AuthState::AwaitingSig(st) = self else {
+            return None;
+        };
+        let secret = st.our_dh.dangerous_secret_bytes();
+        let ours = st.our_dh.public().to_mpi();
+        let theirs = st.their_dh.to_mpi();
+        let reveal = st.reveal_sig.encode();
+        let mut w = Writer::with_capacity(
+            8 + 1 + 2 + 8 + 3 * 4 + 4 + secret.len() + ours.len() + theirs.len() + reveal.len(),
+        );
+        w.raw(RECORD_MAGIC).byte(RECORD_FORMAT);
+        w.short(st.version.number());
+        w.raw(&now.to_be_bytes());
+        w.data(&secret).mpi(&ours).mpi(&theirs).data(&reveal);
+        Some(Zeroizing::new(w.into_vec()))
+    }
+
+    /// Rebuild the state of [`AuthState::awaiting_sig_record`] (after a
+    /// restart). The session keys are derived again from the two D-H
+    /// values (one exponentiation).
+    pub fn from_awaiting_sig_record(bytes: &[u8]) -> Result<RestoredAke, Error> {
+        let mut r = Reader::new(bytes);
+        if r.array::<8>("magic")? != *RECORD_MAGIC {
+            return Err(Error::Snapshot("not a handshake record"));
+        }
+        if r.byte("format")? != RECORD_FORMAT {
+            return Err(Error::Snapshot("unknown handshake record format"));
+        }
+        let version = Version::from_number(r.short("version")?)
+            .ok_or(Error::Snapshot("unknown protocol version"))?;
+        let saved_at = u64::from_be_bytes(r.array::<8>("saved_at")?);
+        let secret = Zeroizing::new(r.data("secret")?.to_vec());
+        let ours = DhPublicKey::from_mpi(r.mpi("our public value")?)?;
+        let our_dh = DhKeyPair::from_stored(&secret, ours)?;
+        let their_dh = DhPublicKey::from_mpi(r.mpi("their public value")?)?;
+        let reveal_sig = EncodedMessage::decode(r.data("reveal signature")?)
+            .map_err(|_| Error::Snapshot("unreadable Reveal Signature in handshake record"))?;
+        r.finish()?;
+        if reveal_sig.header.version != version
+            || !matches!(reveal_sig.body, Body::RevealSignature(_))
+        {
+            return Err(Error::Snapshot(
+                "handshake record does not hold a Reveal Signature",
+            ));
+        }
+        let keys = AkeKeys::derive(&our_dh.shared_secret(&their_dh));
+        let header = reveal_sig.header;
+        Ok(RestoredAke {
+            state: AuthState::AwaitingSig(Box::new(AwaitingSig {
+                version,
+                our_dh,
+                their_dh,
+                keys,
+                reveal_sig,
+            })),
+            header,
+            saved_at,
+        })
     }
 
     /// Start an AKE as initiator: returns the new state and the D-H Commit to send.

@@ -7,7 +7,7 @@
 //! a [`Action::Persist`] must be durable before any later action runs (that
 //! is the O2TR rule "persist before release").
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use rand_core::CryptoRng;
@@ -112,6 +112,18 @@ pub enum Action {
     Persist(Persist),
     /// Wipe the stored snapshot of this instance.
     Forget {
+        /// Their instance tag.
+        instance: u32,
+    },
+    /// Durably store this record of our handshake with the instance
+    /// (replacing any earlier one) before doing anything that follows: we
+    /// sent our Reveal Signature and wait for the Signature, and the peer
+    /// is private as soon as it sends that (see
+    /// [`Conversation::restore_handshake`]).
+    PersistHandshake(Persist),
+    /// Wipe the stored handshake record of this instance (the handshake
+    /// completed, failed or was started over).
+    ForgetHandshake {
         /// Their instance tag.
         instance: u32,
     },
@@ -389,6 +401,11 @@ pub struct Conversation {
     /// Handshakes started over by [`Conversation::handle_tick`] since the
     /// user last sent or the session last became private.
     ake_retries: u32,
+    /// Instances whose handshake record may be in the durable store
+    /// ([`Action::PersistHandshake`]); each is wiped
+    /// ([`Action::ForgetHandshake`]) once its AKE is no longer waiting for
+    /// the Signature.
+    durable_akes: BTreeSet<u32>,
 }
 
 type Out = Vec<Action>;
@@ -413,6 +430,7 @@ impl Conversation {
             last_query: None,
             ake_activity: None,
             ake_retries: 0,
+            durable_akes: BTreeSet::new(),
         }
     }
 
@@ -523,11 +541,69 @@ impl Conversation {
             self.master_ake = akes.master;
         }
         for (tag, state) in akes.instances {
+            // Its record may be in the store (written by the last
+            // connection): wiped with the state.
+            if matches!(state, AuthState::AwaitingSig(_)) {
+                self.durable_akes.insert(tag);
+            }
             let inst = self.instances.entry(tag).or_insert_with(Instance::new);
             if !inst.ake.in_progress() {
                 inst.ake = state;
             }
         }
+    }
+
+    /// Restore a handshake record ([`Action::PersistHandshake`]) after a
+    /// restart: we had sent our Reveal Signature, so the peer may be
+    /// private already, and the Signature and its first messages wait in
+    /// the server's offline storage; with the state back they are read as
+    /// if we never stopped. A record older than `lifetime` seconds at `now`
+    /// is refused, as is one for another instance tag of ours. Returns the
+    /// peer instance. The handshake counts as progress at `now`, so
+    /// [`Conversation::handle_tick`] gives the Signature its usual time
+    /// before starting over.
+    pub fn restore_handshake(
+        &mut self,
+        record: &[u8],
+        now: u64,
+        lifetime: u64,
+    ) -> Result<u32, Error> {
+        let restored = AuthState::from_awaiting_sig_record(record)?;
+        if now.saturating_sub(restored.saved_at) > lifetime {
+            return Err(Error::Snapshot("handshake record expired"));
+        }
+        let h = restored.header;
+        let tag = match h.version {
+            Version::V2 => 0,
+            Version::V3 if h.sender_tag == self.cfg.our_tag => h.receiver_tag,
+            Version::V3 => {
+                return Err(Error::Snapshot(
+                    "handshake record belongs to another instance tag",
+                ));
+            }
+        };
+        let inst = self.instances.entry(tag).or_insert_with(Instance::new);
+        if !inst.ake.in_progress() {
+            inst.ake = restored.state;
+        }
+        self.durable_akes.insert(tag);
+        self.ake_activity = Some(now);
+        Ok(tag)
+    }
+
+    /// Wipe the records of handshakes no longer waiting for the Signature
+    /// (called at the end of every input that can move an AKE).
+    fn forget_stale_handshakes(&mut self, out: &mut Out) {
+        let instances = &self.instances;
+        self.durable_akes.retain(|tag| {
+            let waiting = instances
+                .get(tag)
+                .is_some_and(|i| matches!(i.ake, AuthState::AwaitingSig(_)));
+            if !waiting {
+                out.push(Action::ForgetHandshake { instance: *tag });
+            }
+            waiting
+        });
     }
 
     /// The account's connection ended: keep encrypted sessions, mark them
@@ -711,6 +787,7 @@ impl Conversation {
             }));
         }
         self.ake_retries += 1;
+        self.forget_stale_handshakes(&mut out);
         self.send_query(now, &mut out);
         out
     }
@@ -764,6 +841,7 @@ impl Conversation {
             inst.smp.reset();
         }
         self.selected = None;
+        self.forget_stale_handshakes(&mut out);
         out
     }
 
@@ -926,6 +1004,7 @@ impl Conversation {
     ) -> Out {
         let mut out = Vec::new();
         self.incoming(text, now, rng, &mut out, false);
+        self.forget_stale_handshakes(&mut out);
         out
     }
 
@@ -1207,9 +1286,22 @@ impl Conversation {
             }
             Body::DhKey(k) => {
                 let state = self.take_ake_for_dh(tag);
+                let was_waiting = matches!(state, AuthState::AwaitingSig(_));
                 let lt = Arc::clone(&self.long_term);
                 match state.handle_dh_key(tags, &k, &lt, rng) {
                     Ok((state, step)) => {
+                        // Persist before release: the Reveal Signature makes
+                        // the peer private (`restore_handshake`). A re-sent
+                        // one is on disk already.
+                        if !was_waiting {
+                            if let Some(record) = state.awaiting_sig_record(now) {
+                                out.push(Action::PersistHandshake(Persist {
+                                    instance: tag,
+                                    snapshot: record,
+                                }));
+                                self.durable_akes.insert(tag);
+                            }
+                        }
                         self.set_ake(tag, state);
                         if let Some(reply) = step.reply {
                             self.push_encoded(&reply, out);

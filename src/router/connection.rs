@@ -204,12 +204,21 @@ impl Router {
                 cfg.snapshot_lifetime_secs,
             );
             let (conv, expired, discarded, pending) = match restored {
-                Ok(r) => (
-                    r.conversation,
-                    r.expired.len(),
-                    r.discarded.len(),
-                    r.pending,
-                ),
+                Ok(r) => {
+                    if !r.handshakes.is_empty() {
+                        tracing::info!(
+                            peer,
+                            instances = ?r.handshakes,
+                            "handshake waiting for the peer's Signature restored from the store"
+                        );
+                    }
+                    (
+                        r.conversation,
+                        r.expired.len(),
+                        r.discarded.len(),
+                        r.pending,
+                    )
+                }
                 Err(e) => {
                     tracing::error!(peer, cause = %e, "could not restore the conversation");
                     (Conversation::new(c, key), 0, 0, Vec::new())

@@ -179,6 +179,20 @@ pub enum DurableOp {
     /// fragment's text, see [`Conversation::partial_fragments`]); empty
     /// clears them.
     Fragments(Vec<String>),
+    /// Save (insert or replace) the record of our handshake with an
+    /// instance that waits for its Signature
+    /// ([`Action::PersistHandshake`]).
+    SaveHandshake {
+        /// Their instance tag.
+        instance: u32,
+        /// The record (secret).
+        data: Zeroizing<Vec<u8>>,
+    },
+    /// Delete (and wipe) the handshake record of an instance.
+    DeleteHandshake {
+        /// Their instance tag.
+        instance: u32,
+    },
 }
 
 impl fmt::Debug for DurableOp {
@@ -203,6 +217,15 @@ impl fmt::Debug for DurableOp {
             DurableOp::Outbox(x) => write!(f, "Outbox(<{} bytes>)", x.len()),
             DurableOp::ReleaseHeld(n) => f.debug_tuple("ReleaseHeld").field(n).finish(),
             DurableOp::Fragments(v) => write!(f, "Fragments(<{} fragments>)", v.len()),
+            DurableOp::SaveHandshake { instance, data } => f
+                .debug_struct("SaveHandshake")
+                .field("instance", instance)
+                .field("bytes", &data.len())
+                .finish(),
+            DurableOp::DeleteHandshake { instance } => f
+                .debug_struct("DeleteHandshake")
+                .field("instance", instance)
+                .finish(),
         }
     }
 }
@@ -382,6 +405,13 @@ pub fn split(actions: Vec<Action>) -> Step {
             Action::Forget { instance } => {
                 step.durable.push(DurableOp::DeleteSnapshot { instance })
             }
+            Action::PersistHandshake(p) => step.durable.push(DurableOp::SaveHandshake {
+                instance: p.instance,
+                data: p.snapshot,
+            }),
+            Action::ForgetHandshake { instance } => {
+                step.durable.push(DurableOp::DeleteHandshake { instance })
+            }
             Action::Hold(t) => step.durable.push(DurableOp::Hold(t)),
             Action::ReleaseHeld { count } => step.release_held += count,
         }
@@ -417,6 +447,9 @@ pub struct Restored {
     pub expired: Vec<u32>,
     /// Instances whose snapshot could not be read and was wiped.
     pub discarded: Vec<u32>,
+    /// Instances whose handshake (our Reveal Signature sent, waiting for
+    /// the Signature) was restored from its record.
+    pub handshakes: Vec<u32>,
     /// Plaintexts committed but not yet acknowledged by the client, oldest
     /// first: hand them over before anything new.
     pub pending: Vec<InboxMessage>,
@@ -428,6 +461,7 @@ impl fmt::Debug for Restored {
             .field("restored", &self.restored)
             .field("expired", &self.expired)
             .field("discarded", &self.discarded)
+            .field("handshakes", &self.handshakes)
             .field("pending", &self.pending.len())
             .finish_non_exhaustive()
     }
@@ -435,9 +469,10 @@ impl fmt::Debug for Restored {
 
 /// Rebuild the conversation of (`account`, `peer`) from the store: restore
 /// every snapshot not older than `lifetime` seconds at `now` (older ones
-/// and unreadable ones are deleted and wiped), queue the held messages,
-/// restore the partially reassembled incoming fragments, and list the
-/// inbox entries still owed to the client.
+/// and unreadable ones are deleted and wiped), then the handshake records
+/// (the same rule), queue the held messages, restore the partially
+/// reassembled incoming fragments, and list the inbox entries still owed
+/// to the client.
 pub fn restore_peer(
     store: &mut dyn Store,
     account: &str,
@@ -482,6 +517,23 @@ pub fn restore_peer(
             store.delete_snapshot(&ConversationKey::new(account, peer, instance))?;
         }
     }
+    let mut handshakes = Vec::new();
+    for rec in store.handshakes(account, peer)? {
+        match conversation.restore_handshake(&rec.data, now, lifetime) {
+            Ok(tag) => handshakes.push(tag),
+            Err(e) => {
+                tracing::warn!(account, peer, instance = rec.instance, cause = %e, "handshake record not restorable; wiping it");
+                store.commit_step(
+                    account,
+                    peer,
+                    &[DurableOp::DeleteHandshake {
+                        instance: rec.instance,
+                    }],
+                    now,
+                )?;
+            }
+        }
+    }
     conversation.restore_held(
         store
             .held_messages(account, peer)?
@@ -495,6 +547,7 @@ pub fn restore_peer(
         restored,
         expired,
         discarded,
+        handshakes,
         pending,
     })
 }
@@ -655,6 +708,25 @@ mod tests {
             .commit_step(A, P, &[DurableOp::Outbox("c4".into())], 25)
             .unwrap();
         assert!(r3.outbox_ids[0] > r2.outbox_ids[0], "ids never reused");
+        // Handshake records: by instance, replaced, deleted, per peer.
+        let hs = |data: &[u8], instance| DurableOp::SaveHandshake {
+            instance,
+            data: data.to_vec().into(),
+        };
+        s.commit_step(A, P, &[hs(b"h1", 2), hs(b"h0", 1)], 26)
+            .unwrap();
+        s.commit_step(A, P, &[hs(b"h1b", 2)], 27).unwrap();
+        let got: Vec<(u32, Vec<u8>)> = s
+            .handshakes(A, P)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.instance, r.data.to_vec()))
+            .collect();
+        assert_eq!(got, [(1, b"h0".to_vec()), (2, b"h1b".to_vec())]);
+        assert!(s.handshakes(A, "carol@z").unwrap().is_empty());
+        s.commit_step(A, P, &[DurableOp::DeleteHandshake { instance: 1 }], 28)
+            .unwrap();
+        assert_eq!(s.handshakes(A, P).unwrap().len(), 1);
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 use super::{
-    CommitReceipt, ConversationKey, DurableOp, FingerprintRecord, HeldMessage, InboxMessage,
-    OutboxMessage, PeerStep, Result, SessionState, SnapshotRecord, Store, Trust,
+    CommitReceipt, ConversationKey, DurableOp, FingerprintRecord, HandshakeRecord, HeldMessage,
+    InboxMessage, OutboxMessage, PeerStep, Result, SessionState, SnapshotRecord, Store, Trust,
 };
 
 #[derive(Default)]
@@ -34,6 +34,7 @@ pub struct MemoryStore {
     outbox: BTreeMap<i64, OutboxMessage>,
     last_outbox_id: i64,
     fragments: BTreeMap<(String, String), Vec<String>>,
+    handshakes: BTreeMap<ConversationKey, Zeroizing<Vec<u8>>>,
 }
 
 impl MemoryStore {
@@ -115,6 +116,14 @@ impl MemoryStore {
                     } else {
                         self.fragments.insert(k, texts.clone());
                     }
+                }
+                DurableOp::SaveHandshake { instance, data } => {
+                    let key = ConversationKey::new(account, peer, *instance);
+                    self.handshakes.insert(key, data.clone());
+                }
+                DurableOp::DeleteHandshake { instance } => {
+                    self.handshakes
+                        .remove(&ConversationKey::new(account, peer, *instance));
                 }
             }
         }
@@ -400,5 +409,17 @@ impl Store for MemoryStore {
             .get(&(account.to_owned(), peer.to_owned()))
             .cloned()
             .unwrap_or_default())
+    }
+
+    fn handshakes(&self, account: &str, peer: &str) -> Result<Vec<HandshakeRecord>> {
+        Ok(self
+            .handshakes
+            .iter()
+            .filter(|(k, _)| k.account == account && k.peer == peer)
+            .map(|(k, data)| HandshakeRecord {
+                instance: k.instance,
+                data: data.clone(),
+            })
+            .collect())
     }
 }

@@ -18,7 +18,10 @@
 //!   committed together with the snapshot that produced them and kept
 //!   until written to (or, with upstream XEP-0198, acknowledged by) the
 //!   server;
-//! * per (account, peer): the partially reassembled incoming fragments.
+//! * per (account, peer): the partially reassembled incoming fragments;
+//! * per conversation: the record of a handshake of ours that sent its
+//!   Reveal Signature and waits for the Signature (the peer may be private
+//!   already), until the handshake completes or is abandoned.
 //!
 //! Everything goes through the small [`Store`] trait, with two
 //! implementations: [`MemoryStore`] for tests and [`SqliteStore`], the
@@ -255,6 +258,28 @@ impl fmt::Debug for SnapshotRecord {
     }
 }
 
+/// A stored handshake record ([`DurableOp::SaveHandshake`]). `Debug` does
+/// not print `data`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HandshakeRecord {
+    /// The peer's instance tag.
+    pub instance: u32,
+    /// The opaque record from the OTR core (secret).
+    pub data: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for HandshakeRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandshakeRecord")
+            .field("instance", &self.instance)
+            .field(
+                "data",
+                &format_args!("<{} bytes redacted>", self.data.len()),
+            )
+            .finish()
+    }
+}
+
 /// A peer fingerprint we have seen, with its trust.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FingerprintRecord {
@@ -438,6 +463,9 @@ pub trait Store: Send {
     /// The partially reassembled incoming fragments of (`account`, `peer`)
     /// stored by the last [`DurableOp::Fragments`], in order.
     fn fragments(&self, account: &str, peer: &str) -> Result<Vec<String>>;
+    /// The handshake records of (`account`, `peer`)
+    /// ([`DurableOp::SaveHandshake`]), by instance.
+    fn handshakes(&self, account: &str, peer: &str) -> Result<Vec<HandshakeRecord>>;
 
     /// Finishes deferred wiping: removes content that earlier calls
     /// replaced or deleted from any journal it still lingers in

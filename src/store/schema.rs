@@ -80,6 +80,16 @@ const MIGRATIONS: &[&str] = &[
         text    TEXT NOT NULL,
         PRIMARY KEY (account, peer, seq)
     ) STRICT;",
+    // Version 4: the record of a handshake of ours waiting for the peer's
+    // Signature (the peer is private once it sent it).
+    "CREATE TABLE handshake (
+        account  TEXT NOT NULL REFERENCES account(account) ON DELETE CASCADE,
+        peer     TEXT NOT NULL,
+        instance INTEGER NOT NULL CHECK (instance BETWEEN 0 AND 4294967295),
+        data     BLOB NOT NULL,
+        saved_at INTEGER NOT NULL,
+        PRIMARY KEY (account, peer, instance)
+    ) STRICT;",
 ];
 
 /// The schema version this build writes (and the newest it can read).
@@ -180,6 +190,7 @@ mod tests {
             "account",
             "fingerprint",
             "fragment",
+            "handshake",
             "held_message",
             "inbox",
             "outbox",

@@ -41,8 +41,9 @@ use super::schema::{
     BUSY_TIMEOUT, check_version, classify, inspect_read_only, migrate, user_version,
 };
 use super::{
-    CommitReceipt, ConversationKey, DurableOp, Error, FingerprintRecord, HeldMessage, InboxEntry,
-    InboxMessage, OutboxMessage, PeerStep, Result, SessionState, SnapshotRecord, Store,
+    CommitReceipt, ConversationKey, DurableOp, Error, FingerprintRecord, HandshakeRecord,
+    HeldMessage, InboxEntry, InboxMessage, OutboxMessage, PeerStep, Result, SessionState,
+    SnapshotRecord, Store,
 };
 use super::{Trust, disk};
 
@@ -698,6 +699,26 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn handshakes(&self, account: &str, peer: &str) -> Result<Vec<HandshakeRecord>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT instance, data FROM handshake
+             WHERE account = ?1 AND peer = ?2 ORDER BY instance",
+        )?;
+        let rows = stmt
+            .query_map(params![account, peer], |r| {
+                Ok((r.get::<_, i64>(0)?, Zeroizing::new(r.get::<_, Vec<u8>>(1)?)))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(instance, data)| {
+                Ok(HandshakeRecord {
+                    instance: to_u32(instance, "handshake instance tag")?,
+                    data,
+                })
+            })
+            .collect()
+    }
+
     fn fragments(&self, account: &str, peer: &str) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT text FROM fragment WHERE account = ?1 AND peer = ?2 ORDER BY seq",
@@ -827,6 +848,24 @@ fn apply_step(
                         params![account, peer, seq, text.as_str()],
                     )?;
                 }
+            }
+            DurableOp::SaveHandshake { instance, data } => {
+                // Replacing a record leaves its bytes for the deferred wipe.
+                replaced |= tx.execute(
+                    "DELETE FROM handshake WHERE account = ?1 AND peer = ?2 AND instance = ?3",
+                    params![account, peer, i64::from(*instance)],
+                )? > 0;
+                tx.execute(
+                    "INSERT INTO handshake(account, peer, instance, data, saved_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![account, peer, i64::from(*instance), data.as_slice(), now],
+                )?;
+            }
+            DurableOp::DeleteHandshake { instance } => {
+                deleted |= tx.execute(
+                    "DELETE FROM handshake WHERE account = ?1 AND peer = ?2 AND instance = ?3",
+                    params![account, peer, i64::from(*instance)],
+                )? > 0;
             }
         }
     }

@@ -72,6 +72,8 @@ pub struct Ours {
     pub notices: Vec<Notice>,
     /// The durable store: the snapshot of each instance.
     pub snapshots: BTreeMap<u32, Vec<u8>>,
+    /// The durable store: the handshake record of each instance.
+    pub handshakes: BTreeMap<u32, Vec<u8>>,
     /// The durable store: held messages.
     pub held: VecDeque<String>,
     /// How many restarts happened.
@@ -90,6 +92,7 @@ impl Ours {
             delivered: Vec::new(),
             notices: Vec::new(),
             snapshots: BTreeMap::new(),
+            handshakes: BTreeMap::new(),
             held: VecDeque::new(),
             restarts: 0,
         }
@@ -107,6 +110,12 @@ impl Ours {
                 }
                 Action::Forget { instance } => {
                     self.snapshots.remove(&instance);
+                }
+                Action::PersistHandshake(p) => {
+                    self.handshakes.insert(p.instance, p.snapshot.to_vec());
+                }
+                Action::ForgetHandshake { instance } => {
+                    self.handshakes.remove(&instance);
                 }
                 Action::Hold(t) => self.held.push_back(t.to_string()),
                 Action::ReleaseHeld { count } => {
@@ -159,6 +168,10 @@ impl Ours {
         let mut conv = Conversation::new(self.cfg.clone(), our_key());
         for snap in self.snapshots.values() {
             conv.restore(snap).expect("snapshot restores");
+        }
+        for record in self.handshakes.values() {
+            conv.restore_handshake(record, self.now, u64::MAX)
+                .expect("handshake record restores");
         }
         conv.restore_held(self.held.iter().map(|t| zeroize::Zeroizing::new(t.clone())));
         self.conv = conv;

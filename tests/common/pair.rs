@@ -31,8 +31,10 @@ pub struct Side {
     pub outbox: VecDeque<String>,
     pub delivered: Vec<Delivery>,
     pub notices: Vec<Notice>,
-    /// The durable store: snapshot per instance, held messages.
+    /// The durable store: snapshot per instance, handshake record per
+    /// instance, held messages.
     pub snapshots: BTreeMap<u32, Vec<u8>>,
+    pub handshakes: BTreeMap<u32, Vec<u8>>,
     pub held: VecDeque<String>,
     /// Every body this side ever sent, in order.
     pub sent_log: Vec<String>,
@@ -48,6 +50,7 @@ impl Side {
             delivered: Vec::new(),
             notices: Vec::new(),
             snapshots: BTreeMap::new(),
+            handshakes: BTreeMap::new(),
             held: VecDeque::new(),
             sent_log: Vec::new(),
         }
@@ -67,6 +70,12 @@ impl Side {
                 }
                 Action::Forget { instance } => {
                     self.snapshots.remove(&instance);
+                }
+                Action::PersistHandshake(p) => {
+                    self.handshakes.insert(p.instance, p.snapshot.to_vec());
+                }
+                Action::ForgetHandshake { instance } => {
+                    self.handshakes.remove(&instance);
                 }
                 Action::Hold(t) => self.held.push_back(t.to_string()),
                 Action::ReleaseHeld { count } => {
@@ -105,9 +114,18 @@ impl Side {
     /// Simulate a crash: drop the in-memory conversation and rebuild it
     /// from the durable snapshots and held messages.
     pub fn restart(&mut self, name: &str, tag: u32, key: Arc<DsaPrivateKey>) {
+        self.restart_at(name, tag, key, 0);
+    }
+
+    /// [`Side::restart`] at `now` (the handshake records' clock).
+    pub fn restart_at(&mut self, name: &str, tag: u32, key: Arc<DsaPrivateKey>, now: u64) {
         let mut conv = Conversation::new(Config::new(name, tag), key);
         for snap in self.snapshots.values() {
             conv.restore(snap).expect("snapshot restores");
+        }
+        for record in self.handshakes.values() {
+            conv.restore_handshake(record, now, u64::MAX)
+                .expect("handshake record restores");
         }
         conv.restore_held(self.held.iter().map(|t| zeroize::Zeroizing::new(t.clone())));
         self.conv = conv;
