@@ -203,9 +203,7 @@ class Client(slixmpp.ClientXMPP):
         try:
             await self.get_roster(timeout=PRESENCE_ECHO_TIMEOUT)
             if self.args.before_presence:
-                # Stanzas of one stream are handled in order: the server
-                # has processed this before the presence below.
-                self.send_raw(self.args.before_presence)
+                await self._send_before_presence(self.args.before_presence)
             echo = asyncio.get_running_loop().create_future()
             own = self.boundjid.full
 
@@ -227,6 +225,35 @@ class Client(slixmpp.ClientXMPP):
                 self.ready.set_result(own)
         except Exception as exc:  # noqa: BLE001 - reported to the driver
             self._fail_ready("session setup failed: %r" % (exc,))
+
+    async def _send_before_presence(self, xml: str) -> None:
+        """Send raw XML before the initial presence; an <iq> is answered
+        first. The server need not have acted on a stanza when it reads the
+        next one: ejabberd answers XEP-0013's disco#info in another process,
+        which tells the session to keep offline storage by an Erlang message
+        that can arrive after the presence (and the storage is flushed after
+        all). The answer reaches the session after that message, so once the
+        client has it the presence is safe."""
+        try:
+            el = ET.fromstring(xml)
+        except ET.ParseError:
+            el = None
+        iq_id = el.get("id") if el is not None and el.tag in ("iq", "{%s}iq" % NS_CLIENT) else None
+        if iq_id is None:
+            self.send_raw(xml)
+            return
+        answered = asyncio.get_running_loop().create_future()
+
+        def on_iq(iq):
+            if iq["id"] == iq_id and iq["type"] in ("result", "error") and not answered.done():
+                answered.set_result(True)
+
+        self.register_handler(Callback("o2tr before presence", MatchXPath("{%s}iq" % NS_CLIENT), on_iq))
+        try:
+            self.send_raw(xml)
+            await asyncio.wait_for(answered, PRESENCE_ECHO_TIMEOUT)
+        finally:
+            self.remove_handler("o2tr before presence")
 
     # ------------------------------------------------------------ actions
     async def login(self) -> str:
