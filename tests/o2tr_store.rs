@@ -552,6 +552,21 @@ fn on_disk(dir: &Path, probe: &[u8]) -> bool {
     })
 }
 
+/// Alice asks for OTR; Bob, the AKE's initiator, answers her D-H Key: his
+/// Reveal Signature is in his outbox.
+fn bob_sent_reveal_signature(dir: &Path) -> (Side, Bob) {
+    let mut a = alice();
+    let mut b = Bob::new(dir);
+    a.start(T0);
+    let query = a.outbox.pop_front().unwrap();
+    b.receive(&query);
+    let commit = b.outbox.pop_front().unwrap();
+    a.receive(&commit, b.now);
+    let dh_key = a.outbox.pop_front().unwrap();
+    b.receive(&dh_key);
+    (a, b)
+}
+
 /// Bob is the AKE initiator and is killed right after his Reveal
 /// Signature went out. Alice completes the handshake and writes at once;
 /// after the restart Bob's durable handshake record reads her Signature
@@ -561,15 +576,7 @@ fn on_disk(dir: &Path, probe: &[u8]) -> bool {
 #[test]
 fn initiator_killed_after_its_reveal_signature_reads_the_first_messages() {
     let (_tmp, dir) = state_dir();
-    let mut a = alice();
-    let mut b = Bob::new(&dir);
-    a.start(T0);
-    let query = a.outbox.pop_front().unwrap();
-    b.receive(&query);
-    let commit = b.outbox.pop_front().unwrap();
-    a.receive(&commit, b.now);
-    let dh_key = a.outbox.pop_front().unwrap();
-    b.receive(&dh_key);
+    let (mut a, mut b) = bob_sent_reveal_signature(&dir);
     let records = b.store().handshakes(BOB, ALICE).unwrap();
     assert_eq!(
         records.len(),
@@ -620,15 +627,7 @@ fn initiator_killed_after_its_reveal_signature_reads_the_first_messages() {
 #[test]
 fn expired_or_unreadable_handshake_record_is_wiped() {
     let (_tmp, dir) = state_dir();
-    let mut a = alice();
-    let mut b = Bob::new(&dir);
-    a.start(T0);
-    let query = a.outbox.pop_front().unwrap();
-    b.receive(&query);
-    let commit = b.outbox.pop_front().unwrap();
-    a.receive(&commit, b.now);
-    let dh_key = a.outbox.pop_front().unwrap();
-    b.receive(&dh_key);
+    let (_a, mut b) = bob_sent_reveal_signature(&dir);
     b.now += LIFETIME + 1;
     let r = b.restart();
     assert!(r.handshakes.is_empty(), "expired");

@@ -322,6 +322,19 @@ fn ake_retries_stop_after_the_limit() {
 /// once): the router parks the handshake in memory and the next
 /// connection's conversation takes it over, so the Signature and the
 /// messages after it are read. Without the hand-over they are unreadable.
+/// Alice asks for OTR; Bob (the AKE's initiator) answers her D-H Key with
+/// his Reveal Signature, which is returned (not yet delivered).
+fn bob_sends_reveal_signature(p: &mut Pair, t: u64) -> String {
+    p.alice.start(t);
+    let query = p.alice.outbox.pop_front().unwrap();
+    p.bob.receive(&query, t);
+    let commit = p.bob.outbox.pop_front().unwrap();
+    p.alice.receive(&commit, t);
+    let dh_key = p.alice.outbox.pop_front().unwrap();
+    p.bob.receive(&dh_key, t);
+    p.bob.outbox.pop_front().unwrap()
+}
+
 /// How Bob's side comes back between his Reveal Signature and Alice's
 /// Signature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,14 +352,7 @@ fn handshake_survives_a_reconnect_or_crash_between_reveal_signature_and_signatur
     for comeback in [Comeback::HandOver, Comeback::Crash, Comeback::RecordLost] {
         let mut p = Pair::new();
         let t = p.now;
-        p.alice.start(t);
-        let query = p.alice.outbox.pop_front().unwrap();
-        p.bob.receive(&query, t);
-        let commit = p.bob.outbox.pop_front().unwrap();
-        p.alice.receive(&commit, t);
-        let dh_key = p.alice.outbox.pop_front().unwrap();
-        p.bob.receive(&dh_key, t);
-        let reveal = p.bob.outbox.pop_front().unwrap();
+        let reveal = bob_sends_reveal_signature(&mut p, t);
         assert_eq!(p.bob.handshakes.len(), 1, "{comeback:?}: record written");
         p.alice.receive(&reveal, t);
         assert!(p.alice.conv.is_private());
@@ -995,13 +1001,7 @@ fn damaged_handshake_records_are_refused() {
     use o2tr_proxy::otr::conversation::{Config, Conversation};
     let mut p = Pair::new();
     let t = p.now;
-    p.alice.start(t);
-    let query = p.alice.outbox.pop_front().unwrap();
-    p.bob.receive(&query, t);
-    let commit = p.bob.outbox.pop_front().unwrap();
-    p.alice.receive(&commit, t);
-    let dh_key = p.alice.outbox.pop_front().unwrap();
-    p.bob.receive(&dh_key, t);
+    bob_sends_reveal_signature(&mut p, t);
     let record = p.bob.handshakes.get(&ALICE_TAG).expect("record").clone();
     let fresh = |tag| Conversation::new(Config::new("bob@example.test", tag), keys().1.clone());
     assert_eq!(
