@@ -7,6 +7,8 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
+use crate::otr::crypto::SecretBytes;
+
 use super::{
     CommitReceipt, ConversationKey, DurableOp, FingerprintRecord, HeldMessage, InboxMessage,
     OutboxMessage, PeerStep, Result, SessionState, SnapshotRecord, Store, Trust,
@@ -260,7 +262,7 @@ impl Store for MemoryStore {
             SnapshotRecord {
                 key: key.clone(),
                 state,
-                data: Zeroizing::new(data.to_vec()),
+                data: SecretBytes::from_slice(data),
                 created_at,
                 updated_at: now,
             },
