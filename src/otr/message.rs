@@ -532,7 +532,9 @@ fn b64_decode(b64: &[u8]) -> Option<Vec<u8>> {
 /// ignored.
 fn decode_armored_at(text: &str) -> Result<EncodedMessage, MessageError> {
     let body = &text[ENCODED_PREFIX.len()..];
-    let end = body.find('.').ok_or(MessageError::Unterminated)?;
+    // SIMD search: the terminator ends a ~1.4 KiB body (core's byte
+    // search was ~2.5 % of a burst message).
+    let end = memchr::memchr(b'.', body.as_bytes()).ok_or(MessageError::Unterminated)?;
     let b64 = &body.as_bytes()[..end];
     // Whitespace inside the base-64 (some clients wrap lines) is rare:
     // decode directly and compact only when that fails, so the common case
