@@ -1,5 +1,5 @@
 //! [`SecretBytes`]: a byte buffer for secrets, wiped a word at a time on
-//! drop.
+//! drop; [`SecretArray`]: a fixed-size one on the stack.
 //!
 //! `Zeroizing<Vec<u8>>` wipes with one volatile store per *byte* (the
 //! `zeroize` crate has no faster safe path for `u8`, and this crate forbids
@@ -136,6 +136,31 @@ impl Eq for SecretBytes {}
 impl fmt::Debug for SecretBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SecretBytes(<{} bytes redacted>)", self.len)
+    }
+}
+
+/// `N` secret bytes without a heap allocation (a DH secret written into
+/// each snapshot); wiped on drop. Derefs to `[u8]`; `Debug` prints only
+/// the length.
+pub struct SecretArray<const N: usize>(pub [u8; N]);
+
+impl<const N: usize> Drop for SecretArray<N> {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl<const N: usize> std::ops::Deref for SecretArray<N> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl<const N: usize> fmt::Debug for SecretArray<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretArray(<{N} bytes redacted>)")
     }
 }
 
