@@ -73,10 +73,17 @@ impl SecretBytes {
     #[inline]
     pub fn extend_from_slice(&mut self, bytes: &[u8]) {
         let end = self.len.saturating_add(bytes.len());
-        if end > self.words.len() * WORD {
+        // One bounds check on the fast path (the snapshot encoders append
+        // ~100 small fields into an exactly sized buffer).
+        if let Some(dst) =
+            bytemuck::cast_slice_mut::<u64, u8>(&mut self.words).get_mut(self.len..end)
+        {
+            dst.copy_from_slice(bytes);
+        } else {
             self.grow(end);
+            bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[self.len..end]
+                .copy_from_slice(bytes);
         }
-        bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[self.len..end].copy_from_slice(bytes);
         self.len = end;
     }
 
