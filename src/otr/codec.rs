@@ -1,11 +1,15 @@
 //! OTR wire types (spec §"Data types"): BYTE, SHORT, INT, MPI, DATA, CTR, MAC.
 //!
-//! [`Writer`] appends big-endian encodings to a buffer; [`Reader`] reads them
+//! [`Writer`] appends big-endian encodings to a buffer (a [`SecretBytes`]
+//! for encodings that hold secrets, such as the EKM snapshot); [`Reader`] reads them
 //! from a borrowed slice and every read is bounds-checked, so truncated input
 //! becomes [`CodecError::Truncated`], never a panic. Decoders finish with
 //! [`Reader::finish`], which rejects trailing bytes.
 
 use thiserror::Error;
+use zeroize::Zeroize;
+
+use super::crypto::SecretBytes;
 
 /// Largest MPI or DATA field we accept from the wire. Nothing in OTR v3 is
 /// legitimately larger than a data message body, which the fragment and
@@ -40,10 +44,26 @@ pub enum CodecError {
     NonMinimalMpi,
 }
 
-/// Appends OTR wire encodings to a byte vector.
-#[derive(Debug, Default, Clone)]
+/// Appends OTR wire encodings to a byte vector, or to a [`SecretBytes`]
+/// ([`Writer::secret`]) for encodings that hold secrets.
+#[derive(Debug, Clone)]
 pub struct Writer {
-    buf: Vec<u8>,
+    buf: Buf,
+}
+
+/// Where a [`Writer`] writes.
+#[derive(Debug, Clone)]
+enum Buf {
+    Plain(Vec<u8>),
+    Secret(SecretBytes),
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Self {
+            buf: Buf::Plain(Vec::new()),
+        }
+    }
 }
 
 impl Writer {
@@ -55,30 +75,51 @@ impl Writer {
     /// A writer with `cap` bytes reserved.
     pub fn with_capacity(cap: usize) -> Self {
         Self {
-            buf: Vec::with_capacity(cap),
+            buf: Buf::Plain(Vec::with_capacity(cap)),
+        }
+    }
+
+    /// A writer into a [`SecretBytes`] with `cap` bytes reserved; finish
+    /// with [`Writer::into_secret`].
+    pub fn secret(cap: usize) -> Self {
+        Self {
+            buf: Buf::Secret(SecretBytes::with_capacity(cap)),
+        }
+    }
+
+    /// Appends raw bytes to whichever buffer this is.
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        match &mut self.buf {
+            Buf::Plain(v) => v.extend_from_slice(bytes),
+            Buf::Secret(s) => s.extend_from_slice(bytes),
         }
     }
 
     /// BYTE.
+    #[inline]
     pub fn byte(&mut self, v: u8) -> &mut Self {
-        self.buf.push(v);
+        self.put(&[v]);
         self
     }
 
     /// SHORT (2 bytes, big-endian).
+    #[inline]
     pub fn short(&mut self, v: u16) -> &mut Self {
-        self.buf.extend_from_slice(&v.to_be_bytes());
+        self.put(&v.to_be_bytes());
         self
     }
 
     /// INT (4 bytes, big-endian).
+    #[inline]
     pub fn int(&mut self, v: u32) -> &mut Self {
-        self.buf.extend_from_slice(&v.to_be_bytes());
+        self.put(&v.to_be_bytes());
         self
     }
 
     /// MPI: 4-byte length then the big-endian magnitude without leading
     /// zeros. Leading zero bytes in `magnitude` are stripped.
+    #[inline]
     pub fn mpi(&mut self, magnitude: &[u8]) -> &mut Self {
         let start = magnitude
             .iter()
@@ -88,27 +129,50 @@ impl Writer {
     }
 
     /// DATA: 4-byte length then the bytes.
+    #[inline]
     pub fn data(&mut self, bytes: &[u8]) -> &mut Self {
         // Lengths we write come from our own buffers, far below 4 GiB.
         self.int(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
-        self.buf.extend_from_slice(bytes);
+        self.put(bytes);
         self
     }
 
     /// Raw bytes with no length prefix (CTR, MAC, fixed-size fields).
+    #[inline]
     pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
-        self.buf.extend_from_slice(bytes);
+        self.put(bytes);
         self
     }
 
     /// Bytes written so far.
     pub fn as_slice(&self) -> &[u8] {
-        &self.buf
+        match &self.buf {
+            Buf::Plain(v) => v,
+            Buf::Secret(s) => s,
+        }
     }
 
-    /// The encoded bytes.
+    /// The encoded bytes. For a [`Writer::secret`] writer this is an
+    /// unprotected copy (the secret buffer is wiped): use
+    /// [`Writer::into_secret`] there.
     pub fn into_vec(self) -> Vec<u8> {
-        self.buf
+        match self.buf {
+            Buf::Plain(v) => v,
+            Buf::Secret(s) => s.to_vec(),
+        }
+    }
+
+    /// The encoded bytes as a [`SecretBytes`]. For a plain writer the
+    /// bytes are copied and the vector is wiped.
+    pub fn into_secret(self) -> SecretBytes {
+        match self.buf {
+            Buf::Secret(s) => s,
+            Buf::Plain(mut v) => {
+                let s = SecretBytes::from_slice(&v);
+                v.zeroize();
+                s
+            }
+        }
     }
 }
 

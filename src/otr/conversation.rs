@@ -174,7 +174,7 @@ pub struct Persist {
     /// Their instance tag.
     pub instance: u32,
     /// Serialized EKM snapshot (secret).
-    pub snapshot: Zeroizing<Vec<u8>>,
+    pub snapshot: crate::otr::crypto::SecretBytes,
 }
 
 impl std::fmt::Debug for Persist {

@@ -13,10 +13,8 @@
 //! stored keys (OMD), and the session continues from that message's
 //! `next_dh` (resumption) — the peer never notices.
 
-use zeroize::Zeroizing;
-
 use super::codec::{Reader, Writer};
-use super::crypto::{DsaPublicKey, Fingerprint};
+use super::crypto::{DsaPublicKey, Fingerprint, SecretBytes};
 use super::error::Error;
 use super::keys::KeyRatchet;
 use super::message::Version;
@@ -80,12 +78,13 @@ impl EncryptedSession {
         now.saturating_sub(self.last_activity()) > lifetime
     }
 
-    /// The EKM snapshot: contains secret keys and is zeroized on drop.
-    pub fn snapshot(&self) -> Zeroizing<Vec<u8>> {
+    /// The EKM snapshot: contains secret keys and is zeroized on drop
+    /// (word-wise: it is made for every message, see [`SecretBytes`]).
+    pub fn snapshot(&self) -> SecretBytes {
         // About 1.6 KiB, allocated once at its exact size: a regrowth would
-        // leave a copy of the secrets in freed memory, and spare capacity
+        // copy for nothing (it wipes the old buffer), and spare capacity
         // would be wiped on drop for nothing.
-        let mut w = Writer::with_capacity(
+        let mut w = Writer::secret(
             HEADER_LEN + self.their_long_term.encoded_len() + self.ratchet.encoded_len(),
         );
         w.raw(MAGIC).byte(FORMAT);
@@ -98,7 +97,7 @@ impl EncryptedSession {
         w.int(self.sent_since_answer);
         self.their_long_term.encode(&mut w);
         self.ratchet.encode(&mut w);
-        Zeroizing::new(w.into_vec())
+        w.into_secret()
     }
 
     /// Restore a snapshot as a suspended session.

@@ -76,7 +76,7 @@ use zeroize::Zeroizing;
 
 use super::{ConversationKey, Result, SessionState, Store};
 use crate::otr::conversation::{Action, Config, Conversation, Delivery, Notice};
-use crate::otr::crypto::DsaPrivateKey;
+use crate::otr::crypto::{DsaPrivateKey, SecretBytes};
 use crate::otr::fragment::parse_fragment;
 use crate::otr::offline::EncryptedSession;
 
@@ -156,7 +156,7 @@ pub enum DurableOp {
         /// The state to record.
         state: SessionState,
         /// The serialized EKM snapshot (secret).
-        data: Zeroizing<Vec<u8>>,
+        data: SecretBytes,
     },
     /// Delete (and wipe) the snapshot of an instance.
     DeleteSnapshot {
@@ -573,7 +573,7 @@ mod tests {
         DurableOp::SaveSnapshot {
             instance,
             state: SessionState::Live,
-            data: Zeroizing::new(data.to_vec()),
+            data: SecretBytes::from_slice(data),
         }
     }
 
@@ -870,7 +870,7 @@ mod tests {
         let step = split(vec![
             Action::Persist(Persist {
                 instance: 7,
-                snapshot: Zeroizing::new(b"snap".to_vec()),
+                snapshot: SecretBytes::from_slice(b"snap"),
             }),
             Action::Notify(Notice::Resumed { instance: 7 }),
             Action::Deliver(d.clone()),

@@ -7,6 +7,8 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
+use crate::otr::crypto::SecretBytes;
+
 use super::{
     CommitReceipt, ConversationKey, DurableOp, FingerprintRecord, HandshakeRecord, HeldMessage,
     InboxMessage, OutboxMessage, PeerStep, Result, SessionState, SnapshotRecord, Store, Trust,
@@ -269,7 +271,7 @@ impl Store for MemoryStore {
             SnapshotRecord {
                 key: key.clone(),
                 state,
-                data: Zeroizing::new(data.to_vec()),
+                data: SecretBytes::from_slice(data),
                 created_at,
                 updated_at: now,
             },

@@ -48,8 +48,9 @@
 //!   (after a crash) and at close. Bound: superseded key material is on
 //!   disk ~1–2 s at most while the proxy runs; a crash inside that window
 //!   leaves it in the `-wal` file until the next start.
-//! * Secrets come back wrapped in [`Zeroizing`]; no type here prints secret
-//!   bytes through `Debug`.
+//! * Secrets come back wrapped in [`Zeroizing`] (snapshots in
+//!   [`SecretBytes`], which wipes a word at a time); no type here prints
+//!   secret bytes through `Debug`.
 //! * Time is passed in (`now`, unix seconds); the store never reads a clock.
 //! * Stores are synchronous and `Send`; an async caller wraps one in a mutex
 //!   and calls it from `spawn_blocking`.
@@ -69,6 +70,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use zeroize::Zeroizing;
+
+use crate::otr::crypto::SecretBytes;
 
 pub use ekm::{CommitReceipt, DurableOp, InboxEntry, InboxMessage, OutboxMessage, PeerStep};
 pub use memory::MemoryStore;
@@ -235,8 +238,9 @@ pub struct SnapshotRecord {
     pub key: ConversationKey,
     /// Live / suspended / finished.
     pub state: SessionState,
-    /// The opaque serialized snapshot from the OTR core.
-    pub data: Zeroizing<Vec<u8>>,
+    /// The opaque serialized snapshot from the OTR core (wiped a word at a
+    /// time: the memory store replaces one per message).
+    pub data: SecretBytes,
     /// When the snapshot was first saved (unix seconds).
     pub created_at: u64,
     /// When it was last saved or its state changed (unix seconds).

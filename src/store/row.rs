@@ -5,6 +5,8 @@
 use rusqlite::{Connection, Row};
 use zeroize::Zeroizing;
 
+use crate::otr::crypto::SecretBytes;
+
 use super::{
     ConversationKey, Error, FingerprintRecord, HeldMessage, Result, SessionState, SnapshotRecord,
     Trust,
@@ -28,7 +30,7 @@ pub(super) struct RawSnapshot {
     peer: String,
     instance: i64,
     state: i64,
-    data: Zeroizing<Vec<u8>>,
+    data: SecretBytes,
     created_at: i64,
     updated_at: i64,
 }
@@ -44,7 +46,7 @@ impl RawSnapshot {
             instance: r.get(2)?,
             state: r.get(3)?,
             // Copied straight from SQLite's buffer into a zeroizing Vec.
-            data: Zeroizing::new(r.get_ref(4)?.as_blob()?.to_vec()),
+            data: SecretBytes::from_slice(r.get_ref(4)?.as_blob()?),
             created_at: r.get(5)?,
             updated_at: r.get(6)?,
         })

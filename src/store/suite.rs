@@ -217,7 +217,7 @@ pub(super) fn group_commit(s: &mut dyn Store) {
     let snap = |d: &[u8]| DurableOp::SaveSnapshot {
         instance: 7,
         state: SessionState::Live,
-        data: Zeroizing::new(d.to_vec()),
+        data: SecretBytes::from_slice(d),
     };
     let first = [
         snap(b"a1"),

@@ -17,7 +17,8 @@ use crypto_bigint::modular::ConstMontyForm;
 use crypto_bigint::{Random, U320, U1536, const_monty_params};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{CryptoError, sym, uint_from_be, uint_to_be, uint_to_minimal_be};
+use super::secret::SecretArray;
+use super::{CryptoError, sym, uint_from_be, uint_to_minimal_be};
 
 /// Length of the DH modulus in bytes (1536 bits).
 pub const DH_MODULUS_BYTES: usize = 192;
@@ -171,9 +172,18 @@ impl DhKeyPair {
     pub const SECRET_LEN: usize = SECRET_BYTES;
 
     /// The secret exponent as 40 big-endian bytes, for the durable key
-    /// snapshot. Handle with care: this is the key.
-    pub fn dangerous_secret_bytes(&self) -> Zeroizing<Vec<u8>> {
-        uint_to_be(&*self.secret)
+    /// snapshot. Handle with care: this is the key. An array, not a
+    /// `Vec`: every snapshot (one per message and side) writes three.
+    pub fn dangerous_secret_bytes(&self) -> SecretArray<SECRET_BYTES> {
+        let mut out = SecretArray([0u8; SECRET_BYTES]);
+        for (chunk, limb) in out
+            .0
+            .chunks_exact_mut(crypto_bigint::Limb::BYTES)
+            .zip(self.secret.as_limbs().iter().rev())
+        {
+            chunk.copy_from_slice(&limb.0.to_be_bytes());
+        }
+        out
     }
 
     /// Rebuilds a key pair from [`dangerous_secret_bytes`](Self::dangerous_secret_bytes)
@@ -548,7 +558,7 @@ mod tests {
         } else {
             v
         };
-        let mut out = uint_to_be(&v).to_vec();
+        let mut out = crate::otr::crypto::uint_to_be(&v).to_vec();
         if delta > 0 && v < P {
             out.insert(0, 1); // carried past 1536 bits
         }
@@ -670,6 +680,8 @@ mod tests {
         let a = DhKeyPair::generate(&mut rng);
         let bytes = a.dangerous_secret_bytes();
         assert_eq!(bytes.len(), SECRET_BYTES);
+        // The snapshot bytes as before the array: fixed-width big-endian.
+        assert_eq!(&*bytes, &*crate::otr::crypto::uint_to_be(&*a.secret));
         let b = DhKeyPair::from_secret_bytes(&bytes).unwrap();
         assert_eq!(a.public(), b.public());
         let c = a.clone();

@@ -11,12 +11,15 @@
 //!   and a constant-time comparison.
 //! * [`dsa`] — OTR's long-term DSA keys (PUBKEY encoding, fingerprints,
 //!   signatures over a 32-byte value taken **mod q**).
+//! * [`secret`] — [`SecretBytes`], a byte buffer wiped a word at a time
+//!   (the EKM snapshot).
 //!
 //! Randomness is always a parameter (`rng`); nothing here reads a global
 //! RNG. Secret material is zeroized on drop and never printed by `Debug`.
 
 pub mod dh;
 pub mod dsa;
+pub mod secret;
 pub mod sym;
 
 use thiserror::Error;
@@ -25,6 +28,7 @@ use super::codec::CodecError;
 
 pub use self::dh::{DH_MODULUS_BYTES, DhKeyPair, DhPublicKey, SharedSecret, h1, h2};
 pub use self::dsa::{DsaPrivateKey, DsaPublicKey, Fingerprint, PUBKEY_TYPE_DSA};
+pub use self::secret::SecretBytes;
 
 pub use self::sym::{
     AesCtrKey, HmacSha1Key, aes128_ctr, ct_eq, hmac_sha1, hmac_sha256, hmac_sha256_160, sha1,

@@ -63,8 +63,17 @@ impl AesCtrKey {
             }
             self.0.encrypt_blocks(&mut stream[..blocks]);
             for (piece, key) in chunk.chunks_mut(16).zip(stream.iter()) {
-                for (d, k) in piece.iter_mut().zip(key.iter()) {
-                    *d ^= k;
+                // A whole block as one 128-bit XOR (the byte loop was not
+                // vectorised); only the last piece can be shorter.
+                if let (Ok(block), Ok(k)) = (
+                    <&mut [u8; 16]>::try_from(&mut *piece),
+                    <&[u8; 16]>::try_from(key.as_slice()),
+                ) {
+                    *block = (u128::from_ne_bytes(*block) ^ u128::from_ne_bytes(*k)).to_ne_bytes();
+                } else {
+                    for (d, k) in piece.iter_mut().zip(key.iter()) {
+                        *d ^= k;
+                    }
                 }
             }
         }

@@ -1,0 +1,212 @@
+//! [`SecretBytes`]: a byte buffer for secrets, wiped a word at a time on
+//! drop; [`SecretArray`]: a fixed-size one on the stack.
+//!
+//! `Zeroizing<Vec<u8>>` wipes with one volatile store per *byte* (the
+//! `zeroize` crate has no faster safe path for `u8`, and this crate forbids
+//! unsafe code). The EKM snapshot (~1.6 KiB, DESIGN §5) is made for every
+//! message on each side and dropped once the store has it, so that wipe was
+//! ~10 % of a one-way burst message. Here the bytes live in `u64` words,
+//! viewed as bytes through `bytemuck` (a safe cast), and the wipe is one
+//! volatile store per eight bytes.
+//!
+//! The buffer never reallocates in place: growing copies into a fresh
+//! buffer and wipes the old one, so no unwiped copy is left in freed memory
+//! (`Vec::reserve` could leave one).
+
+use std::fmt;
+
+use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
+
+const WORD: usize = std::mem::size_of::<u64>();
+
+/// A growable byte buffer holding secrets; wiped on drop (and before its
+/// storage is replaced when it grows). `Debug` prints only the length.
+#[derive(Default)]
+pub struct SecretBytes {
+    /// Storage; every word is initialised, `words.len() * 8` is the
+    /// capacity in bytes.
+    words: Vec<u64>,
+    /// Bytes in use, from the start of `words`.
+    len: usize,
+}
+
+impl SecretBytes {
+    /// An empty buffer (no allocation).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty buffer with room for `cap` bytes.
+    pub fn with_capacity(cap: usize) -> Self {
+        Self {
+            words: vec![0; cap.div_ceil(WORD)],
+            len: 0,
+        }
+    }
+
+    /// A copy of `bytes` (the caller wipes the original if it must).
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        let mut s = Self::with_capacity(bytes.len());
+        s.extend_from_slice(bytes);
+        s
+    }
+
+    /// The bytes.
+    #[inline]
+    pub fn as_slice(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
+    }
+
+    /// The bytes, mutable.
+    #[inline]
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[..self.len]
+    }
+
+    /// Appends one byte.
+    pub fn push(&mut self, b: u8) {
+        self.extend_from_slice(&[b]);
+    }
+
+    /// Appends `bytes`, growing into a fresh buffer if needed.
+    #[inline]
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        let end = self.len.saturating_add(bytes.len());
+        // One bounds check on the fast path (the snapshot encoders append
+        // ~100 small fields into an exactly sized buffer).
+        if let Some(dst) =
+            bytemuck::cast_slice_mut::<u64, u8>(&mut self.words).get_mut(self.len..end)
+        {
+            dst.copy_from_slice(bytes);
+        } else {
+            self.grow(end);
+            bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[self.len..end]
+                .copy_from_slice(bytes);
+        }
+        self.len = end;
+    }
+
+    /// Moves the contents into a buffer of at least `needed` bytes (and at
+    /// least twice the current capacity); the old storage is wiped.
+    #[cold]
+    fn grow(&mut self, needed: usize) {
+        let cap = needed.max(self.words.len() * WORD * 2);
+        let mut next = Self::with_capacity(cap);
+        next.extend_from_slice(self.as_slice());
+        // The old buffer is dropped here, and wiped.
+        *self = next;
+    }
+}
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        self.words.as_mut_slice().zeroize();
+    }
+}
+
+impl std::ops::Deref for SecretBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for SecretBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+impl AsRef<[u8]> for SecretBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl Clone for SecretBytes {
+    fn clone(&self) -> Self {
+        Self::from_slice(self.as_slice())
+    }
+}
+
+/// Constant-time in the contents (the lengths are not secret).
+impl PartialEq for SecretBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice().ct_eq(other.as_slice()).into()
+    }
+}
+
+impl Eq for SecretBytes {}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes(<{} bytes redacted>)", self.len)
+    }
+}
+
+/// `N` secret bytes without a heap allocation (a DH secret written into
+/// each snapshot); wiped on drop. Derefs to `[u8]`; `Debug` prints only
+/// the length.
+pub struct SecretArray<const N: usize>(pub [u8; N]);
+
+impl<const N: usize> Drop for SecretArray<N> {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl<const N: usize> std::ops::Deref for SecretArray<N> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl<const N: usize> fmt::Debug for SecretArray<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretArray(<{N} bytes redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_what_was_written_across_growth() {
+        let mut s = SecretBytes::with_capacity(3);
+        let mut want = Vec::new();
+        for i in 0..100u8 {
+            s.push(i);
+            want.push(i);
+            s.extend_from_slice(&[i; 7][..usize::from(i % 8)]);
+            want.extend_from_slice(&[i; 7][..usize::from(i % 8)]);
+            assert_eq!(s.as_slice(), want.as_slice());
+        }
+        assert_eq!(s.len(), want.len());
+        assert_eq!(SecretBytes::from_slice(&want), s);
+        assert_eq!(s.clone(), s);
+        s.as_mut_slice()[0] = 0xff;
+        assert_ne!(SecretBytes::from_slice(&want), s);
+    }
+
+    #[test]
+    fn exact_capacity_and_empty() {
+        for n in [0usize, 1, 7, 8, 9, 1600, 1601] {
+            let bytes: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let s = SecretBytes::from_slice(&bytes);
+            assert_eq!(&*s, bytes.as_slice());
+            assert_eq!(s.words.len(), n.div_ceil(WORD), "no spare words");
+        }
+        assert!(SecretBytes::new().is_empty());
+    }
+
+    #[test]
+    fn debug_does_not_print_the_bytes() {
+        let s = SecretBytes::from_slice(b"secret");
+        assert_eq!(format!("{s:?}"), "SecretBytes(<6 bytes redacted>)");
+    }
+}
