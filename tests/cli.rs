@@ -524,7 +524,7 @@ fn keygen_fingerprint_trust_sessions_forget() {
                 "bob@example.test",
                 &[o2tr_proxy::store::DurableOp::SaveHandshake {
                     instance: pair::BOB_TAG,
-                    data: zeroize::Zeroizing::new(b"O2TR-AKE record".to_vec()),
+                    data: o2tr_proxy::otr::crypto::SecretBytes::from_slice(b"O2TR-AKE record"),
                 }],
                 p.now,
             )

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use o2tr_proxy::otr::conversation::{Config, Conversation, Notice};
-use o2tr_proxy::otr::crypto::DsaPrivateKey;
+use o2tr_proxy::otr::crypto::{DsaPrivateKey, SecretBytes};
 use o2tr_proxy::store::ekm::{self, Effect};
 use o2tr_proxy::store::{ConversationKey, SessionState, SqliteStore, Store};
 use pair::{ALICE_TAG, BOB_TAG, Side, keys};
@@ -640,7 +640,7 @@ fn expired_or_unreadable_handshake_record_is_wiped() {
             ALICE,
             &[o2tr_proxy::store::DurableOp::SaveHandshake {
                 instance: ALICE_TAG,
-                data: zeroize::Zeroizing::new(b"O2TR-AKE\x01garbage".to_vec()),
+                data: SecretBytes::from_slice(b"O2TR-AKE\x01garbage"),
             }],
             now,
         )

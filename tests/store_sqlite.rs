@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
+use o2tr_proxy::otr::crypto::SecretBytes;
 use o2tr_proxy::store::{
     ConversationKey, DB_FILE_NAME, DurableOp, Error, SCHEMA_VERSION, SessionState, SqliteStore,
     Store, Trust,
@@ -433,7 +434,7 @@ fn replaced_and_deleted_secrets_leave_no_bytes_on_disk_after_maintenance() {
     rand::fill(&mut second);
     let save = |p: &[u8; 32]| DurableOp::SaveHandshake {
         instance: 0x100,
-        data: p.to_vec().into(),
+        data: SecretBytes::from_slice(p),
     };
     s.commit_step(acct, peer, &[save(&first)], 8).unwrap();
     s.checkpoint().unwrap();
@@ -707,7 +708,7 @@ fn opens_a_version_2_database_and_adds_the_outbox() {
                 DurableOp::Fragments(vec!["?OTR,00001,00002,a,".into()]),
                 DurableOp::SaveHandshake {
                     instance: 7,
-                    data: b"record".to_vec().into(),
+                    data: SecretBytes::from_slice(b"record"),
                 },
             ],
             3,

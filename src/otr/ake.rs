@@ -14,8 +14,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::codec::{Reader, Writer};
 use super::crypto::{
-    DhKeyPair, DhPublicKey, DsaPrivateKey, DsaPublicKey, SharedSecret, aes128_ctr, ct_eq, h2,
-    hmac_sha256, hmac_sha256_160, sha256,
+    DhKeyPair, DhPublicKey, DsaPrivateKey, DsaPublicKey, SecretBytes, SharedSecret, aes128_ctr,
+    ct_eq, h2, hmac_sha256, hmac_sha256_160, sha256,
 };
 use super::error::{Error, PeerMisbehaved};
 use super::message::{
@@ -251,7 +251,7 @@ impl AuthState {
     /// state in a crash those messages could never be read (found by the
     /// chaos campaign: an initiator SIGKILLed right after its Reveal
     /// Signature). Holds our AKE secret exponent: wiped on drop.
-    pub fn awaiting_sig_record(&self, now: u64) -> Option<Zeroizing<Vec<u8>>> {
+    pub fn awaiting_sig_record(&self, now: u64) -> Option<SecretBytes> {
         let AuthState::AwaitingSig(st) = self else {
             return None;
         };
@@ -259,14 +259,14 @@ impl AuthState {
         let ours = st.our_dh.public().to_mpi();
         let theirs = st.their_dh.to_mpi();
         let reveal = st.reveal_sig.encode();
-        let mut w = Writer::with_capacity(
+        let mut w = Writer::secret(
             8 + 1 + 2 + 8 + 3 * 4 + 4 + secret.len() + ours.len() + theirs.len() + reveal.len(),
         );
         w.raw(RECORD_MAGIC).byte(RECORD_FORMAT);
         w.short(st.version.number());
         w.raw(&now.to_be_bytes());
         w.data(&secret).mpi(&ours).mpi(&theirs).data(&reveal);
-        Some(Zeroizing::new(w.into_vec()))
+        Some(w.into_secret())
     }
 
     /// Rebuild the state of [`AuthState::awaiting_sig_record`] (after a

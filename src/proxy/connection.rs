@@ -1480,7 +1480,13 @@ mod tests {
         })
         .await;
         assert_eq!(res, Ok("server closed the stream"));
-        assert_eq!(hook.0, ["flushed"]);
+        // One flush per write that reached the socket: how the writes are
+        // batched depends on scheduling (two under load), never an ack.
+        assert!(
+            !hook.0.is_empty() && hook.0.iter().all(|e| e == "flushed"),
+            "{:?}",
+            hook.0
+        );
     }
 
     #[test]

@@ -186,7 +186,7 @@ pub enum DurableOp {
         /// Their instance tag.
         instance: u32,
         /// The record (secret).
-        data: Zeroizing<Vec<u8>>,
+        data: SecretBytes,
     },
     /// Delete (and wipe) the handshake record of an instance.
     DeleteHandshake {
@@ -711,7 +711,7 @@ mod tests {
         // Handshake records: by instance, replaced, deleted, per peer.
         let hs = |data: &[u8], instance| DurableOp::SaveHandshake {
             instance,
-            data: data.to_vec().into(),
+            data: SecretBytes::from_slice(data),
         };
         s.commit_step(A, P, &[hs(b"h1", 2), hs(b"h0", 1)], 26)
             .unwrap();

@@ -36,7 +36,7 @@ pub struct MemoryStore {
     outbox: BTreeMap<i64, OutboxMessage>,
     last_outbox_id: i64,
     fragments: BTreeMap<(String, String), Vec<String>>,
-    handshakes: BTreeMap<ConversationKey, Zeroizing<Vec<u8>>>,
+    handshakes: BTreeMap<ConversationKey, SecretBytes>,
 }
 
 impl MemoryStore {

@@ -269,7 +269,7 @@ pub struct HandshakeRecord {
     /// The peer's instance tag.
     pub instance: u32,
     /// The opaque record from the OTR core (secret).
-    pub data: Zeroizing<Vec<u8>>,
+    pub data: SecretBytes,
 }
 
 impl fmt::Debug for HandshakeRecord {

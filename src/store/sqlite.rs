@@ -706,7 +706,10 @@ impl Store for SqliteStore {
         )?;
         let rows = stmt
             .query_map(params![account, peer], |r| {
-                Ok((r.get::<_, i64>(0)?, Zeroizing::new(r.get::<_, Vec<u8>>(1)?)))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    crate::otr::crypto::SecretBytes::from_slice(r.get_ref(1)?.as_blob()?),
+                ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
