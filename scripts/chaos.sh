@@ -52,7 +52,7 @@ for j in "${!pids[@]}"; do
     if ! wait "${pids[$j]}"; then
         status=1
         echo "chaos: job $j (seed $(( seed + j ))) had failing trials:" >&2
-        grep -E '^\[chaos\] trial [0-9]+ \([^)]*\): [^ ]' "target/chaos-job-$j.log" >&2 || true
+        grep -E '^\[chaos\] trial [0-9]+ \(.*\): [^ |]' "target/chaos-job-$j.log" >&2 || true
     fi
 done
 python3 - "$jobs" >target/chaos-report.txt <<'PY'

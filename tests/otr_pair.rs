@@ -1033,3 +1033,54 @@ fn damaged_handshake_records_are_refused() {
         assert!(fresh(BOB_TAG).restore_handshake(b, t, 60).is_err());
     }
 }
+
+/// Chaos seed 20261230 trial 64 (upstream TCP cut, fragments of 300):
+/// after the reconnection the server hands over again the tail of a
+/// message already read (its head is not re-sent), then copies of two
+/// more read messages, then the new ones. Every new one is read once.
+#[test]
+fn a_stale_tail_and_copies_before_new_fragmented_messages() {
+    let mut p = Pair::new();
+    p.alice.conv = {
+        let mut cfg = o2tr_proxy::otr::conversation::Config::new("alice@example.test", ALICE_TAG);
+        cfg.max_message_bytes = 300;
+        o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().0.clone())
+    };
+    p.establish();
+    let t = p.now;
+    let mut pieces = Vec::new();
+    for i in 1..=7 {
+        p.alice.send(&format!("chaos-0123456789ab t64 {i}"), t);
+        let m: Vec<String> = p.alice.outbox.drain(..).collect();
+        assert_eq!(m.len(), 2, "two fragments each");
+        pieces.push(m);
+    }
+    // Read live: 1, 2, 3.
+    for m in &pieces[..3] {
+        for f in m {
+            p.bob.receive(f, t);
+        }
+    }
+    // After the reconnection: the tail of 1, copies of 2 and 3, then 4–7.
+    let mut replay = vec![pieces[0][1].clone()];
+    for m in &pieces[1..] {
+        replay.extend(m.iter().cloned());
+    }
+    for f in &replay {
+        p.bob.receive(f, t + 6);
+    }
+    let want: Vec<String> = (1..=7)
+        .map(|i| format!("chaos-0123456789ab t64 {i}"))
+        .collect();
+    assert_eq!(p.bob.texts(), want, "notices: {:?}", p.bob.notices);
+    // The copies of 2 and 3 (each one run in order) are reported as such;
+    // the stale tail of 1 with the next heads is no news.
+    let notices: Vec<&Notice> = p.bob.notices.iter().skip(1).collect();
+    assert_eq!(notices.len(), 2, "{notices:?}");
+    assert!(
+        notices
+            .iter()
+            .all(|n| matches!(n, Notice::Unreadable { replayed: true, .. })),
+        "{notices:?}"
+    );
+}

@@ -382,6 +382,10 @@ pub struct Conversation {
     guess_plain: bool,
     /// Set when the guess being handled was refused.
     guess_refused: bool,
+    /// Guesses refused while handling one fragment, and how many of them
+    /// were refused as copies of messages already read (see `on_data`):
+    /// when those are all, no "mixed fragments" notice is due.
+    guess_refusals: (u32, u32),
     /// Data messages that arrived, per instance, while we waited for that
     /// instance's Signature message (we sent our Reveal Signature): the
     /// peer is private already and the server may hand its first messages
@@ -423,6 +427,7 @@ impl Conversation {
             guessing: false,
             guess_plain: false,
             guess_refused: false,
+            guess_refusals: (0, 0),
             early_data: Vec::new(),
             held: VecDeque::new(),
             selected: None,
@@ -1112,6 +1117,7 @@ impl Conversation {
             .reassembly
             .remove(&key)
             .unwrap_or_else(|| Reassembler::new(max));
+        self.guess_refusals = (0, 0);
         let result = r.push_with(&f, message_age, |whole, plain| {
             self.try_guess(whole, plain, now, rng, out)
         });
@@ -1120,6 +1126,13 @@ impl Conversation {
         }
         match result {
             Ok(Assembly::Pending | Assembly::Verified(_)) => {}
+            Ok(Assembly::Unverified { tried })
+                if self.guess_refusals.0 > 0 && self.guess_refusals.0 == self.guess_refusals.1 =>
+            {
+                // Only copies of messages read already (a stale piece that
+                // the server handed over again): nothing to tell.
+                tracing::debug!(sender = key, tried, "fragments of copies kept");
+            }
             Ok(Assembly::Unverified { tried }) => {
                 // One notice for the fragment, none per guess; no OTR
                 // error (libotr answers one with a new AKE, which would
@@ -1168,6 +1181,7 @@ impl Conversation {
         self.guessing = false;
         self.guess_plain = false;
         if std::mem::take(&mut self.guess_refused) {
+            self.guess_refusals.0 += 1;
             return false;
         }
         out.extend(guess_out);
@@ -1483,6 +1497,21 @@ impl Conversation {
             // the MAC (a replayed counter) belong to an authentic message.
             Err(Error::Peer(PeerMisbehaved::DataMacMismatch)) if self.guessing => {
                 self.guess_refused = true;
+                return;
+            }
+            // An authentic copy of a message read already, put together
+            // from pieces that did not arrive in one run: under the same
+            // keys the first pieces of a burst are identical, so a stale
+            // last piece the server handed over again plus the first piece
+            // of the *next* message is that copy. Consuming them would
+            // leave the next message without its first piece (lost; chaos
+            // seed 20261230, trials 64 and 73): refused, the pieces wait
+            // for their own partners (bounded like every piece).
+            Err(Error::Peer(PeerMisbehaved::CounterReused))
+                if self.guessing && !self.guess_plain =>
+            {
+                self.guess_refused = true;
+                self.guess_refusals.1 += 1;
                 return;
             }
             Err(Error::Peer(
