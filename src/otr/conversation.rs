@@ -1275,7 +1275,7 @@ impl Conversation {
             self.ake_activity = Some(now);
         }
         match m.body {
-            Body::Data(d) => self.on_data(&h, tag, &d, now, rng, out),
+            Body::Data(d) => self.on_data(&h, tag, d, now, rng, out),
             Body::DhCommit(c) => {
                 let state = self.take_ake_for_dh(tag);
                 let (state, step) = state.handle_dh_commit(h.version, tags, &c, rng);
@@ -1365,7 +1365,7 @@ impl Conversation {
                                     .partition(|(t, _, _)| *t == tag);
                             self.early_data = rest;
                             for (_, h, d) in early {
-                                self.on_data(&h, tag, &d, now, rng, out);
+                                self.on_data(&h, tag, d, now, rng, out);
                             }
                         }
                     }
@@ -1442,7 +1442,7 @@ impl Conversation {
         &mut self,
         h: &Header,
         tag: u32,
-        d: &DataMessage,
+        d: DataMessage,
         now: u64,
         rng: &mut R,
         out: &mut Out,
@@ -1453,6 +1453,9 @@ impl Conversation {
             .get(&tag)
             .is_some_and(|i| matches!(i.ake, AuthState::AwaitingSig(_)));
         let mut stale = false;
+        // `d` is moved into `decrypt` (which decrypts its buffer in place)
+        // when there is a session, else here, for `early_data`.
+        let mut kept = None;
         let result = match self.instances.get_mut(&tag) {
             Some(Instance {
                 msg: MsgState::Encrypted(s),
@@ -1465,10 +1468,13 @@ impl Conversation {
                 // for the peer to start over; that one was sent after
                 // everything the session received.
                 stale = self.delayed_from.is_some_and(|t| t < s.last_received)
-                    && predates_keys(&s.ratchet, d);
-                s.ratchet.decrypt(h, d, rng).map(|r| (r, s, smp))
+                    && predates_keys(&s.ratchet, &d);
+                s.ratchet.decrypt_owned(h, d, rng).map(|r| (r, s, smp))
             }
-            _ => Err(Error::Peer(PeerMisbehaved::NotEncrypted)),
+            _ => {
+                kept = Some(d);
+                Err(Error::Peer(PeerMisbehaved::NotEncrypted))
+            }
         };
         let (received, session, smp_state) = match result {
             Ok(x) => x,
@@ -1496,8 +1502,10 @@ impl Conversation {
             Err(Error::Peer(PeerMisbehaved::NotEncrypted))
                 if awaiting_sig && self.early_data.len() < MAX_EARLY_DATA =>
             {
-                tracing::debug!(instance = tag, "data message before the Signature; kept");
-                self.early_data.push((tag, *h, d.clone()));
+                if let Some(d) = kept {
+                    tracing::debug!(instance = tag, "data message before the Signature; kept");
+                    self.early_data.push((tag, *h, d));
+                }
                 return;
             }
             Err(e) => {

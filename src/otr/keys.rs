@@ -11,6 +11,8 @@
 //! persisted. This is also the O2TR EKM state: [`KeyRatchet::encode`] writes
 //! everything needed to verify, decrypt and answer messages after a restart.
 
+use std::borrow::Cow;
+
 use rand_core::CryptoRng;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -330,6 +332,26 @@ impl KeyRatchet {
         msg: &DataMessage,
         rng: &mut R,
     ) -> Result<Received, Error> {
+        self.open(header, Cow::Borrowed(msg), rng)
+    }
+
+    /// [`KeyRatchet::decrypt`] of a message we own: its ciphertext buffer
+    /// becomes the plaintext (decrypted in place, not copied).
+    pub fn decrypt_owned<R: CryptoRng + ?Sized>(
+        &mut self,
+        header: &Header,
+        msg: DataMessage,
+        rng: &mut R,
+    ) -> Result<Received, Error> {
+        self.open(header, Cow::Owned(msg), rng)
+    }
+
+    fn open<R: CryptoRng + ?Sized>(
+        &mut self,
+        header: &Header,
+        msg: Cow<'_, DataMessage>,
+        rng: &mut R,
+    ) -> Result<Received, Error> {
         let i = if msg.recipient_keyid == self.our_keyid {
             1
         } else if Some(msg.recipient_keyid) == self.our_keyid.checked_sub(1) {
@@ -371,8 +393,17 @@ impl KeyRatchet {
         } else {
             None
         };
-        let mut plaintext = Zeroizing::new(msg.encrypted.clone());
-        keys.recv_aes.apply(&msg.ctr, &mut plaintext);
+        let position = Position {
+            sender_keyid: msg.sender_keyid,
+            recipient_keyid: msg.recipient_keyid,
+            ctr,
+        };
+        let ctr_top = msg.ctr;
+        let mut plaintext = Zeroizing::new(match msg {
+            Cow::Borrowed(m) => m.encrypted.clone(),
+            Cow::Owned(m) => m.encrypted,
+        });
+        keys.recv_aes.apply(&ctr_top, &mut plaintext);
         let recv_mac = keys.recv_mac_key;
         let extra_key = Zeroizing::new(keys.extra);
         let pairing = &mut self.pairings[i][j];
@@ -380,11 +411,6 @@ impl KeyRatchet {
         pairing.recv_ctr = pairing.recv_ctr.max(ctr);
         pairing.seen = seen;
         pairing.used_recv_mac = Some(recv_mac);
-        let position = Position {
-            sender_keyid: msg.sender_keyid,
-            recipient_keyid: msg.recipient_keyid,
-            ctr,
-        };
 
         let rotated_ours = i == 1;
         if rotated_ours {
