@@ -709,7 +709,17 @@ impl Conversation {
 
     /// Encode, armour and fragment an OTR message for sending.
     fn push_encoded(&self, msg: &EncodedMessage, out: &mut Out) {
-        let armored = msg.to_armored();
+        self.push_binary(&msg.header, &msg.encode(), out);
+    }
+
+    /// [`Conversation::push_encoded`] for a data message we encrypted.
+    fn push_sealed(&self, msg: &Sealed, out: &mut Out) {
+        self.push_binary(&msg.header, &msg.bytes, out);
+    }
+
+    /// Armour and fragment the binary encoding of a message with `header`.
+    fn push_binary(&self, header: &Header, bytes: &[u8], out: &mut Out) {
+        let armored = message::armor(bytes);
         if self.cfg.max_message_bytes == 0 || armored.len() <= self.cfg.max_message_bytes {
             out.push(Action::Send(armored));
             return;
@@ -717,9 +727,9 @@ impl Conversation {
         match fragment(
             &armored,
             self.cfg.max_message_bytes,
-            msg.header.version,
-            msg.header.sender_tag,
-            msg.header.receiver_tag,
+            header.version,
+            header.sender_tag,
+            header.receiver_tag,
         ) {
             Ok(pieces) => out.extend(pieces.into_iter().map(Action::Send)),
             // A size too small for any fragment: send whole rather than nothing.
@@ -816,7 +826,7 @@ impl Conversation {
                     // for an answer.
                     let msg = encrypt_last(&mut s, FLAG_IGNORE_UNREADABLE, &body, now);
                     out.push(Action::Forget { instance: tag });
-                    self.push_encoded(&msg, &mut out);
+                    self.push_sealed(&msg, &mut out);
                     out.push(Action::Notify(Notice::Ended));
                 }
                 MsgState::Finished => out.push(Action::Forget { instance: tag }),
@@ -973,7 +983,7 @@ impl Conversation {
         if resumed {
             out.push(Action::Notify(Notice::Resumed { instance: tag }));
         }
-        self.push_encoded(&msg, out);
+        self.push_sealed(&msg, out);
         true
     }
 
@@ -1624,7 +1634,7 @@ impl Conversation {
             }));
         }
         for r in &replies {
-            self.push_encoded(r, out);
+            self.push_sealed(r, out);
         }
         out.extend(smp_notices.into_iter().map(Action::Notify));
         if let Some(usage) = extra {
@@ -1797,7 +1807,7 @@ impl Conversation {
         if resumed {
             out.push(Action::Notify(Notice::Resumed { instance: tag }));
         }
-        self.push_encoded(&msg, out);
+        self.push_sealed(&msg, out);
     }
 }
 
@@ -1858,14 +1868,21 @@ fn utf8_text(human: Vec<u8>) -> String {
     }
 }
 
-/// Encrypt `plaintext` on `s` and wrap it as an encoded message.
+/// A data message we encrypted, in its binary encoding
+/// ([`KeyRatchet::encrypt_encoded`]), with the header it was encoded for.
+struct Sealed {
+    header: Header,
+    bytes: Vec<u8>,
+}
+
+/// Encrypt `plaintext` on `s` as an encoded data message.
 fn encrypt<R: CryptoRng + ?Sized>(
     s: &mut EncryptedSession,
     flags: u8,
     plaintext: &[u8],
     now: u64,
     rng: &mut R,
-) -> EncodedMessage {
+) -> Sealed {
     let msg = encrypt_last(s, flags, plaintext, now);
     s.ratchet.prepare_answer(rng);
     msg
@@ -1873,14 +1890,11 @@ fn encrypt<R: CryptoRng + ?Sized>(
 
 /// [`encrypt`] without preparing for an answer (the session's last
 /// message).
-fn encrypt_last(s: &mut EncryptedSession, flags: u8, plaintext: &[u8], now: u64) -> EncodedMessage {
+fn encrypt_last(s: &mut EncryptedSession, flags: u8, plaintext: &[u8], now: u64) -> Sealed {
     let header = data_header(s.version, s.our_tag, s.their_tag);
-    let data = s.ratchet.encrypt(&header, flags, plaintext);
+    let bytes = s.ratchet.encrypt_encoded(&header, flags, plaintext);
     s.last_sent = now;
-    EncodedMessage {
-        header,
-        body: Body::Data(data),
-    }
+    Sealed { header, bytes }
 }
 
 /// Where a reassembled text stands among the peer's data messages (keyids,
