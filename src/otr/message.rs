@@ -485,6 +485,30 @@ impl EncodedMessage {
     /// unknown message types, invalid v3 instance tags, truncation and
     /// trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        Self::decode_fields(bytes, true).map(|(m, _)| m)
+    }
+
+    /// [`EncodedMessage::decode`] of a buffer we own: a data message's
+    /// ciphertext stays in it (moved to its start) instead of being copied
+    /// into a new one.
+    fn decode_vec(mut bytes: Vec<u8>) -> Result<Self, MessageError> {
+        let (mut m, ciphertext) = Self::decode_fields(&bytes, false)?;
+        if let (Body::Data(d), Some(at)) = (&mut m.body, ciphertext) {
+            let len = at.len();
+            bytes.copy_within(at, 0);
+            bytes.truncate(len);
+            d.encrypted = bytes;
+        }
+        Ok(m)
+    }
+
+    /// The decoder. Unless `copy_ciphertext`, a data message is returned
+    /// with its ciphertext empty and where it is in `bytes`.
+    fn decode_fields(
+        bytes: &[u8],
+        copy_ciphertext: bool,
+    ) -> Result<(Self, Option<std::ops::Range<usize>>), MessageError> {
+        let mut ciphertext = None;
         let mut r = Reader::new(bytes);
         let number = r.short("protocol version")?;
         let version = Version::from_number(number).ok_or(MessageError::UnknownVersion(number))?;
@@ -529,20 +553,29 @@ impl EncodedMessage {
                 if next_dh.first() == Some(&0) {
                     return Err(MessageError::NonMinimalMpi("next DH key"));
                 }
+                let ctr = r.array("counter")?;
+                let enc = r.data("encrypted message")?;
+                let encrypted = if copy_ciphertext {
+                    enc.to_vec()
+                } else {
+                    let end = bytes.len() - r.remaining();
+                    ciphertext = Some(end - enc.len()..end);
+                    Vec::new()
+                };
                 Body::Data(DataMessage {
                     flags,
                     sender_keyid,
                     recipient_keyid,
                     next_dh: next_dh.to_vec(),
-                    ctr: r.array("counter")?,
-                    encrypted: r.data("encrypted message")?.to_vec(),
+                    ctr,
+                    encrypted,
                     mac: r.array("data MAC")?,
                     revealed_mac_keys: r.data("revealed MAC keys")?.to_vec(),
                 })
             }
         };
         r.finish()?;
-        Ok(Self { header, body })
+        Ok((Self { header, body }, ciphertext))
     }
 
     /// The armoured text form: `"?OTR:" + base64(encode()) + "."`.
@@ -615,7 +648,7 @@ fn decode_armored_at(text: &str) -> Result<EncodedMessage, MessageError> {
         }
         None => return Err(MessageError::Base64),
     };
-    EncodedMessage::decode(&bytes)
+    EncodedMessage::decode_vec(bytes)
 }
 
 /// Classification of any received text (spec §"The protocol state
