@@ -6,13 +6,15 @@
 //! * [`EncodedMessage`]: the binary form of the D-H Commit, D-H Key, Reveal
 //!   Signature, Signature and Data messages for protocol versions 2 (no
 //!   instance tags) and 3, with [`EncodedMessage::encode`] /
-//!   [`EncodedMessage::decode`] and the `?OTR:…​.` base-64 armour.
+//!   [`EncodedMessage::decode`] and the `?OTR:…​.` base-64 armour;
+//!   [`encode_data`] writes a data message we send straight into its
+//!   encoding (the caller's closures encrypt and MAC it in place).
 //! * [`parse`]: classification of any received text into plaintext (with an
 //!   optional whitespace tag), query, error, encoded message or fragment, in
 //!   the order libotr 4.1.1 applies (the first `?OTR` marker decides; a
 //!   fragment marker is checked before the others).
 //!
-//! Nothing here does cryptography: MPIs are carried as big-endian
+//! Nothing here does cryptography itself: MPIs are carried as big-endian
 //! magnitudes, encrypted fields and MACs as raw bytes. Version 1 is never
 //! supported: a version-1 encoded message is an [`MessageError::UnknownVersion`]
 //! and a version-1-only query offers no version.
