@@ -714,7 +714,17 @@ impl Conversation {
 
     /// Encode, armour and fragment an OTR message for sending.
     fn push_encoded(&self, msg: &EncodedMessage, out: &mut Out) {
-        let armored = msg.to_armored();
+        self.push_binary(&msg.header, &msg.encode(), out);
+    }
+
+    /// [`Conversation::push_encoded`] for a data message we encrypted.
+    fn push_sealed(&self, msg: &Sealed, out: &mut Out) {
+        self.push_binary(&msg.header, &msg.bytes, out);
+    }
+
+    /// Armour and fragment the binary encoding of a message with `header`.
+    fn push_binary(&self, header: &Header, bytes: &[u8], out: &mut Out) {
+        let armored = message::armor(bytes);
         if self.cfg.max_message_bytes == 0 || armored.len() <= self.cfg.max_message_bytes {
             out.push(Action::Send(armored));
             return;
@@ -722,9 +732,9 @@ impl Conversation {
         match fragment(
             &armored,
             self.cfg.max_message_bytes,
-            msg.header.version,
-            msg.header.sender_tag,
-            msg.header.receiver_tag,
+            header.version,
+            header.sender_tag,
+            header.receiver_tag,
         ) {
             Ok(pieces) => out.extend(pieces.into_iter().map(Action::Send)),
             // A size too small for any fragment: send whole rather than nothing.
@@ -821,7 +831,7 @@ impl Conversation {
                     // for an answer.
                     let msg = encrypt_last(&mut s, FLAG_IGNORE_UNREADABLE, &body, now);
                     out.push(Action::Forget { instance: tag });
-                    self.push_encoded(&msg, &mut out);
+                    self.push_sealed(&msg, &mut out);
                     out.push(Action::Notify(Notice::Ended));
                 }
                 MsgState::Finished => out.push(Action::Forget { instance: tag }),
@@ -978,7 +988,7 @@ impl Conversation {
         if resumed {
             out.push(Action::Notify(Notice::Resumed { instance: tag }));
         }
-        self.push_encoded(&msg, out);
+        self.push_sealed(&msg, out);
         true
     }
 
@@ -1289,7 +1299,7 @@ impl Conversation {
             self.ake_activity = Some(now);
         }
         match m.body {
-            Body::Data(d) => self.on_data(&h, tag, &d, now, rng, out),
+            Body::Data(d) => self.on_data(&h, tag, d, now, rng, out),
             Body::DhCommit(c) => {
                 let state = self.take_ake_for_dh(tag);
                 let (state, step) = state.handle_dh_commit(h.version, tags, &c, rng);
@@ -1379,7 +1389,7 @@ impl Conversation {
                                     .partition(|(t, _, _)| *t == tag);
                             self.early_data = rest;
                             for (_, h, d) in early {
-                                self.on_data(&h, tag, &d, now, rng, out);
+                                self.on_data(&h, tag, d, now, rng, out);
                             }
                         }
                     }
@@ -1456,7 +1466,7 @@ impl Conversation {
         &mut self,
         h: &Header,
         tag: u32,
-        d: &DataMessage,
+        d: DataMessage,
         now: u64,
         rng: &mut R,
         out: &mut Out,
@@ -1467,6 +1477,9 @@ impl Conversation {
             .get(&tag)
             .is_some_and(|i| matches!(i.ake, AuthState::AwaitingSig(_)));
         let mut stale = false;
+        // `d` is moved into `decrypt` (which decrypts its buffer in place)
+        // when there is a session, else here, for `early_data`.
+        let mut kept = None;
         let result = match self.instances.get_mut(&tag) {
             Some(Instance {
                 msg: MsgState::Encrypted(s),
@@ -1479,10 +1492,13 @@ impl Conversation {
                 // for the peer to start over; that one was sent after
                 // everything the session received.
                 stale = self.delayed_from.is_some_and(|t| t < s.last_received)
-                    && predates_keys(&s.ratchet, d);
-                s.ratchet.decrypt(h, d, rng).map(|r| (r, s, smp))
+                    && predates_keys(&s.ratchet, &d);
+                s.ratchet.decrypt_owned(h, d, rng).map(|r| (r, s, smp))
             }
-            _ => Err(Error::Peer(PeerMisbehaved::NotEncrypted)),
+            _ => {
+                kept = Some(d);
+                Err(Error::Peer(PeerMisbehaved::NotEncrypted))
+            }
         };
         let (received, session, smp_state) = match result {
             Ok(x) => x,
@@ -1525,8 +1541,10 @@ impl Conversation {
             Err(Error::Peer(PeerMisbehaved::NotEncrypted))
                 if awaiting_sig && self.early_data.len() < MAX_EARLY_DATA =>
             {
-                tracing::debug!(instance = tag, "data message before the Signature; kept");
-                self.early_data.push((tag, *h, d.clone()));
+                if let Some(d) = kept {
+                    tracing::debug!(instance = tag, "data message before the Signature; kept");
+                    self.early_data.push((tag, *h, d));
+                }
                 return;
             }
             Err(e) => {
@@ -1645,7 +1663,7 @@ impl Conversation {
             }));
         }
         for r in &replies {
-            self.push_encoded(r, out);
+            self.push_sealed(r, out);
         }
         out.extend(smp_notices.into_iter().map(Action::Notify));
         if let Some(usage) = extra {
@@ -1818,7 +1836,7 @@ impl Conversation {
         if resumed {
             out.push(Action::Notify(Notice::Resumed { instance: tag }));
         }
-        self.push_encoded(&msg, out);
+        self.push_sealed(&msg, out);
     }
 }
 
@@ -1879,14 +1897,21 @@ fn utf8_text(human: Vec<u8>) -> String {
     }
 }
 
-/// Encrypt `plaintext` on `s` and wrap it as an encoded message.
+/// A data message we encrypted, in its binary encoding
+/// ([`KeyRatchet::encrypt_encoded`]), with the header it was encoded for.
+struct Sealed {
+    header: Header,
+    bytes: Vec<u8>,
+}
+
+/// Encrypt `plaintext` on `s` as an encoded data message.
 fn encrypt<R: CryptoRng + ?Sized>(
     s: &mut EncryptedSession,
     flags: u8,
     plaintext: &[u8],
     now: u64,
     rng: &mut R,
-) -> EncodedMessage {
+) -> Sealed {
     let msg = encrypt_last(s, flags, plaintext, now);
     s.ratchet.prepare_answer(rng);
     msg
@@ -1894,14 +1919,11 @@ fn encrypt<R: CryptoRng + ?Sized>(
 
 /// [`encrypt`] without preparing for an answer (the session's last
 /// message).
-fn encrypt_last(s: &mut EncryptedSession, flags: u8, plaintext: &[u8], now: u64) -> EncodedMessage {
+fn encrypt_last(s: &mut EncryptedSession, flags: u8, plaintext: &[u8], now: u64) -> Sealed {
     let header = data_header(s.version, s.our_tag, s.their_tag);
-    let data = s.ratchet.encrypt(&header, flags, plaintext);
+    let bytes = s.ratchet.encrypt_encoded(&header, flags, plaintext);
     s.last_sent = now;
-    EncodedMessage {
-        header,
-        body: Body::Data(data),
-    }
+    Sealed { header, bytes }
 }
 
 /// Where a reassembled text stands among the peer's data messages (keyids,

@@ -99,27 +99,10 @@ pub fn take_plaintext(decrypted: &mut Vec<u8>) -> Result<(Vec<u8>, Vec<Tlv>), Tl
     Ok((std::mem::take(decrypted), tlvs))
 }
 
-/// Position of the first NUL byte, eight bytes at a time (a data message
-/// body is usually all text, so this scans every byte of it).
+/// Position of the first NUL byte (`memchr`: SIMD; a data message body
+/// is usually all text, so this scans every byte of it).
 fn find_nul(bytes: &[u8]) -> Option<usize> {
-    const LOW: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let mut chunks = bytes.chunks_exact(8);
-    let mut offset = 0;
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let v = u64::from_le_bytes(word);
-        // Nonzero iff some byte of v is zero.
-        if v.wrapping_sub(LOW) & !v & HIGH != 0 {
-            break;
-        }
-        offset += 8;
-    }
-    bytes[offset..]
-        .iter()
-        .position(|&b| b == 0)
-        .map(|p| offset + p)
+    memchr::memchr(0, bytes)
 }
 
 /// The plaintext to encrypt: `text`, then, if there are records, a NUL and

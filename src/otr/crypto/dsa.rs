@@ -153,6 +153,9 @@ pub struct DsaPublicKey {
     q: Vec<u8>,
     g: Vec<u8>,
     y: Vec<u8>,
+    /// The PUBKEY encoding, made once: every EKM snapshot (one per
+    /// message and side) holds the peer's key.
+    encoded: Box<[u8]>,
     prepared: Prepared,
 }
 
@@ -211,36 +214,32 @@ impl DsaPublicKey {
                 .ok_or(CryptoError::InvalidKey("DSA q"))?,
             q_params: FixedMontyParams::new_vartime(q_int),
         };
+        let mut w = Writer::with_capacity(18 + p.len() + q.len() + g.len() + y.len());
+        w.short(PUBKEY_TYPE_DSA);
+        w.mpi(p).mpi(q).mpi(g).mpi(y);
         Ok(Self {
             p: p.to_vec(),
             q: q.to_vec(),
             g: g.to_vec(),
             y: y.to_vec(),
+            encoded: w.into_vec().into_boxed_slice(),
             prepared,
         })
     }
 
     /// Writes the PUBKEY encoding: SHORT type 0x0000, MPIs p, q, g, y.
     pub fn encode(&self, w: &mut Writer) {
-        w.short(PUBKEY_TYPE_DSA);
-        self.encode_mpis(w);
-    }
-
-    fn encode_mpis(&self, w: &mut Writer) {
-        w.mpi(&self.p).mpi(&self.q).mpi(&self.g).mpi(&self.y);
+        w.raw(&self.encoded);
     }
 
     /// Length of the PUBKEY encoding.
     pub fn encoded_len(&self) -> usize {
-        2 + 16 + self.p.len() + self.q.len() + self.g.len() + self.y.len()
+        self.encoded.len()
     }
 
     /// The PUBKEY encoding as a vector.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut w =
-            Writer::with_capacity(18 + self.p.len() + self.q.len() + self.g.len() + self.y.len());
-        self.encode(&mut w);
-        w.into_vec()
+        self.encoded.to_vec()
     }
 
     /// Reads a PUBKEY, rejecting other key types and invalid parameters
@@ -292,10 +291,8 @@ impl DsaPublicKey {
     /// The OTR fingerprint: SHA-1 of the PUBKEY encoding without its
     /// leading 2-byte type (the spec's backwards-compatibility rule).
     pub fn fingerprint(&self) -> Fingerprint {
-        let mut w =
-            Writer::with_capacity(16 + self.p.len() + self.q.len() + self.g.len() + self.y.len());
-        self.encode_mpis(&mut w);
-        Fingerprint(sym::sha1(w.as_slice()))
+        // The MPIs, without the type SHORT.
+        Fingerprint(sym::sha1(&self.encoded[2..]))
     }
 }
 
@@ -422,7 +419,8 @@ impl DsaPrivateKey {
         let x = uint_to_be(&*self.x);
         let mut w =
             Writer::with_capacity(40 + pk.p.len() + pk.q.len() + pk.g.len() + pk.y.len() + x.len());
-        pk.encode_mpis(&mut w);
+        // The MPIs of the PUBKEY encoding, without its type SHORT.
+        w.raw(&pk.encoded[2..]);
         w.mpi(&x);
         Zeroizing::new(w.into_vec())
     }
