@@ -13,7 +13,8 @@
 #   O2TR_CHAOS_UPSTREAM_SM=true|false   the proxies' --upstream-sm
 #   O2TR_CHAOS_ONLY=2,5                 only these fault kinds (see FAULTS)
 #   O2TR_CHAOS_FRAGMENT_SIZE=N          the proxies' --fragment-size (300)
-#   O2TR_TEST_PROXY_LOG=FILE            keep the proxies' logs (JOBS=1 only)
+#   O2TR_TEST_PROXY_LOG=FILE            keep the proxies' logs, with a line
+#                                       at each trial's start (job N: FILE.N)
 #   O2TR_CHAOS_BUDGET_SECS=N            start no new trial after N seconds
 # Prints the per-fault table at the end (summed over the jobs) and writes it
 # to target/chaos-report.txt; each job's output is in target/chaos-job-N.log.
@@ -37,9 +38,13 @@ if [ "$jobs" -le 1 ]; then
 fi
 
 cargo test --release --locked --test chaos --no-run
+log_base="${O2TR_TEST_PROXY_LOG:-}"
 pids=()
 for ((j = 0; j < jobs; j++)); do
     n=$(( trials / jobs + (j < trials % jobs ? 1 : 0) ))
+    if [ -n "$log_base" ]; then
+        export O2TR_TEST_PROXY_LOG="$log_base.$j"
+    fi
     O2TR_CHAOS_TRIALS="$n" O2TR_CHAOS_SEED="$(( seed + j ))" \
         O2TR_CHAOS_REPORT="$PWD/target/chaos-report-$j.txt" \
         cargo test --release --locked --test chaos -- --nocapture --test-threads=1 \

@@ -26,7 +26,8 @@
 //! `O2TR_CHAOS_TRIALS` (default 50), `O2TR_CHAOS_SEED` (default: the clock;
 //! printed), `O2TR_CHAOS_UPSTREAM_SM` (`true`/`false`; default: the proxy's
 //! default), `O2TR_CHAOS_ONLY` (e.g. `2,5`: only those kinds, by index in
-//! [`FAULTS`]), `O2TR_TEST_PROXY_LOG=FILE` keeps the proxies' logs,
+//! [`FAULTS`]), `O2TR_TEST_PROXY_LOG=FILE` keeps the proxies' logs (with a
+//! line at each trial's start and each failing trial's verdict),
 //! `O2TR_CHAOS_FRAGMENT_SIZE` (default 0, the product's default: no
 //! fragmentation; `scripts/chaos.sh` sets 300), `O2TR_CHAOS_PROXY_ARGS` adds flags to both proxies (e.g.
 //! `--debug-packets` with `O2TR_TEST_PROXY_RUST_LOG=debug`). `scripts/chaos.sh` runs it in release mode.
@@ -262,6 +263,22 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(default)
+}
+
+/// Writes a campaign line into the proxies' kept log
+/// (`O2TR_TEST_PROXY_LOG`), so a failing trial's lines can be cut out of a
+/// long run's log afterwards.
+fn proxy_log_mark(line: &str) {
+    use std::io::Write;
+    if let Some(path) = std::env::var_os("O2TR_TEST_PROXY_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "[chaos] {line}");
+        }
+    }
 }
 
 fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -792,8 +809,14 @@ impl Trial<'_> {
                 // client had just written, as in `Fault::ProxyKill`.
                 let victim = rng.below(2);
                 let hit = Self::random_hit(rng);
-                let risk =
-                    (hit == Hit::ProxyKill && victim == a).then_some(Risk::SenderProxyKilled);
+                // A receiver whose client aborted may have had the first
+                // message written into its dropped socket, as in
+                // `Fault::ClientDisconnect`.
+                let risk = match hit {
+                    Hit::ProxyKill if victim == a => Some(Risk::SenderProxyKilled),
+                    Hit::ClientAbort if victim == b => Some(Risk::ClientDropped),
+                    _ => None,
+                };
                 self.send(a, rng.range(1, 2), risk);
                 std::thread::sleep(Duration::from_millis(rng.range(0, 400) as u64));
                 self.hit(victim, hit);
@@ -1033,6 +1056,7 @@ fn chaos_campaign() {
         } else {
             c.pool[rng.below(c.pool.len())].clone()
         };
+        proxy_log_mark(&format!("trial {t} ({}) {a} {b}: start", fault.name()));
         let (ua, ub) = c.login_pair(&a, &b);
         let mut trial = Trial {
             c: &mut c,
@@ -1077,6 +1101,7 @@ fn chaos_campaign() {
                 notes.join("; ")
             );
             eprintln!("[chaos] {line}");
+            proxy_log_mark(&line);
             if !fails.is_empty() {
                 c.failures.push(line);
             }
