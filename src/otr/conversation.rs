@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 use super::ake::{AuthState, Tags};
 use super::crypto::{DsaPrivateKey, Fingerprint};
 use super::error::{Error, PeerMisbehaved};
-use super::fragment::{Assembly, Fragment, FragmentError, Reassembler, fragment};
+use super::fragment::{Assembly, Fragment, FragmentError, Reassembler, Verdict, fragment};
 use super::keys::{KeyRatchet, Position};
 use super::message::{
     self, Body, DataMessage, EncodedMessage, FLAG_IGNORE_UNREADABLE, Header, Message, Version,
@@ -382,6 +382,9 @@ pub struct Conversation {
     guess_plain: bool,
     /// Set when the guess being handled was refused.
     guess_refused: bool,
+    /// Set when the message being handled (one run in order) was an
+    /// authentic copy of one read already ([`Verdict::Copy`]).
+    guess_copy: bool,
     /// Guesses refused while handling one fragment, and how many of them
     /// were refused as copies of messages already read (see `on_data`):
     /// when those are all, no "mixed fragments" notice is due.
@@ -426,6 +429,7 @@ impl Conversation {
             delayed_from: None,
             guessing: false,
             guess_plain: false,
+            guess_copy: false,
             guess_refused: false,
             guess_refusals: (0, 0),
             early_data: Vec::new(),
@@ -1173,8 +1177,10 @@ impl Conversation {
     }
 
     /// Handles a message the reassembler put together (`plain`: one run
-    /// received in order); returns false, with nothing changed and nothing
-    /// added to `out`, if it is refused (see [`Conversation::guessing`]).
+    /// received in order); returns [`Verdict::Refused`], with nothing
+    /// changed and nothing added to `out`, if it is refused (see
+    /// [`Conversation::guessing`]), [`Verdict::Copy`] for a copy of a
+    /// message read already.
     fn try_guess<R: CryptoRng + ?Sized>(
         &mut self,
         whole: &str,
@@ -1182,20 +1188,25 @@ impl Conversation {
         now: u64,
         rng: &mut R,
         out: &mut Out,
-    ) -> bool {
+    ) -> Verdict {
         let mut guess_out = Out::new();
         self.guessing = true;
         self.guess_plain = plain;
         self.guess_refused = false;
+        self.guess_copy = false;
         self.incoming(whole, now, rng, &mut guess_out, true);
         self.guessing = false;
         self.guess_plain = false;
         if std::mem::take(&mut self.guess_refused) {
             self.guess_refusals.0 += 1;
-            return false;
+            return Verdict::Refused;
         }
         out.extend(guess_out);
-        true
+        if std::mem::take(&mut self.guess_copy) {
+            Verdict::Copy
+        } else {
+            Verdict::Accepted
+        }
     }
 
     fn on_plaintext<R: CryptoRng + ?Sized>(
@@ -1548,6 +1559,11 @@ impl Conversation {
                 return;
             }
             Err(e) => {
+                if self.guessing && matches!(e, Error::Peer(PeerMisbehaved::CounterReused)) {
+                    // Its first piece may be another message's (see
+                    // Verdict::Copy).
+                    self.guess_copy = true;
+                }
                 if !ignore_unreadable {
                     // An authentic message we already consumed (the server
                     // re-delivering after a crash, or a replay): no OTR

@@ -319,13 +319,28 @@ struct Candidate {
     piece: String,
     /// Arrivals not yet consumed. Under the same keys the first pieces of
     /// two data messages are identical (header, tags, keyids, next D-H
-    /// key), so one held piece may serve two messages.
+    /// key), so one held piece may serve two messages: a copy left after
+    /// a message took one is kept (a repeat and another message's piece
+    /// cannot be told apart; bounded by [`MAX_COPIES`]).
     copies: u16,
     /// Arrival order of its latest copy.
     seq: u64,
-    /// A copy of it went into an accepted message: what is left is a
-    /// repeat, or the identical piece of another message.
-    used: bool,
+}
+
+/// What the caller's verifier made of a combination of pieces
+/// ([`Reassembler::push_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not an authentic message: nothing changed, the pieces wait.
+    Refused,
+    /// Handled: its pieces are consumed.
+    Accepted,
+    /// An authentic copy of a message read already, handled as such: its
+    /// pieces are consumed except the first, which is kept. Under the
+    /// same keys every message's first piece is the same, so the first
+    /// piece that completed a stale tail may be the one of a message
+    /// whose other pieces are still to come.
+    Copy,
 }
 
 /// The pieces held for one shape, by fragment number.
@@ -479,7 +494,7 @@ impl Reassembler {
     /// order of [`Reassembler::push_with`], unverified: for callers that
     /// cannot verify. `None` when more fragments are needed.
     pub fn push(&mut self, f: &Fragment) -> Result<Option<String>, FragmentError> {
-        Ok(match self.push_with(f, |_| 0, |_, _| true)? {
+        Ok(match self.push_with(f, |_| 0, |_, _| Verdict::Accepted)? {
             Assembly::Verified(w) => Some(w),
             Assembly::Pending | Assembly::Unverified { .. } => None,
         })
@@ -505,16 +520,17 @@ impl Reassembler {
     /// to `verify` with `plain` true (the caller may then treat a failure
     /// as the sender's, not a guess's); if refused, it is
     /// [`Assembly::Unverified`]. Otherwise combinations go to `verify`
-    /// (`plain` false) until it returns true — first those taking the
+    /// (`plain` false) until it does not refuse one — first those taking the
     /// newest piece of every number,
     /// then the second newest…, sorted by `order` (stable; the caller's
     /// idea of which message is older, so that two messages completed by
     /// one fragment come in order), then all others, within
-    /// [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`]. On true the caller has
-    /// handled the message, its pieces are consumed and, with fewer
+    /// [`MAX_GUESSES`] and [`MAX_GUESS_BYTES`]. When it is not refused the
+    /// caller has handled the message, its pieces are consumed (see
+    /// [`Verdict`]; a copy of a piece left over is kept) and, with fewer
     /// candidates left, every complete combination (with or without `f`'s
     /// piece) is searched again. `verify` must leave no trace when it
-    /// returns false. Only a data message may be put together from pieces
+    /// refuses. Only a data message may be put together from pieces
     /// received out of order: a wrongly combined AKE message (a D-H
     /// Commit's encrypted g^x is opaque until the Reveal Signature) would
     /// derail the handshake, while a data message fails its MAC.
@@ -525,7 +541,7 @@ impl Reassembler {
         &mut self,
         f: &Fragment,
         mut order: impl FnMut(&str) -> K,
-        mut verify: impl FnMut(&str, bool) -> bool,
+        mut verify: impl FnMut(&str, bool) -> Verdict,
     ) -> Result<Assembly, FragmentError> {
         let (k, n) = (f.k, f.n);
         if k == 0 || n == 0 || k > n {
@@ -538,8 +554,9 @@ impl Reassembler {
         let first: Vec<usize> = lists.iter().map(|l| l[0]).collect();
         if lists.iter().all(|l| l.len() == 1) && self.in_order(ri, &first) {
             let whole = self.join(ri, &first);
-            if verify(&whole, true) {
-                self.consume(ri, &first);
+            let verdict = verify(&whole, true);
+            if verdict != Verdict::Refused {
+                self.consume(ri, &first, verdict);
                 return Ok(Assembly::Verified(whole));
             }
             return Ok(self.unverified(ri, repeat, 1));
@@ -558,11 +575,12 @@ impl Reassembler {
             let Some(lists) = self.lists(ri, fixed) else {
                 break;
             };
-            let Some((whole, combo)) = self.search(ri, &lists, &mut order, &mut verify, &mut tried)
+            let Some((whole, combo, verdict)) =
+                self.search(ri, &lists, &mut order, &mut verify, &mut tried)
             else {
                 break;
             };
-            self.consume(ri, &combo);
+            self.consume(ri, &combo, verdict);
             accepted.get_or_insert(whole);
             fixed = None;
         }
@@ -594,9 +612,9 @@ impl Reassembler {
         ri: usize,
         lists: &[Vec<usize>],
         order: &mut impl FnMut(&str) -> K,
-        verify: &mut impl FnMut(&str, bool) -> bool,
+        verify: &mut impl FnMut(&str, bool) -> Verdict,
         tried: &mut usize,
-    ) -> Option<(String, Vec<usize>)> {
+    ) -> Option<(String, Vec<usize>, Verdict)> {
         let slot1 = self.runs[ri].slots.get(&1)?;
         let eligible = |combo: &[usize]| {
             slot1
@@ -621,8 +639,9 @@ impl Reassembler {
             let whole = self.join(ri, &combo);
             guesses += 1;
             bytes = bytes.saturating_add(whole.len());
-            if verify(&whole, false) {
-                return Some((whole, combo));
+            let verdict = verify(&whole, false);
+            if verdict != Verdict::Refused {
+                return Some((whole, combo, verdict));
             }
             *tried += 1;
         }
@@ -720,7 +739,6 @@ impl Reassembler {
             piece: f.piece.clone(),
             copies: 1,
             seq,
-            used: false,
         });
         self.bytes += len;
         self.pieces += 1;
@@ -770,15 +788,16 @@ impl Reassembler {
         whole
     }
 
-    /// Takes one copy of each piece of `combo`. When only copies of pieces
-    /// already used are left for the shape (repeats, or identical pieces
-    /// of a message none of whose own pieces came), they are dropped.
-    fn consume(&mut self, ri: usize, combo: &[usize]) {
+    /// Takes one copy of each piece of `combo` (for a [`Verdict::Copy`],
+    /// of each but the first). Copies left over stay: a repeat cannot be
+    /// told from another message's identical piece (chaos seed 20261300,
+    /// job 0, trial 49: dropping them lost a message).
+    fn consume(&mut self, ri: usize, combo: &[usize], verdict: Verdict) {
         let run = &mut self.runs[ri];
-        for (slot, &i) in run.slots.values_mut().zip(combo) {
+        let skip = usize::from(verdict == Verdict::Copy);
+        for (slot, &i) in run.slots.values_mut().zip(combo).skip(skip) {
             let Some(c) = slot.get_mut(i) else { continue };
             c.copies -= 1;
-            c.used = true;
             if c.copies == 0 {
                 let c = slot.remove(i);
                 self.bytes -= c.piece.len();
@@ -787,7 +806,7 @@ impl Reassembler {
         }
         run.slots.retain(|_, slot| !slot.is_empty());
         run.reported = false;
-        if run.slots.values().flatten().all(|c| c.used) {
+        if run.slots.is_empty() {
             self.remove_run(ri);
         }
     }
@@ -1052,7 +1071,7 @@ HwNiIi5Ms+4PsY/L2i,",
                 |_| 0,
                 |_, plain| {
                     assert!(plain);
-                    true
+                    Verdict::Accepted
                 }
             ),
             Ok(Assembly::Verified("abc".into()))
@@ -1060,14 +1079,15 @@ HwNiIi5Ms+4PsY/L2i,",
         assert!(r.is_empty());
 
         // A piece delivered again is counted, not a new candidate; the
-        // spare copy goes with the message.
+        // spare copy stays (it may be another message's identical piece).
         assert_eq!(r.push(&f(1, 3, "a")), Ok(None));
         assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
         assert_eq!(r.push(&f(2, 3, "b")), Ok(None));
         assert_eq!(r.held().len(), 3);
         assert_eq!(r.stored_bytes(), 2);
         assert_eq!(r.push(&f(3, 3, "c")), Ok(Some("abc".into())));
-        assert!(r.is_empty(), "{r:?}");
+        assert_eq!(r.held(), [f(2, 3, "b")], "{r:?}");
+        r.reset();
 
         // Out of order (9 and 10 of ten re-routed before 1 to 8): a data
         // message is a guess, handed to the verifier.
@@ -1081,7 +1101,7 @@ HwNiIi5Ms+4PsY/L2i,",
                 |_| 0,
                 |w, _| {
                     seen.push(w.to_string());
-                    true
+                    Verdict::Accepted
                 }
             ),
             Ok(Assembly::Verified("?OTR:AAMDabcd".into()))
@@ -1143,7 +1163,11 @@ HwNiIi5Ms+4PsY/L2i,",
                 |w, _| {
                     let ok = genuine.iter().any(|g| g == w);
                     refused += usize::from(!ok);
-                    ok
+                    if ok {
+                        Verdict::Accepted
+                    } else {
+                        Verdict::Refused
+                    }
                 },
             );
             match res.unwrap() {
@@ -1168,7 +1192,9 @@ HwNiIi5Ms+4PsY/L2i,",
             let mut sorted = out.clone();
             sorted.sort();
             assert_eq!(sorted, [A.concat(), B.concat()], "order {order:?}");
-            assert!(r.is_empty(), "{order:?}: {r:?}");
+            // Left: the copies of pieces that came more often than used.
+            assert_eq!(r.held().len(), order.len() - 8, "{order:?}: {r:?}");
+            r.reset();
             out
         };
         let mut r = Reassembler::new(1000);
@@ -1349,6 +1375,52 @@ HwNiIi5Ms+4PsY/L2i,",
         let mut want: Vec<String> = msgs.iter().map(|m| m.concat()).collect();
         want.sort();
         assert_eq!(sorted, want, "delivered {out:?}");
+        // Message 1's first piece came twice: one copy is left.
+        assert_eq!(r.held(), [runs(&slices)[1][0].clone()], "{r:?}");
+    }
+
+    /// Chaos seed 20261300, job 0, trial 49: three two-piece messages under
+    /// the same keys (identical first pieces) re-routed as B1 A1 B2 A2 C1
+    /// C2. The copy of the first piece left when B completed is A's.
+    #[test]
+    fn a_copy_left_over_is_another_messages_identical_piece() {
+        const A2: &[&str] = &["?OTR:AAMDhead", "a."];
+        const B2: &[&str] = &["?OTR:AAMDhead", "b."];
+        const C2: &[&str] = &["?OTR:AAMDhead", "c."];
+        let mut r = Reassembler::new(1000);
+        let (out, _) = feed(
+            &mut r,
+            &[A2, B2, C2],
+            &[(1, 1), (0, 1), (1, 2), (0, 2), (2, 1), (2, 2)],
+        );
+        assert_eq!(out, [B2.concat(), A2.concat(), C2.concat()]);
+        assert!(r.is_empty(), "{r:?}");
+    }
+
+    /// A stale last piece (its message read already) right after the first
+    /// piece of the next message is one run in order: the verifier calls
+    /// it a copy, which consumes the stale piece and keeps the first one
+    /// for the next message's own last piece.
+    #[test]
+    fn a_copy_keeps_its_first_piece() {
+        const A2: &[&str] = &["?OTR:AAMDhead", "a."];
+        const B2: &[&str] = &["?OTR:AAMDhead", "b."];
+        let frags = runs(&[A2, B2]);
+        let mut r = Reassembler::new(1000);
+        assert_eq!(r.push(&frags[1][0]), Ok(None));
+        let mut seen = Vec::new();
+        let res = r.push_with(
+            &frags[0][1],
+            |_| 0,
+            |w, plain| {
+                seen.push((w.to_string(), plain));
+                Verdict::Copy
+            },
+        );
+        assert_eq!(res, Ok(Assembly::Verified(A2.concat())));
+        assert_eq!(seen, [(A2.concat(), true)]);
+        assert_eq!(r.held(), [frags[1][0].clone()]);
+        assert_eq!(r.push(&frags[1][1]), Ok(Some(B2.concat())));
         assert!(r.is_empty(), "{r:?}");
     }
 
@@ -1370,7 +1442,7 @@ HwNiIi5Ms+4PsY/L2i,",
                 |_| 0,
                 |_, _| {
                     calls += 1;
-                    false
+                    Verdict::Refused
                 }
             ),
             Ok(Assembly::Unverified { tried: 1 })
@@ -1379,14 +1451,15 @@ HwNiIi5Ms+4PsY/L2i,",
         assert_eq!(r.held().len(), 4);
         // Delivered again: tried again, but no second report.
         assert_eq!(
-            r.push_with(&frags[1][2], |_| 0, |_, _| false),
+            r.push_with(&frags[1][2], |_| 0, |_, _| Verdict::Refused),
             Ok(Assembly::Pending)
         );
         // The pieces that were missing arrive: both messages.
         let (out, _) = feed(&mut r, &[A, B], &[(0, 3), (0, 4), (1, 1), (1, 2)]);
         assert_eq!(out, [A.concat(), B.concat()]);
-        // B3 was counted twice: one spare copy, dropped with the message.
-        assert!(r.is_empty(), "{r:?}");
+        // B3 was counted twice: the spare copy is kept (a repeat cannot be
+        // told from another message's identical piece).
+        assert_eq!(r.held(), [frags[1][2].clone()], "{r:?}");
     }
 
     #[test]
@@ -1407,7 +1480,7 @@ HwNiIi5Ms+4PsY/L2i,",
             |_| 0,
             |_, _| {
                 calls += 1;
-                false
+                Verdict::Refused
             },
         );
         assert_eq!(res, Ok(Assembly::Unverified { tried: MAX_GUESSES }));
@@ -1420,7 +1493,7 @@ HwNiIi5Ms+4PsY/L2i,",
             |_| 0,
             |w, _| {
                 seen.push(w.to_string());
-                false
+                Verdict::Refused
             },
         );
         assert_eq!(seen[0], "?OTR:AAMDyp9-2p9-3p9-4p9-5p9-6p9-7p9-8");
@@ -1444,7 +1517,7 @@ HwNiIi5Ms+4PsY/L2i,",
             |_| 0,
             |_, _| {
                 calls += 1;
-                false
+                Verdict::Refused
             },
         );
         assert_eq!(calls, 3, "three of 8 combinations fill the byte budget");
