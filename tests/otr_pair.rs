@@ -1040,12 +1040,10 @@ fn damaged_handshake_records_are_refused() {
     }
 }
 
-/// Chaos seed 20261230 trial 64 (upstream TCP cut, fragments of 300):
-/// after the reconnection the server hands over again the tail of a
-/// message already read (its head is not re-sent), then copies of two
-/// more read messages, then the new ones. Every new one is read once.
-#[test]
-fn a_stale_tail_and_copies_before_new_fragmented_messages() {
+/// An established pair whose Alice fragments at 300 bytes and has sent
+/// `chaos-0123456789ab TAG i` for i in 1..=n (two pieces each, not yet
+/// received).
+fn alice_sends_in_two_pieces(tag: &str, n: usize) -> (Pair, Vec<Vec<String>>) {
     let mut p = Pair::new();
     p.alice.conv = {
         let mut cfg = o2tr_proxy::otr::conversation::Config::new("alice@example.test", ALICE_TAG);
@@ -1055,12 +1053,23 @@ fn a_stale_tail_and_copies_before_new_fragmented_messages() {
     p.establish();
     let t = p.now;
     let mut pieces = Vec::new();
-    for i in 1..=7 {
-        p.alice.send(&format!("chaos-0123456789ab t64 {i}"), t);
+    for i in 1..=n {
+        p.alice.send(&format!("chaos-0123456789ab {tag} {i}"), t);
         let m: Vec<String> = p.alice.outbox.drain(..).collect();
         assert_eq!(m.len(), 2, "two fragments each");
         pieces.push(m);
     }
+    (p, pieces)
+}
+
+/// Chaos seed 20261230 trial 64 (upstream TCP cut, fragments of 300):
+/// after the reconnection the server hands over again the tail of a
+/// message already read (its head is not re-sent), then copies of two
+/// more read messages, then the new ones. Every new one is read once.
+#[test]
+fn a_stale_tail_and_copies_before_new_fragmented_messages() {
+    let (mut p, pieces) = alice_sends_in_two_pieces("t64", 7);
+    let t = p.now;
     // Read live: 1, 2, 3.
     for m in &pieces[..3] {
         for f in m {
@@ -1099,21 +1108,8 @@ fn a_stale_tail_and_copies_before_new_fragmented_messages() {
 /// message 4 (its first piece went to message 2).
 #[test]
 fn identical_first_pieces_of_messages_interleaved_are_all_used() {
-    let mut p = Pair::new();
-    p.alice.conv = {
-        let mut cfg = o2tr_proxy::otr::conversation::Config::new("alice@example.test", ALICE_TAG);
-        cfg.max_message_bytes = 300;
-        o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().0.clone())
-    };
-    p.establish();
+    let (mut p, pieces) = alice_sends_in_two_pieces("t49", 4);
     let t = p.now;
-    let mut pieces = Vec::new();
-    for i in 1..=4 {
-        p.alice.send(&format!("chaos-0123456789ab t49 {i}"), t);
-        let m: Vec<String> = p.alice.outbox.drain(..).collect();
-        assert_eq!(m.len(), 2, "two fragments each");
-        pieces.push(m);
-    }
     assert_eq!(pieces[1][0], pieces[2][0], "identical first pieces");
     for f in &pieces[0] {
         p.bob.receive(f, t);
@@ -1137,19 +1133,8 @@ fn identical_first_pieces_of_messages_interleaved_are_all_used() {
 /// own last piece.
 #[test]
 fn a_stale_tail_after_the_next_first_piece_leaves_that_piece() {
-    let mut p = Pair::new();
-    p.alice.conv = {
-        let mut cfg = o2tr_proxy::otr::conversation::Config::new("alice@example.test", ALICE_TAG);
-        cfg.max_message_bytes = 300;
-        o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().0.clone())
-    };
-    p.establish();
+    let (mut p, pieces) = alice_sends_in_two_pieces("tail", 2);
     let t = p.now;
-    let mut pieces = Vec::new();
-    for i in 1..=2 {
-        p.alice.send(&format!("chaos-0123456789ab tail {i}"), t);
-        pieces.push(p.alice.outbox.drain(..).collect::<Vec<String>>());
-    }
     for f in &pieces[0] {
         p.bob.receive(f, t);
     }
