@@ -366,6 +366,9 @@ pub struct Conversation {
     /// An AKE we started before knowing which instance will answer.
     master_ake: AuthState,
     reassembly: BTreeMap<u32, Reassembler>,
+    /// When the latest fragment arrived while a reassembler held a piece
+    /// no message has used ([`Reassembler::waiting`]).
+    fragments_waiting: Option<u64>,
     /// Set while handling a message the server marked as stored earlier
     /// (its XEP-0203 delay stamp, unix seconds), see
     /// [`Conversation::handle_incoming_delayed`].
@@ -430,6 +433,7 @@ impl Conversation {
             guessing: false,
             guess_plain: false,
             guess_copy: false,
+            fragments_waiting: None,
             guess_refused: false,
             guess_refusals: (0, 0),
             early_data: Vec::new(),
@@ -483,6 +487,16 @@ impl Conversation {
             .flat_map(Reassembler::held)
             .map(|f| format!("{AHEAD_MARK}{}", f.to_text()))
             .collect()
+    }
+
+    /// Since when (the latest fragment's arrival) a message has been
+    /// waiting for a piece: a reassembler holds a piece that no message
+    /// used. The router fetches offline storage again for it, as for a gap
+    /// in the counters (ejabberd keeps a piece stored just as the session
+    /// came online until the next login). `None` when nothing waits.
+    pub fn fragments_waiting_since(&self) -> Option<u64> {
+        self.fragments_waiting
+            .filter(|_| self.reassembly.values().any(Reassembler::waiting))
     }
 
     /// Restore what [`Conversation::partial_fragments`] returned (after a
@@ -1138,6 +1152,11 @@ impl Conversation {
         if !r.is_empty() {
             self.reassembly.insert(key, r);
         }
+        self.fragments_waiting = self
+            .reassembly
+            .values()
+            .any(Reassembler::waiting)
+            .then_some(now);
         match result {
             Ok(Assembly::Pending | Assembly::Verified(_)) => {}
             Ok(Assembly::Unverified { tried })

@@ -325,6 +325,9 @@ struct Candidate {
     copies: u16,
     /// Arrival order of its latest copy.
     seq: u64,
+    /// A copy of it went into a message: what is left is a repeat or
+    /// another message's identical piece, not a sign of a missing one.
+    used: bool,
 }
 
 /// What the caller's verifier made of a combination of pieces
@@ -423,6 +426,16 @@ impl Reassembler {
     /// Whether no piece is held.
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty()
+    }
+
+    /// Whether a held piece has never gone into a message: a message is
+    /// incomplete (its other pieces are late, or the server kept one back),
+    /// as opposed to copies left over after their message.
+    pub fn waiting(&self) -> bool {
+        self.runs
+            .iter()
+            .flat_map(|r| r.slots.values().flatten())
+            .any(|c| !c.used)
     }
 
     /// Bytes of pieces currently held.
@@ -739,6 +752,7 @@ impl Reassembler {
             piece: f.piece.clone(),
             copies: 1,
             seq,
+            used: false,
         });
         self.bytes += len;
         self.pieces += 1;
@@ -798,6 +812,7 @@ impl Reassembler {
         for (slot, &i) in run.slots.values_mut().zip(combo).skip(skip) {
             let Some(c) = slot.get_mut(i) else { continue };
             c.copies -= 1;
+            c.used = true;
             if c.copies == 0 {
                 let c = slot.remove(i);
                 self.bytes -= c.piece.len();

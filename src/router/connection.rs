@@ -903,19 +903,22 @@ impl Router {
     }
 
     /// Ask the server once per gap for what offline storage still holds,
-    /// when a peer's gap has been open for [`fetch::FETCH_AFTER_SECS`].
+    /// when a peer's gap has been open for [`fetch::FETCH_AFTER_SECS`]: a
+    /// gap in the counters (the reorder hold), or a message waiting for a
+    /// piece (its fragments do not complete it). A gap opened after the
+    /// last fetch gets its own.
     fn fetch_offline_for_gaps(&mut self, now: u64, out: &mut Vec<Outgoing>) {
-        let oldest_gap = self
+        let due = self
             .peers
             .values()
-            .filter_map(|p| p.reorder.open_since())
-            .min();
-        let Some(since) = oldest_gap else {
+            .flat_map(|p| [p.reorder.open_since(), p.conv.fragments_waiting_since()])
+            .flatten()
+            .filter(|&since| now.saturating_sub(since) >= fetch::FETCH_AFTER_SECS)
+            .max();
+        let Some(since) = due else {
             return;
         };
-        if now.saturating_sub(since) < fetch::FETCH_AFTER_SECS
-            || self.last_fetch.is_some_and(|t| t >= since)
-        {
+        if self.last_fetch.is_some_and(|t| t >= since) {
             return;
         }
         tracing::info!("messages missing for a while; fetching offline storage again");
@@ -1248,8 +1251,12 @@ mod tests {
     use crate::xmpp::element::NsScope;
 
     fn router() -> Router {
+        router_with(RouterConfig::default())
+    }
+
+    fn router_with(config: RouterConfig) -> Router {
         let store: crate::router::SharedStore = Arc::new(Mutex::new(Box::new(MemoryStore::new())));
-        Router::new(Arc::new(Shared::new(RouterConfig::default(), store)))
+        Router::new(Arc::new(Shared::new(config, store)))
     }
 
     fn parse(xml: &str) -> Element {
@@ -1417,7 +1424,11 @@ mod tests {
 
     impl Two {
         fn new() -> Self {
-            let (mut alice, mut bob) = (router(), router());
+            Self::with_alice(RouterConfig::default())
+        }
+
+        fn with_alice(config: RouterConfig) -> Self {
+            let (mut alice, mut bob) = (router_with(config), router());
             alice.bound(&Jid::parse(&format!("{ALICE}/pc")).unwrap());
             bob.bound(&Jid::parse(&format!("{BOB}/pc")).unwrap());
             Two {
@@ -1493,7 +1504,10 @@ mod tests {
     }
 
     fn established() -> Two {
-        let mut t = Two::new();
+        established_with(Two::new())
+    }
+
+    fn established_with(mut t: Two) -> Two {
         let first = t.alice_sends("hello");
         let seen = t.pump(first, Vec::new());
         assert_eq!(seen.bob, ["hello"], "{:?}", seen.bob_notices);
@@ -1571,12 +1585,6 @@ mod tests {
             .from_server(addressed(next[0].clone(), ALICE, BOB), t.now);
         seen.take(out, true);
         assert!(seen.bob.is_empty());
-        let is_fetch = |el: &Element| {
-            el.attr("type") == Some("get")
-                && el
-                    .get_child("offline", fetch::NS)
-                    .is_some_and(|o| o.get_child("fetch", fetch::NS).is_some())
-        };
         let up = seen.take(t.bob.tick(t.now + Duration::from_secs(1)), true);
         assert!(!up.iter().any(is_fetch), "{up:?}");
         let up = seen.take(t.bob.tick(t.now + Duration::from_secs(2)), true);
@@ -1588,29 +1596,78 @@ mod tests {
         assert!(!up.iter().any(is_fetch), "one fetch per gap: {up:?}");
 
         // The server sends what it held, marked, then answers the fetch.
-        let mut held = addressed(stuck[0].clone(), ALICE, BOB);
-        held.append_child(
-            Element::new("offline", fetch::NS)
-                .with_child(Element::new("item", fetch::NS).with_attr("node", "n1")),
-        );
-        let up = seen.take(t.bob.from_server(held, t.now), true);
+        let up = seen.take(t.bob.from_server(fetched(&stuck[0], "n1"), t.now), true);
         assert_eq!(seen.bob, ["stuck", "next"], "{:?}", seen.bob_notices);
         assert!(seen.bob_notices.is_empty(), "{:?}", seen.bob_notices);
-        let removes: Vec<&Element> = up
-            .iter()
+        assert_eq!(removals(&up, "n1"), 1, "{up:?}");
+        let id = fetch_iq.attr("id").unwrap_or_default();
+        let answer = parse(&format!("<iq type='result' id='{id}'/>"));
+        assert!(t.bob.from_server(answer, t.now).is_empty());
+    }
+
+    fn is_fetch(el: &Element) -> bool {
+        el.attr("type") == Some("get")
+            && el
+                .get_child("offline", fetch::NS)
+                .is_some_and(|o| o.get_child("fetch", fetch::NS).is_some())
+    }
+
+    /// `el` (from alice to bob) as a XEP-0013 fetch delivers it: marked
+    /// with its storage node.
+    fn fetched(el: &Element, node: &str) -> Element {
+        let mut held = addressed(el.clone(), ALICE, BOB);
+        held.append_child(
+            Element::new("offline", fetch::NS)
+                .with_child(Element::new("item", fetch::NS).with_attr("node", node)),
+        );
+        held
+    }
+
+    /// How many of `up` remove `node` from offline storage.
+    fn removals(up: &[Element], node: &str) -> usize {
+        up.iter()
             .filter(|el| {
                 el.attr("type") == Some("set")
                     && el
                         .get_child("offline", fetch::NS)
                         .and_then(|o| o.get_child("item", fetch::NS))
                         .is_some_and(|i| {
-                            i.attr("action") == Some("remove") && i.attr("node") == Some("n1")
+                            i.attr("action") == Some("remove") && i.attr("node") == Some(node)
                         })
             })
-            .collect();
-        assert_eq!(removes.len(), 1, "{up:?}");
-        let id = fetch_iq.attr("id").unwrap_or_default();
-        let answer = parse(&format!("<iq type='result' id='{id}'/>"));
-        assert!(t.bob.from_server(answer, t.now).is_empty());
+            .count()
+    }
+
+    /// The same race with fragments (chaos seed 20261310, job 2 trial 22
+    /// and job 0 trial 104): the first piece of a message stays in offline
+    /// storage and the rest arrives. Under the same keys every message's
+    /// first piece is the same, so the messages after it complete with
+    /// each other's first pieces and no counter is missing: the last one
+    /// waits for a piece. That too fetches offline storage again.
+    #[test]
+    fn a_piece_left_in_offline_storage_is_fetched_again() {
+        let mut t = established_with(Two::with_alice(RouterConfig {
+            fragment_size: 300,
+            ..RouterConfig::default()
+        }));
+        let m: Vec<Vec<Element>> = (1..=3).map(|i| t.alice_sends(&format!("m{i}"))).collect();
+        assert!(m.iter().all(|pieces| pieces.len() == 2), "{m:?}");
+        let mut seen = Seen::default();
+        // m1's first piece stays in storage; the rest comes live.
+        for el in [&m[0][1], &m[1][0], &m[1][1], &m[2][0], &m[2][1]] {
+            let out = t.bob.from_server(addressed(el.clone(), ALICE, BOB), t.now);
+            seen.take(out, true);
+        }
+        assert_eq!(seen.bob, ["m1", "m2"], "{:?}", seen.bob_notices);
+        let up = seen.take(t.bob.tick(t.now + Duration::from_secs(1)), true);
+        assert!(!up.iter().any(is_fetch), "{up:?}");
+        let up = seen.take(t.bob.tick(t.now + Duration::from_secs(2)), true);
+        assert_eq!(up.iter().filter(|el| is_fetch(el)).count(), 1, "{up:?}");
+        let up = seen.take(t.bob.tick(t.now + Duration::from_secs(3)), true);
+        assert!(!up.iter().any(is_fetch), "one fetch: {up:?}");
+        let up = seen.take(t.bob.from_server(fetched(&m[0][0], "n1"), t.now), true);
+        assert_eq!(seen.bob, ["m1", "m2", "m3"], "{:?}", seen.bob_notices);
+        assert_eq!(removals(&up, "n1"), 1, "{up:?}");
+        assert!(t.bob.peers[ALICE].conv.fragments_waiting_since().is_none());
     }
 }
