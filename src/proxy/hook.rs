@@ -2,8 +2,8 @@
 //!
 //! The relay calls a [`StanzaHook`] only for `<message>` stanzas, roster
 //! `<iq>`s and bare iq results after resource binding (RFC 6120 §7; see
-//! [`crate::xmpp::stanza::is_hooked`]), and for the client's directed
-//! presences ([`crate::xmpp::stanza::is_hooked_from_client`]); everything else, and all traffic
+//! [`crate::xmpp::stanza::is_hooked`]), and for the client's directed and
+//! available presences ([`crate::xmpp::stanza::is_hooked_from_client`]); everything else, and all traffic
 //! before binding, is forwarded byte for byte without calling it. The hook returns
 //! what to send — including the unchanged message if it does not touch it.
 

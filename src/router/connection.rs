@@ -98,9 +98,27 @@ pub struct Router {
     /// When offline storage was last fetched again for a gap (XEP-0013,
     /// [`super::fetch`]).
     last_fetch: Option<u64>,
+    /// Offline storage is read by a XEP-0013 fetch at login instead of the
+    /// server's flush at the initial presence ([`super::fetch`]).
+    login_fetch: LoginFetch,
     /// Outputs of the current hook call, with the steps still to commit
     /// (group commit, see [`super::group`]).
     pub(crate) parts: Vec<Part>,
+}
+
+/// Where the login's fetch of offline storage stands ([`super::fetch`]).
+enum LoginFetch {
+    /// The client has not sent its initial presence yet.
+    NotYet,
+    /// The fetch `id` went out when the client's initial presence came
+    /// (at `since`); the presence waits for its answer.
+    Held {
+        id: String,
+        presence: Box<Element>,
+        since: u64,
+    },
+    /// The initial presence went out.
+    Done,
 }
 
 /// How many delivered stanza digests [`Router::shown`] keeps.
@@ -150,6 +168,7 @@ impl Router {
             control_announced: false,
             shown: VecDeque::new(),
             last_fetch: None,
+            login_fetch: LoginFetch::NotYet,
             parts: Vec::new(),
         }
     }
@@ -863,7 +882,7 @@ impl Router {
         if stanza.is("iq", ns::CLIENT) {
             out.extend(self.handle_client_iq(stanza));
         } else if stanza.is("presence", ns::CLIENT) {
-            out.extend(self.handle_client_presence(stanza));
+            out.extend(self.handle_client_presence(stanza, now));
         } else {
             // Before the handler: its step is queued after these outputs.
             self.parts.push(Part::Ready(std::mem::take(&mut out)));
@@ -880,6 +899,11 @@ impl Router {
         if fetch::is_answer(&stanza) {
             if stanza.attr("type") == Some("error") {
                 tracing::warn!("the server refused an offline-storage request (XEP-0013)");
+            }
+            let login = matches!(&self.login_fetch,
+                LoginFetch::Held { id, .. } if stanza.attr("id") == Some(id.as_str()));
+            if login {
+                out.extend(self.release_initial_presence(None));
             }
         } else if stanza.is("iq", ns::CLIENT) {
             out.extend(self.handle_server_iq(stanza));
@@ -1021,11 +1045,11 @@ impl Router {
     /// answered here (a subscription is granted at once, a probe gets its
     /// presence) and never reaches the server, which would otherwise add
     /// the contact to the account's roster; any other goes out unchanged.
-    fn handle_client_presence(&mut self, el: Element) -> Vec<Outgoing> {
+    fn handle_client_presence(&mut self, el: Element, now: u64) -> Vec<Outgoing> {
         let to_control = stanza::to(&el)
             .is_some_and(|j| j.bare().to_string().to_lowercase() == self.shared.cfg.control_jid);
         if !to_control {
-            return vec![Outgoing::ToServer(el)];
+            return self.hold_initial_presence(el, now);
         }
         let Some(acc) = &self.account else {
             return Vec::new();
@@ -1045,6 +1069,45 @@ impl Router {
             Some("probe") => vec![Outgoing::ToClient(self.control_presence(&account))],
             _ => Vec::new(),
         }
+    }
+
+    /// The client's initial presence: a fetch of offline storage goes
+    /// first and the presence waits for its answer (see [`super::fetch`]);
+    /// any other presence goes out unchanged.
+    fn hold_initial_presence(&mut self, el: Element, now: u64) -> Vec<Outgoing> {
+        let initial = matches!(self.login_fetch, LoginFetch::NotYet)
+            && self.account.is_some()
+            && el.attr("to").is_none()
+            && el.attr("type").is_none();
+        if !initial {
+            if let LoginFetch::Held { .. } = self.login_fetch {
+                // After the held initial presence, in order.
+                return self.release_initial_presence(Some(el));
+            }
+            return vec![Outgoing::ToServer(el)];
+        }
+        let id = self.new_fetch_id();
+        self.login_fetch = LoginFetch::Held {
+            id: id.clone(),
+            presence: Box::new(el),
+            since: now,
+        };
+        vec![Outgoing::ToServer(fetch::fetch_request(&id))]
+    }
+
+    /// Sends the held initial presence (and `then`), followed by a second
+    /// fetch for what was stored while the first one was answered.
+    fn release_initial_presence(&mut self, then: Option<Element>) -> Vec<Outgoing> {
+        let LoginFetch::Held { presence, .. } =
+            std::mem::replace(&mut self.login_fetch, LoginFetch::Done)
+        else {
+            return then.map(Outgoing::ToServer).into_iter().collect();
+        };
+        let id = self.new_fetch_id();
+        let mut out = vec![Outgoing::ToServer(*presence)];
+        out.extend(then.map(Outgoing::ToServer));
+        out.push(Outgoing::ToServer(fetch::fetch_request(&id)));
+        out
     }
 
     /// The control contact's available presence, addressed to `to`.
@@ -1173,6 +1236,12 @@ impl StanzaHook for Router {
             }
         }
         self.deliver_undelivered(&mut out);
+        if matches!(self.login_fetch,
+            LoginFetch::Held { since, .. } if now.saturating_sub(since) >= fetch::LOGIN_FETCH_WAIT_SECS)
+        {
+            tracing::warn!("no answer to the login's offline-storage fetch; presence sent");
+            out.extend(self.release_initial_presence(None));
+        }
         self.fetch_offline_for_gaps(now, &mut out);
         self.expire_reorder(now, &mut out);
         self.retry_stalled_handshakes(now, out)
@@ -1368,7 +1437,7 @@ mod tests {
         r.bound(&crate::xmpp::Jid::parse("alice@example.test/pc").unwrap());
         let subscribe = parse("<presence to='Control@o2tr.localhost' type='subscribe'/>");
         assert!(crate::xmpp::stanza::is_hooked_from_client(&subscribe));
-        let out = r.handle_client_presence(subscribe);
+        let out = r.handle_client_presence(subscribe, 0);
         let [Outgoing::ToClient(granted), Outgoing::ToClient(online)] = &out[..] else {
             panic!("{out:?}")
         };
@@ -1376,21 +1445,85 @@ mod tests {
         assert_eq!(granted.attr("to"), Some("alice@example.test/pc"));
         assert_eq!(online.attr("type"), None);
         let probe = parse("<presence to='control@o2tr.localhost' type='probe'/>");
-        assert_eq!(r.handle_client_presence(probe).len(), 1);
+        assert_eq!(r.handle_client_presence(probe, 0).len(), 1);
         for kind in ["subscribed", "unsubscribe", "unsubscribed", "unavailable"] {
             let p = parse(&format!(
                 "<presence to='control@o2tr.localhost/x' type='{kind}'/>"
             ));
-            assert!(r.handle_client_presence(p).is_empty(), "{kind}");
+            assert!(r.handle_client_presence(p, 0).is_empty(), "{kind}");
         }
-        // Other contacts are the server's business; broadcasts are not hooked.
+        // Other contacts are the server's business; an unavailable
+        // broadcast is not hooked.
         let other = parse("<presence to='bob@example.test' type='subscribe'/>");
         assert_eq!(
-            r.handle_client_presence(other.clone()),
+            r.handle_client_presence(other.clone(), 0),
             vec![Outgoing::ToServer(other)]
         );
-        let broadcast = parse("<presence><show>away</show></presence>");
-        assert!(!crate::xmpp::stanza::is_hooked_from_client(&broadcast));
+        let gone = parse("<presence type='unavailable'/>");
+        assert!(!crate::xmpp::stanza::is_hooked_from_client(&gone));
+    }
+
+    /// The initial presence waits for the login's fetch of offline
+    /// storage (so that ejabberd does not flush it at the presence, racing
+    /// its own store); the fetch's answer lets it go, with a second fetch
+    /// behind it; later presences go out at once.
+    #[test]
+    fn the_initial_presence_waits_for_the_login_fetch() {
+        let mut r = router();
+        r.bound(&Jid::parse("alice@example.test/pc").unwrap());
+        let initial = parse("<presence><show>chat</show></presence>");
+        assert!(crate::xmpp::stanza::is_hooked_from_client(&initial));
+        let out = r.handle_client_presence(initial.clone(), 100);
+        let [Outgoing::ToServer(fetch_iq)] = &out[..] else {
+            panic!("only the fetch: {out:?}")
+        };
+        assert!(is_fetch(fetch_iq), "{fetch_iq:?}");
+        // A presence before the answer queues behind the initial one.
+        let away = parse("<presence><show>away</show></presence>");
+        let out = r.handle_client_presence(away.clone(), 100);
+        let [
+            Outgoing::ToServer(p1),
+            Outgoing::ToServer(p2),
+            Outgoing::ToServer(second),
+        ] = &out[..]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!((p1, p2), (&initial, &away));
+        assert!(is_fetch(second));
+        // Answers change nothing now; later presences go out at once.
+        let id = fetch_iq.attr("id").unwrap_or_default();
+        let answer = parse(&format!("<iq type='result' id='{id}'/>"));
+        assert!(r.handle_from_server(answer, 100).is_empty());
+        assert_eq!(
+            r.handle_client_presence(away.clone(), 101),
+            vec![Outgoing::ToServer(away)]
+        );
+
+        // The answer releases it; no answer, the tick does (after 5 s).
+        let mut r = router();
+        r.bound(&Jid::parse("alice@example.test/pc").unwrap());
+        let out = r.handle_client_presence(initial.clone(), 100);
+        let Outgoing::ToServer(fetch_iq) = &out[0] else {
+            panic!("{out:?}")
+        };
+        let id = fetch_iq.attr("id").unwrap_or_default();
+        let answer = parse(&format!("<iq type='error' id='{id}'/>"));
+        let out = r.handle_from_server(answer, 101);
+        assert!(
+            matches!(&out[..], [Outgoing::ToServer(p), Outgoing::ToServer(f)]
+            if *p == initial && is_fetch(f)),
+            "{out:?}"
+        );
+        let mut r = router();
+        r.bound(&Jid::parse("alice@example.test/pc").unwrap());
+        let _ = r.handle_client_presence(initial.clone(), 100);
+        let held = |out: &[Outgoing]| {
+            out.iter()
+                .any(|o| *o == Outgoing::ToServer(initial.clone()))
+        };
+        assert!(!held(&r.tick(UNIX_EPOCH + Duration::from_secs(104))));
+        assert!(held(&r.tick(UNIX_EPOCH + Duration::from_secs(105))));
     }
 
     #[test]

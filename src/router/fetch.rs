@@ -1,17 +1,29 @@
-//! Fetching offline storage again when a gap does not fill (XEP-0013).
+//! Reading offline storage with XEP-0013 instead of the server's flush.
 //!
 //! ejabberd flushes offline storage once, at the session's initial
-//! presence. A message stored while that flush runs — the sender's proxy
-//! wrote to the receiver's old full JID just before the new session's
-//! presence, and the store was slow — stays in storage until the *next*
-//! login (seen in the chaos campaign, docs/chaos.md). The reorder hold
-//! ([`super::reorder`]) sees it as a gap. So when a gap has been open for
-//! [`FETCH_AFTER_SECS`], the router asks the server for what it still holds
-//! (XEP-0013 `<fetch/>`, which ejabberd serves); each message it gets that
-//! way is handled like any other and then removed from storage by its node
-//! (so the next login does not deliver it again). The `<offline/>` marker
-//! is taken off before the client sees the message; the fetch's result and
-//! the removals' results stay in the proxy.
+//! presence, and its store races that flush: a message stored while the
+//! flush runs — the sender's proxy wrote to the receiver's old full JID
+//! just before the new session's presence — is either left in storage
+//! until the *next* login, or (its write landing between the flush's read
+//! and its delete of the whole spool) deleted unread: lost at the server,
+//! though the sender's server had acknowledged it (both seen in the chaos
+//! campaign, docs/chaos.md). So the router reads storage itself:
+//!
+//! * at login it holds the client's initial presence, sends a XEP-0013
+//!   `<fetch/>` (which also tells ejabberd not to flush at the presence)
+//!   and lets the presence go when the fetch is answered (or after
+//!   [`LOGIN_FETCH_WAIT_SECS`]; a server without XEP-0013 answers with an
+//!   error and flushes as before), then fetches once more for what was
+//!   stored meanwhile;
+//! * each message a fetch delivers is handled like any other and then
+//!   removed from storage by its node — one message at a time, never the
+//!   whole spool, so a message stored meanwhile stays for the next fetch;
+//! * when a gap stays open for [`FETCH_AFTER_SECS`] — a counter missing
+//!   in the reorder hold ([`super::reorder`]), or a message waiting for a
+//!   fragment — it fetches again.
+//!
+//! The `<offline/>` marker is taken off before the client sees a message;
+//! the fetches' results and the removals' results stay in the proxy.
 
 use crate::xmpp::stanza;
 use crate::xmpp::{Element, ns};
@@ -23,6 +35,10 @@ pub(crate) const NS: &str = "http://jabber.org/protocol/offline";
 /// (well inside [`super::reorder::HOLD_SECS`], so what the fetch finds
 /// still fills the gap in order).
 pub(crate) const FETCH_AFTER_SECS: u64 = 2;
+
+/// How long the client's initial presence waits for the login's fetch
+/// to be answered (a server without XEP-0013 answers with an error).
+pub(crate) const LOGIN_FETCH_WAIT_SECS: u64 = 5;
 
 /// Id prefix of the proxy's XEP-0013 requests (results stay here).
 pub(crate) const ID_PREFIX: &str = "o2tr-offline-";

@@ -52,10 +52,13 @@ pub fn is_hooked(el: &Element) -> bool {
 
 /// [`is_hooked`] for a stanza the client sent, plus directed presences
 /// (those with a `to`): a subscription to the control contact must be
-/// answered by the proxy, not relayed (DESIGN §6). Presence broadcasts
-/// (no `to`) are still relayed byte for byte.
+/// answered by the proxy, not relayed (DESIGN §6); and available
+/// broadcasts (no `to`, no `type`): the initial presence waits for the
+/// login's fetch of offline storage (`router::fetch`). Other broadcasts
+/// (unavailable) are still relayed byte for byte.
 pub fn is_hooked_from_client(el: &Element) -> bool {
-    is_hooked(el) || (el.is("presence", ns::CLIENT) && el.attr("to").is_some())
+    is_hooked(el)
+        || (el.is("presence", ns::CLIENT) && (el.attr("to").is_some() || el.attr("type").is_none()))
 }
 
 /// The message type; absent or unknown values are `normal` (RFC 6121 §5.2.2).
