@@ -111,10 +111,11 @@ enum LoginFetch {
     /// The client has not sent its initial presence yet.
     NotYet,
     /// The fetch `id` went out when the client's initial presence came
-    /// (at `since`); the presence waits for its answer.
+    /// (at `since`); the presence, and any broadcast after it, wait for
+    /// its answer.
     Held {
         id: String,
-        presence: Box<Element>,
+        presences: Vec<Element>,
         since: u64,
     },
     /// The initial presence went out.
@@ -903,7 +904,7 @@ impl Router {
             let login = matches!(&self.login_fetch,
                 LoginFetch::Held { id, .. } if stanza.attr("id") == Some(id.as_str()));
             if login {
-                out.extend(self.release_initial_presence(None));
+                out.extend(self.release_initial_presence());
             }
         } else if stanza.is("iq", ns::CLIENT) {
             out.extend(self.handle_server_iq(stanza));
@@ -1080,32 +1081,34 @@ impl Router {
             && el.attr("to").is_none()
             && el.attr("type").is_none();
         if !initial {
-            if let LoginFetch::Held { .. } = self.login_fetch {
-                // After the held initial presence, in order.
-                return self.release_initial_presence(Some(el));
+            if let LoginFetch::Held { presences, .. } = &mut self.login_fetch {
+                if el.attr("to").is_none() {
+                    // A broadcast after the held one: in order, behind it.
+                    presences.push(el);
+                    return Vec::new();
+                }
             }
             return vec![Outgoing::ToServer(el)];
         }
         let id = self.new_fetch_id();
         self.login_fetch = LoginFetch::Held {
             id: id.clone(),
-            presence: Box::new(el),
+            presences: vec![el],
             since: now,
         };
         vec![Outgoing::ToServer(fetch::fetch_request(&id))]
     }
 
-    /// Sends the held initial presence (and `then`), followed by a second
-    /// fetch for what was stored while the first one was answered.
-    fn release_initial_presence(&mut self, then: Option<Element>) -> Vec<Outgoing> {
-        let LoginFetch::Held { presence, .. } =
+    /// Sends the held presences, followed by a second fetch for what was
+    /// stored while the first one was answered.
+    fn release_initial_presence(&mut self) -> Vec<Outgoing> {
+        let LoginFetch::Held { presences, .. } =
             std::mem::replace(&mut self.login_fetch, LoginFetch::Done)
         else {
-            return then.map(Outgoing::ToServer).into_iter().collect();
+            return Vec::new();
         };
         let id = self.new_fetch_id();
-        let mut out = vec![Outgoing::ToServer(*presence)];
-        out.extend(then.map(Outgoing::ToServer));
+        let mut out: Vec<Outgoing> = presences.into_iter().map(Outgoing::ToServer).collect();
         out.push(Outgoing::ToServer(fetch::fetch_request(&id)));
         out
     }
@@ -1240,7 +1243,7 @@ impl StanzaHook for Router {
             LoginFetch::Held { since, .. } if now.saturating_sub(since) >= fetch::LOGIN_FETCH_WAIT_SECS)
         {
             tracing::warn!("no answer to the login's offline-storage fetch; presence sent");
-            out.extend(self.release_initial_presence(None));
+            out.extend(self.release_initial_presence());
         }
         self.fetch_offline_for_gaps(now, &mut out);
         self.expire_reorder(now, &mut out);
@@ -1478,9 +1481,18 @@ mod tests {
             panic!("only the fetch: {out:?}")
         };
         assert!(is_fetch(fetch_iq), "{fetch_iq:?}");
-        // A presence before the answer queues behind the initial one.
+        // A broadcast before the answer queues behind the initial one; a
+        // directed presence goes out.
         let away = parse("<presence><show>away</show></presence>");
-        let out = r.handle_client_presence(away.clone(), 100);
+        assert!(r.handle_client_presence(away.clone(), 100).is_empty());
+        let directed = parse("<presence to='bob@example.test'/>");
+        assert_eq!(
+            r.handle_client_presence(directed.clone(), 100),
+            vec![Outgoing::ToServer(directed)]
+        );
+        let id = fetch_iq.attr("id").unwrap_or_default();
+        let answer = parse(&format!("<iq type='result' id='{id}'/>"));
+        let out = r.handle_from_server(answer.clone(), 100);
         let [
             Outgoing::ToServer(p1),
             Outgoing::ToServer(p2),
@@ -1492,8 +1504,6 @@ mod tests {
         assert_eq!((p1, p2), (&initial, &away));
         assert!(is_fetch(second));
         // Answers change nothing now; later presences go out at once.
-        let id = fetch_iq.attr("id").unwrap_or_default();
-        let answer = parse(&format!("<iq type='result' id='{id}'/>"));
         assert!(r.handle_from_server(answer, 100).is_empty());
         assert_eq!(
             r.handle_client_presence(away.clone(), 101),
