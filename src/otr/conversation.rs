@@ -980,7 +980,7 @@ impl Conversation {
         let resumed = std::mem::replace(&mut s.suspended, false);
         let msg = encrypt(s, 0, text.as_bytes(), now, rng);
         s.sent_since_answer = s.sent_since_answer.saturating_add(1);
-        let snapshot = s.snapshot();
+        let snapshot = s.snapshot_cached();
         out.push(Action::Persist(Persist {
             instance: tag,
             snapshot,
@@ -1427,7 +1427,7 @@ impl Conversation {
         let refreshed = matches!(inst.msg, MsgState::Encrypted(_));
         let fingerprint = done.their_long_term.fingerprint();
         let ssid = format_ssid(&done.ssid, done.we_initiated);
-        let session = EncryptedSession {
+        let mut session = EncryptedSession {
             version: done.version,
             our_tag: if done.version == Version::V3 {
                 self.cfg.our_tag
@@ -1447,7 +1447,7 @@ impl Conversation {
         };
         out.push(Action::Persist(Persist {
             instance: tag,
-            snapshot: session.snapshot(),
+            snapshot: session.snapshot_cached(),
         }));
         inst.msg = MsgState::Encrypted(Box::new(session));
         inst.smp.reset();
@@ -1637,7 +1637,7 @@ impl Conversation {
         } else {
             out.push(Action::Persist(Persist {
                 instance: tag,
-                snapshot: session.snapshot(),
+                snapshot: session.snapshot_cached(),
             }));
         }
         if was_suspended {
@@ -1831,7 +1831,7 @@ impl Conversation {
         let msg = encrypt(s, FLAG_IGNORE_UNREADABLE, &body, now, rng);
         out.push(Action::Persist(Persist {
             instance: tag,
-            snapshot: s.snapshot(),
+            snapshot: s.snapshot_cached(),
         }));
         if resumed {
             out.push(Action::Notify(Notice::Resumed { instance: tag }));

@@ -126,8 +126,17 @@ impl AsRef<[u8]> for SecretBytes {
 }
 
 impl Clone for SecretBytes {
+    /// Copies the words in use (the snapshot is copied for every message):
+    /// no zero-filling of a fresh buffer first, no spare capacity.
     fn clone(&self) -> Self {
-        Self::from_slice(self.as_slice())
+        Self {
+            words: self
+                .words
+                .get(..self.len.div_ceil(WORD))
+                .unwrap_or(&self.words)
+                .to_vec(),
+            len: self.len,
+        }
     }
 }
 
