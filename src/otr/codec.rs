@@ -81,6 +81,16 @@ impl Writer {
         }
     }
 
+    /// A writer into `buf`, emptied, with `cap` bytes reserved: reuses its
+    /// allocation.
+    pub fn reusing(mut buf: Vec<u8>, cap: usize) -> Self {
+        buf.clear();
+        buf.reserve_exact(cap);
+        Self {
+            buf: Buf::Plain(buf),
+        }
+    }
+
     /// A writer into a [`SecretBytes`] with `cap` bytes reserved; finish
     /// with [`Writer::into_secret`].
     pub fn secret(cap: usize) -> Self {

@@ -379,7 +379,14 @@ impl KeyRatchet {
     /// [`encode_data`]): the same bytes as encoding the message `encrypt`
     /// returns, with one buffer and one copy of the text. The data path
     /// of [`Conversation`](super::conversation::Conversation) uses this.
-    pub fn encrypt_encoded(&mut self, header: &Header, flags: u8, plaintext: &[u8]) -> Vec<u8> {
+    /// The encoding goes into `buf` (emptied first; see [`encode_data`]).
+    pub fn encrypt_encoded(
+        &mut self,
+        header: &Header,
+        flags: u8,
+        plaintext: &[u8],
+        buf: Vec<u8>,
+    ) -> Vec<u8> {
         let ctr_value = self.pairings[0][1].send_ctr.wrapping_add(1);
         self.pairings[0][1].send_ctr = ctr_value;
         let ctr = ctr_value.to_be_bytes();
@@ -405,6 +412,7 @@ impl KeyRatchet {
             &revealed,
             |ciphertext| keys.send_aes.apply(&ctr, ciphertext),
             |authenticated| keys.send_mac.mac(&[authenticated]),
+            buf,
         )
     }
 
@@ -1099,7 +1107,11 @@ mod tests {
                         body: Body::Data(m),
                     }
                     .encode();
-                    assert_eq!(a2.encrypt_encoded(&h, 1, text), want, "round {round}");
+                    assert_eq!(
+                        a2.encrypt_encoded(&h, 1, text, Vec::new()),
+                        want,
+                        "round {round}"
+                    );
                 }
             }
             // Bob reads one and answers: both sides' keys move on.

@@ -278,6 +278,9 @@ pub struct DataFields<'a> {
 /// [`EncodedMessage::encode`] of the equivalent [`DataMessage`], without
 /// building one (no buffer for the ciphertext and `next_dh`, no copy of
 /// the ciphertext, no MAC input assembled in pieces).
+///
+/// The encoding goes into `buf`, emptied first: a sender that keeps the
+/// buffer between messages reuses its allocation.
 pub fn encode_data(
     header: &Header,
     fields: &DataFields<'_>,
@@ -285,8 +288,10 @@ pub fn encode_data(
     revealed_mac_keys: &[u8],
     encrypt: impl FnOnce(&mut [u8]),
     mac: impl FnOnce(&[u8]) -> [u8; 20],
+    buf: Vec<u8>,
 ) -> Vec<u8> {
-    let mut w = Writer::with_capacity(
+    let mut w = Writer::reusing(
+        buf,
         DATA_FIXED_BYTES + fields.next_dh.len() + plaintext.len() + revealed_mac_keys.len(),
     );
     header.write(&mut w, TYPE_DATA);

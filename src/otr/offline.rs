@@ -255,7 +255,7 @@ mod tests {
 
     fn send(s: &mut EncryptedSession, now: u64, prepare: bool, rng: &mut ChaCha20Rng) -> Vec<u8> {
         let h = Header::v3(s.our_tag, s.their_tag);
-        let bytes = s.ratchet.encrypt_encoded(&h, 0, b"some text");
+        let bytes = s.ratchet.encrypt_encoded(&h, 0, b"some text", Vec::new());
         if prepare {
             s.ratchet.prepare_answer(rng);
         }
