@@ -15,13 +15,58 @@
 //! The buffer never reallocates in place: growing copies into a fresh
 //! buffer and wipes the old one, so no unwiped copy is left in freed memory
 //! (`Vec::reserve` could leave one).
+//!
+//! A dropped buffer's storage, once wiped, is kept for the next buffer made
+//! on the same thread (at most [`SPARE_BUFFERS`] of up to
+//! [`SPARE_MAX_WORDS`] words each): a burst makes and drops two snapshots
+//! per message, too large for the allocator's per-thread cache, and their
+//! `malloc`/`free` cost more than the copy. Kept storage holds only zeros:
+//! every buffer zeroes the words it used before it is dropped or kept, and
+//! never writes beyond them.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
 const WORD: usize = std::mem::size_of::<u64>();
+
+/// Most wiped storages kept per thread for reuse.
+const SPARE_BUFFERS: usize = 4;
+/// Largest storage kept for reuse, in words (8 KiB).
+const SPARE_MAX_WORDS: usize = 1024;
+
+thread_local! {
+    /// Wiped storage of dropped buffers (all zeros; see the module docs).
+    static SPARE: RefCell<Vec<Vec<u64>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Kept storage, emptied, or a new empty vector.
+fn spare_storage() -> Vec<u64> {
+    let mut words = SPARE
+        .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    words.clear();
+    words
+}
+
+/// Keeps wiped storage for reuse if there is room; frees it otherwise.
+fn keep_storage(words: Vec<u64>) {
+    if words.capacity() == 0 || words.capacity() > SPARE_MAX_WORDS {
+        return;
+    }
+    // During thread teardown the list may be gone: then it is just freed.
+    let _ = SPARE.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut()
+            && s.len() < SPARE_BUFFERS
+        {
+            s.push(words);
+        }
+    });
+}
 
 /// A growable byte buffer holding secrets; wiped on drop (and before its
 /// storage is replaced when it grows). `Debug` prints only the length.
@@ -42,10 +87,9 @@ impl SecretBytes {
 
     /// An empty buffer with room for `cap` bytes.
     pub fn with_capacity(cap: usize) -> Self {
-        Self {
-            words: vec![0; cap.div_ceil(WORD)],
-            len: 0,
-        }
+        let mut words = spare_storage();
+        words.resize(cap.div_ceil(WORD), 0);
+        Self { words, len: 0 }
     }
 
     /// A copy of `bytes` (the caller wipes the original if it must).
@@ -106,6 +150,7 @@ impl Drop for SecretBytes {
     fn drop(&mut self) {
         self.words.fill(0);
         zeroize::optimization_barrier(self.words.as_slice());
+        keep_storage(std::mem::take(&mut self.words));
     }
 }
 
@@ -131,14 +176,16 @@ impl AsRef<[u8]> for SecretBytes {
 
 impl Clone for SecretBytes {
     /// Copies the words in use (the snapshot is copied for every message):
-    /// no zero-filling of a fresh buffer first, no spare capacity.
+    /// no zero-filling first.
     fn clone(&self) -> Self {
-        Self {
-            words: self
-                .words
+        let mut words = spare_storage();
+        words.extend_from_slice(
+            self.words
                 .get(..self.len.div_ceil(WORD))
-                .unwrap_or(&self.words)
-                .to_vec(),
+                .unwrap_or(&self.words),
+        );
+        Self {
+            words,
             len: self.len,
         }
     }
@@ -222,6 +269,38 @@ mod tests {
             assert_eq!(s.words.len(), n.div_ceil(WORD), "no spare words");
         }
         assert!(SecretBytes::new().is_empty());
+    }
+
+    /// Dropped buffers leave only zeros in the storage kept for reuse, and
+    /// a buffer made from kept storage starts as zeros.
+    #[test]
+    fn kept_storage_is_wiped() {
+        let kept_are_zeros = || {
+            SPARE.with(|s| {
+                let s = s.borrow();
+                assert!(!s.is_empty());
+                s.iter().all(|v| v.iter().all(|&w| w == 0))
+            })
+        };
+        let big = SecretBytes::from_slice(&[0xaa; 1601]);
+        let copy = big.clone();
+        drop(big);
+        assert!(kept_are_zeros());
+        let mut reused = SecretBytes::with_capacity(800);
+        assert!(reused.words.iter().all(|&w| w == 0));
+        reused.extend_from_slice(&[0x55; 800]);
+        assert_eq!(copy.len(), 1601);
+        assert!(copy.iter().all(|&b| b == 0xaa));
+        drop(copy);
+        drop(reused);
+        assert!(kept_are_zeros());
+        // Never more than the bound, whatever is dropped.
+        let many: Vec<_> = (0..2 * SPARE_BUFFERS)
+            .map(|_| SecretBytes::from_slice(&[1; 100]))
+            .collect();
+        drop(many);
+        assert!(kept_are_zeros());
+        assert!(SPARE.with(|s| s.borrow().len()) <= SPARE_BUFFERS);
     }
 
     #[test]
