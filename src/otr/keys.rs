@@ -240,15 +240,16 @@ pub struct SnapshotMarks {
 /// Writes the pairings (format 4: counters, replay window, used MAC key).
 fn put_pairings(pairings: &[[Pairing; 2]; 2], out: &mut impl Sink) {
     for p in pairings.iter().flatten() {
-        out.put_raw(&p.send_ctr.to_be_bytes());
-        out.put_raw(&p.recv_ctr.to_be_bytes());
-        out.put_raw(&p.seen.to_be_bytes());
-        match &p.used_recv_mac {
-            Some(k) => {
-                out.put_raw(&[1]);
-                out.put_raw(k);
-            }
-            None => out.put_raw(&[0]),
+        // The counters, window and flag in one piece (none is secret):
+        // this is rewritten for every message.
+        let mut fixed = [0u8; 25];
+        fixed[..8].copy_from_slice(&p.send_ctr.to_be_bytes());
+        fixed[8..16].copy_from_slice(&p.recv_ctr.to_be_bytes());
+        fixed[16..24].copy_from_slice(&p.seen.to_be_bytes());
+        fixed[24] = u8::from(p.used_recv_mac.is_some());
+        out.put_raw(&fixed);
+        if let Some(k) = &p.used_recv_mac {
+            out.put_raw(k);
         }
     }
 }
