@@ -17,12 +17,11 @@
 //! (`Vec::reserve` could leave one).
 //!
 //! A dropped buffer's storage, once wiped, is kept for the next buffer made
-//! on the same thread (at most [`SPARE_BUFFERS`] of up to
-//! [`SPARE_MAX_WORDS`] words each): a burst makes and drops two snapshots
-//! per message, too large for the allocator's per-thread cache, and their
-//! `malloc`/`free` cost more than the copy. Kept storage holds only zeros:
-//! every buffer zeroes the words it used before it is dropped or kept, and
-//! never writes beyond them.
+//! on the same thread (at most four, of up to 8 KiB each): a burst makes
+//! and drops two snapshots per message, too large for the allocator's
+//! per-thread cache, and their `malloc`/`free` cost more than the copy.
+//! Kept storage holds only zeros: every buffer zeroes the words it used
+//! before it is dropped or kept, and never writes beyond them.
 
 use std::cell::RefCell;
 use std::fmt;
