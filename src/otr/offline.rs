@@ -84,8 +84,9 @@ impl EncryptedSession {
         now.saturating_sub(self.last_activity()) > lifetime
     }
 
-    /// The EKM snapshot: contains secret keys and is zeroized on drop
-    /// (word-wise: it is made for every message, see [`SecretBytes`]).
+    /// The EKM snapshot, encoded afresh: contains secret keys and is
+    /// zeroized on drop (see [`SecretBytes`]). The conversation uses
+    /// [`EncryptedSession::snapshot_cached`].
     pub fn snapshot(&self) -> SecretBytes {
         self.encode().0
     }
@@ -121,9 +122,8 @@ impl EncryptedSession {
     }
 
     fn encode(&self) -> (SecretBytes, super::keys::SnapshotMarks) {
-        // About 1.6 KiB, allocated once at its exact size: a regrowth would
-        // copy for nothing (it wipes the old buffer), and spare capacity
-        // would be wiped on drop for nothing.
+        // About 1.6 KiB, sized once: a regrowth would copy for nothing (it
+        // wipes the old buffer).
         let mut w = Writer::secret(
             HEADER_LEN + self.their_long_term.encoded_len() + self.ratchet.encoded_len(),
         );
