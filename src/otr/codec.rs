@@ -4,7 +4,9 @@
 //! for encodings that hold secrets, such as the EKM snapshot); [`Reader`] reads them
 //! from a borrowed slice and every read is bounds-checked, so truncated input
 //! becomes [`CodecError::Truncated`], never a panic. Decoders finish with
-//! [`Reader::finish`], which rejects trailing bytes.
+//! [`Reader::finish`], which rejects trailing bytes. [`Overwriter`] writes
+//! fields over an existing encoding instead (the EKM snapshot is patched in
+//! place between messages); encoders that serve both take a [`Sink`].
 
 use thiserror::Error;
 use zeroize::Zeroize;
@@ -76,6 +78,16 @@ impl Writer {
     pub fn with_capacity(cap: usize) -> Self {
         Self {
             buf: Buf::Plain(Vec::with_capacity(cap)),
+        }
+    }
+
+    /// A writer into `buf`, emptied, with `cap` bytes reserved: reuses its
+    /// allocation.
+    pub fn reusing(mut buf: Vec<u8>, cap: usize) -> Self {
+        buf.clear();
+        buf.reserve_exact(cap);
+        Self {
+            buf: Buf::Plain(buf),
         }
     }
 
@@ -173,6 +185,58 @@ impl Writer {
                 s
             }
         }
+    }
+}
+
+/// Where an encoder puts raw bytes: a [`Writer`] (appending) or an
+/// [`Overwriter`] (rewriting an encoding in place), so one function
+/// describes a field sequence for both.
+pub trait Sink {
+    /// Puts `bytes` next.
+    fn put_raw(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Writer {
+    #[inline]
+    fn put_raw(&mut self, bytes: &[u8]) {
+        self.put(bytes);
+    }
+}
+
+/// Overwrites consecutive bytes of a slice from its start: patches fields
+/// of an encoding whose layout is known not to have changed. Never panics:
+/// writing past the end is recorded and [`Overwriter::finish`] reports it.
+#[derive(Debug)]
+pub struct Overwriter<'a> {
+    rest: &'a mut [u8],
+    overflow: bool,
+}
+
+impl<'a> Overwriter<'a> {
+    /// An overwriter over `buf`.
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        Self {
+            rest: buf,
+            overflow: false,
+        }
+    }
+
+    /// Whether exactly the whole slice was written.
+    pub fn finish(self) -> bool {
+        !self.overflow && self.rest.is_empty()
+    }
+}
+
+impl Sink for Overwriter<'_> {
+    #[inline]
+    fn put_raw(&mut self, bytes: &[u8]) {
+        if bytes.len() > self.rest.len() {
+            self.overflow = true;
+            return;
+        }
+        let (dst, tail) = std::mem::take(&mut self.rest).split_at_mut(bytes.len());
+        dst.copy_from_slice(bytes);
+        self.rest = tail;
     }
 }
 

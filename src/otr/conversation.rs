@@ -416,7 +416,14 @@ pub struct Conversation {
     /// ([`Action::ForgetHandshake`]) once its AKE is no longer waiting for
     /// the Signature.
     durable_akes: BTreeSet<u32>,
+    /// The buffer the last user message was encoded in (ciphertext, not
+    /// secret), reused for the next one: one allocation less per message
+    /// in a burst. Not kept above [`MAX_KEPT_WIRE_BUFFER`].
+    wire_buf: Vec<u8>,
 }
+
+/// Largest encoding buffer a conversation keeps for reuse.
+const MAX_KEPT_WIRE_BUFFER: usize = 64 * 1024;
 
 type Out = Vec<Action>;
 
@@ -444,6 +451,7 @@ impl Conversation {
             ake_activity: None,
             ake_retries: 0,
             durable_akes: BTreeSet::new(),
+            wire_buf: Vec::new(),
         }
     }
 
@@ -847,7 +855,7 @@ impl Conversation {
                     );
                     // The session ends with this message: nothing to prepare
                     // for an answer.
-                    let msg = encrypt_last(&mut s, FLAG_IGNORE_UNREADABLE, &body, now);
+                    let msg = encrypt_last(&mut s, FLAG_IGNORE_UNREADABLE, &body, now, Vec::new());
                     out.push(Action::Forget { instance: tag });
                     self.push_sealed(&msg, &mut out);
                     out.push(Action::Notify(Notice::Ended));
@@ -996,9 +1004,10 @@ impl Conversation {
             return false;
         };
         let resumed = std::mem::replace(&mut s.suspended, false);
-        let msg = encrypt(s, 0, text.as_bytes(), now, rng);
+        let buf = std::mem::take(&mut self.wire_buf);
+        let msg = encrypt(s, 0, text.as_bytes(), now, rng, buf);
         s.sent_since_answer = s.sent_since_answer.saturating_add(1);
-        let snapshot = s.snapshot();
+        let snapshot = s.snapshot_cached();
         out.push(Action::Persist(Persist {
             instance: tag,
             snapshot,
@@ -1007,6 +1016,9 @@ impl Conversation {
             out.push(Action::Notify(Notice::Resumed { instance: tag }));
         }
         self.push_sealed(&msg, out);
+        if msg.bytes.capacity() <= MAX_KEPT_WIRE_BUFFER {
+            self.wire_buf = msg.bytes;
+        }
         true
     }
 
@@ -1457,7 +1469,7 @@ impl Conversation {
         let refreshed = matches!(inst.msg, MsgState::Encrypted(_));
         let fingerprint = done.their_long_term.fingerprint();
         let ssid = format_ssid(&done.ssid, done.we_initiated);
-        let session = EncryptedSession {
+        let mut session = EncryptedSession {
             version: done.version,
             our_tag: if done.version == Version::V3 {
                 self.cfg.our_tag
@@ -1477,7 +1489,7 @@ impl Conversation {
         };
         out.push(Action::Persist(Persist {
             instance: tag,
-            snapshot: session.snapshot(),
+            snapshot: session.snapshot_cached(),
         }));
         inst.msg = MsgState::Encrypted(Box::new(session));
         inst.smp.reset();
@@ -1660,11 +1672,25 @@ impl Conversation {
         if !disconnected {
             if smp {
                 let body = tlv::join_plaintext(b"", &smp_reply);
-                replies.push(encrypt(session, FLAG_IGNORE_UNREADABLE, &body, now, rng));
+                replies.push(encrypt(
+                    session,
+                    FLAG_IGNORE_UNREADABLE,
+                    &body,
+                    now,
+                    rng,
+                    Vec::new(),
+                ));
             } else if self.cfg.heartbeat_secs > 0
                 && now.saturating_sub(session.last_sent) >= self.cfg.heartbeat_secs
             {
-                replies.push(encrypt(session, FLAG_IGNORE_UNREADABLE, b"", now, rng));
+                replies.push(encrypt(
+                    session,
+                    FLAG_IGNORE_UNREADABLE,
+                    b"",
+                    now,
+                    rng,
+                    Vec::new(),
+                ));
             }
         }
         if disconnected {
@@ -1672,7 +1698,7 @@ impl Conversation {
         } else {
             out.push(Action::Persist(Persist {
                 instance: tag,
-                snapshot: session.snapshot(),
+                snapshot: session.snapshot_cached(),
             }));
         }
         if was_suspended {
@@ -1863,10 +1889,10 @@ impl Conversation {
         };
         let resumed = std::mem::replace(&mut s.suspended, false);
         let body = tlv::join_plaintext(b"", tlvs);
-        let msg = encrypt(s, FLAG_IGNORE_UNREADABLE, &body, now, rng);
+        let msg = encrypt(s, FLAG_IGNORE_UNREADABLE, &body, now, rng, Vec::new());
         out.push(Action::Persist(Persist {
             instance: tag,
-            snapshot: s.snapshot(),
+            snapshot: s.snapshot_cached(),
         }));
         if resumed {
             out.push(Action::Notify(Notice::Resumed { instance: tag }));
@@ -1939,24 +1965,32 @@ struct Sealed {
     bytes: Vec<u8>,
 }
 
-/// Encrypt `plaintext` on `s` as an encoded data message.
+/// Encrypt `plaintext` on `s` as an encoded data message, in `buf`
+/// (emptied first; its allocation is reused).
 fn encrypt<R: CryptoRng + ?Sized>(
     s: &mut EncryptedSession,
     flags: u8,
     plaintext: &[u8],
     now: u64,
     rng: &mut R,
+    buf: Vec<u8>,
 ) -> Sealed {
-    let msg = encrypt_last(s, flags, plaintext, now);
+    let msg = encrypt_last(s, flags, plaintext, now, buf);
     s.ratchet.prepare_answer(rng);
     msg
 }
 
 /// [`encrypt`] without preparing for an answer (the session's last
 /// message).
-fn encrypt_last(s: &mut EncryptedSession, flags: u8, plaintext: &[u8], now: u64) -> Sealed {
+fn encrypt_last(
+    s: &mut EncryptedSession,
+    flags: u8,
+    plaintext: &[u8],
+    now: u64,
+    buf: Vec<u8>,
+) -> Sealed {
     let header = data_header(s.version, s.our_tag, s.their_tag);
-    let bytes = s.ratchet.encrypt_encoded(&header, flags, plaintext);
+    let bytes = s.ratchet.encrypt_encoded(&header, flags, plaintext, buf);
     s.last_sent = now;
     Sealed { header, bytes }
 }

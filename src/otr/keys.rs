@@ -10,14 +10,24 @@
 //! Session keys are derived lazily and cached in memory; the cache is never
 //! persisted. This is also the O2TR EKM state: [`KeyRatchet::encode`] writes
 //! everything needed to verify, decrypt and answer messages after a restart.
+//!
+//! The ratchet also keeps the last EKM snapshot encoded from it (by
+//! [`EncryptedSession::snapshot_cached`](super::offline::EncryptedSession::snapshot_cached)):
+//! between two key changes only the counters, replay windows, used MAC keys
+//! and the keys to reveal change, so the next snapshot rewrites those in
+//! place instead of encoding ~1.6 KiB field by field. Every change of
+//! anything else (a rotation, a derived pairing, the next key pair) drops
+//! the kept snapshot first, which also wipes the secrets it held.
 
 use std::borrow::Cow;
 
 use rand_core::CryptoRng;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::codec::{Reader, Writer};
-use super::crypto::{AesCtrKey, DhKeyPair, DhPublicKey, HmacSha1Key, ct_eq, h1, h2, sha1};
+use super::codec::{Overwriter, Reader, Sink, Writer};
+use super::crypto::{
+    AesCtrKey, DhKeyPair, DhPublicKey, HmacSha1Key, SecretBytes, ct_eq, h1, h2, sha1,
+};
 use super::error::{Error, PeerMisbehaved};
 use super::message::{DataFields, DataMessage, Header, MacScratch, encode_data};
 
@@ -201,6 +211,67 @@ pub struct KeyRatchet {
     next: Option<DhKeyPair>,
     /// Receiving MAC keys to reveal in the next data message we send.
     to_reveal: Zeroizing<Vec<u8>>,
+    /// The last EKM snapshot encoded from this ratchet, while only its
+    /// counters and keys to reveal can have changed (see the module docs).
+    kept: Option<KeptSnapshot>,
+}
+
+/// A whole EKM snapshot (session fields, then the ratchet's encoding) and
+/// where the parts of the ratchet that change between key changes lie.
+struct KeptSnapshot {
+    bytes: SecretBytes,
+    /// Length of what the session writes before the ratchet.
+    prefix_len: usize,
+    /// Where the pairings (counters, replay windows, used MAC keys) are.
+    pairings_at: usize,
+    pairings_len: usize,
+    /// Where the keys to reveal (a DATA field, the last one) start.
+    reveal_at: usize,
+}
+
+/// Where, in an encoding written by [`KeyRatchet::encode_marked`], the
+/// parts that change between key changes start (offsets in the writer).
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotMarks {
+    pairings_at: usize,
+    reveal_at: usize,
+}
+
+/// Writes the pairings (format 4: counters, replay window, used MAC key).
+fn put_pairings(pairings: &[[Pairing; 2]; 2], out: &mut impl Sink) {
+    for p in pairings.iter().flatten() {
+        // The counters, window and flag in one piece (none is secret):
+        // this is rewritten for every message.
+        let mut fixed = [0u8; 25];
+        fixed[..8].copy_from_slice(&p.send_ctr.to_be_bytes());
+        fixed[8..16].copy_from_slice(&p.recv_ctr.to_be_bytes());
+        fixed[16..24].copy_from_slice(&p.seen.to_be_bytes());
+        fixed[24] = u8::from(p.used_recv_mac.is_some());
+        out.put_raw(&fixed);
+        if let Some(k) = &p.used_recv_mac {
+            out.put_raw(k);
+        }
+    }
+}
+
+/// Length of [`put_pairings`]' output.
+fn pairings_len(pairings: &[[Pairing; 2]; 2]) -> usize {
+    pairings
+        .iter()
+        .flatten()
+        .map(|p| 24 + 1 + p.used_recv_mac.map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// Writes the MAC keys to reveal as a DATA field.
+fn put_reveal(to_reveal: &[u8], out: &mut impl Sink) {
+    // Our own buffer, far below 4 GiB (as `Writer::data`).
+    out.put_raw(
+        &u32::try_from(to_reveal.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    out.put_raw(to_reveal);
 }
 
 impl KeyRatchet {
@@ -223,6 +294,7 @@ impl KeyRatchet {
             cache: Default::default(),
             next: None,
             to_reveal: Zeroizing::new(Vec::new()),
+            kept: None,
         }
     }
 
@@ -264,6 +336,7 @@ impl KeyRatchet {
                     .ok_or(PeerMisbehaved::UnknownKeyids)?
             };
             self.cache[i][j] = Some(Box::new(SessionKeys::derive(ours, theirs)));
+            self.kept = None;
         }
         Ok(())
     }
@@ -307,7 +380,14 @@ impl KeyRatchet {
     /// [`encode_data`]): the same bytes as encoding the message `encrypt`
     /// returns, with one buffer and one copy of the text. The data path
     /// of [`Conversation`](super::conversation::Conversation) uses this.
-    pub fn encrypt_encoded(&mut self, header: &Header, flags: u8, plaintext: &[u8]) -> Vec<u8> {
+    /// The encoding goes into `buf` (emptied first; see [`encode_data`]).
+    pub fn encrypt_encoded(
+        &mut self,
+        header: &Header,
+        flags: u8,
+        plaintext: &[u8],
+        buf: Vec<u8>,
+    ) -> Vec<u8> {
         let ctr_value = self.pairings[0][1].send_ctr.wrapping_add(1);
         self.pairings[0][1].send_ctr = ctr_value;
         let ctr = ctr_value.to_be_bytes();
@@ -333,6 +413,7 @@ impl KeyRatchet {
             &revealed,
             |ciphertext| keys.send_aes.apply(&ctr, ciphertext),
             |authenticated| keys.send_mac.mac(&[authenticated]),
+            buf,
         )
     }
 
@@ -353,6 +434,7 @@ impl KeyRatchet {
         }
         if self.next.is_none() {
             self.next = Some(DhKeyPair::generate(rng));
+            self.kept = None;
         }
     }
 
@@ -466,6 +548,8 @@ impl KeyRatchet {
 
     /// He has seen our newest key: forget our previous one.
     fn rotate_ours<R: CryptoRng + ?Sized>(&mut self, rng: &mut R) {
+        // It holds the key pair forgotten here: wiped now.
+        self.kept = None;
         for j in 0..2 {
             if let Some(mac) = self.pairings[0][j].used_recv_mac.take() {
                 self.to_reveal.extend_from_slice(&mac);
@@ -487,6 +571,7 @@ impl KeyRatchet {
 
     /// He advanced his key: forget his previous one.
     fn rotate_theirs(&mut self, next: DhPublicKey) {
+        self.kept = None;
         for i in 0..2 {
             if let Some(mac) = self.pairings[i][0].used_recv_mac.take() {
                 self.to_reveal.extend_from_slice(&mac);
@@ -514,6 +599,12 @@ impl KeyRatchet {
     /// window after its receiving counter. Contains secrets: the caller
     /// keeps the result in zeroizing memory.
     pub fn encode(&self, w: &mut Writer) {
+        self.encode_marked(w);
+    }
+
+    /// [`KeyRatchet::encode`], returning where the parts that change
+    /// between key changes start (for [`KeyRatchet::keep_snapshot`]).
+    pub fn encode_marked(&self, w: &mut Writer) -> SnapshotMarks {
         w.int(self.our_keyid);
         for pair in [&self.our_current, &self.our_previous] {
             w.data(&pair.dangerous_secret_bytes());
@@ -529,21 +620,8 @@ impl KeyRatchet {
                 w.byte(0);
             }
         }
-        for row in &self.pairings {
-            for p in row {
-                w.raw(&p.send_ctr.to_be_bytes());
-                w.raw(&p.recv_ctr.to_be_bytes());
-                w.raw(&p.seen.to_be_bytes());
-                match &p.used_recv_mac {
-                    Some(k) => {
-                        w.byte(1).raw(k);
-                    }
-                    None => {
-                        w.byte(0);
-                    }
-                }
-            }
-        }
+        let pairings_at = w.as_slice().len();
+        put_pairings(&self.pairings, w);
         for row in &self.cache {
             for k in row {
                 match k {
@@ -568,7 +646,73 @@ impl KeyRatchet {
                 w.byte(0);
             }
         }
-        w.data(&self.to_reveal);
+        let reveal_at = w.as_slice().len();
+        put_reveal(&self.to_reveal, w);
+        SnapshotMarks {
+            pairings_at,
+            reveal_at,
+        }
+    }
+
+    /// Keeps `bytes`, a whole EKM snapshot whose ratchet part was written
+    /// by [`KeyRatchet::encode_marked`] after `prefix_len` bytes, for
+    /// [`KeyRatchet::patched_snapshot`].
+    pub fn keep_snapshot(&mut self, bytes: SecretBytes, prefix_len: usize, marks: SnapshotMarks) {
+        self.kept = Some(KeptSnapshot {
+            bytes,
+            prefix_len,
+            pairings_at: marks.pairings_at,
+            pairings_len: pairings_len(&self.pairings),
+            reveal_at: marks.reveal_at,
+        });
+    }
+
+    /// The kept snapshot with this ratchet's part brought up to date (its
+    /// bytes are then those [`KeyRatchet::encode`] writes now), if there
+    /// is one for a prefix of `prefix_len` bytes and nothing but counters
+    /// and keys to reveal changed since it was kept. The caller rewrites
+    /// the prefix. Otherwise the kept snapshot is dropped and `None`
+    /// returned: encode afresh.
+    pub fn patched_snapshot(&mut self, prefix_len: usize) -> Option<&mut SecretBytes> {
+        if !self.patch_kept(prefix_len) {
+            self.kept = None;
+            return None;
+        }
+        self.kept.as_mut().map(|k| &mut k.bytes)
+    }
+
+    /// Whether a snapshot is kept (tests: patching is exercised).
+    #[cfg(test)]
+    pub(crate) fn has_kept_snapshot(&self) -> bool {
+        self.kept.is_some()
+    }
+
+    fn patch_kept(&mut self, prefix_len: usize) -> bool {
+        let Some(k) = self.kept.as_mut() else {
+            return false;
+        };
+        // The layout depends on which used MAC keys are present and on how
+        // many keys there are to reveal; the rest cannot change while kept.
+        if k.prefix_len != prefix_len
+            || k.pairings_len != pairings_len(&self.pairings)
+            || k.bytes.len() != k.reveal_at + 4 + self.to_reveal.len()
+        {
+            return false;
+        }
+        let Some((head, reveal)) = k.bytes.as_mut_slice().split_at_mut_checked(k.reveal_at) else {
+            return false;
+        };
+        let Some(pairings) = head.get_mut(k.pairings_at..k.pairings_at + k.pairings_len) else {
+            return false;
+        };
+        let mut out = Overwriter::new(pairings);
+        put_pairings(&self.pairings, &mut out);
+        if !out.finish() {
+            return false;
+        }
+        let mut out = Overwriter::new(reveal);
+        put_reveal(&self.to_reveal, &mut out);
+        out.finish()
     }
 
     /// Length of [`KeyRatchet::encode`]'s output, so the snapshot buffer is
@@ -579,12 +723,7 @@ impl KeyRatchet {
         // A DATA field or an MPI (our public values are minimal).
         let field = |len: usize| 4 + len;
         let pair = |k: &DhKeyPair| field(DhKeyPair::SECRET_LEN) + field(k.public().as_mpi().len());
-        let pairings: usize = self
-            .pairings
-            .iter()
-            .flatten()
-            .map(|p| 24 + 1 + p.used_recv_mac.map_or(0, |m| m.len()))
-            .sum();
+        let pairings = pairings_len(&self.pairings);
         let cached: usize = self
             .cache
             .iter()
@@ -693,6 +832,7 @@ impl KeyRatchet {
             cache,
             next,
             to_reveal: Zeroizing::new(reveal.to_vec()),
+            kept: None,
         })
     }
 
@@ -968,7 +1108,11 @@ mod tests {
                         body: Body::Data(m),
                     }
                     .encode();
-                    assert_eq!(a2.encrypt_encoded(&h, 1, text), want, "round {round}");
+                    assert_eq!(
+                        a2.encrypt_encoded(&h, 1, text, Vec::new()),
+                        want,
+                        "round {round}"
+                    );
                 }
             }
             // Bob reads one and answers: both sides' keys move on.

@@ -278,6 +278,9 @@ pub struct DataFields<'a> {
 /// [`EncodedMessage::encode`] of the equivalent [`DataMessage`], without
 /// building one (no buffer for the ciphertext and `next_dh`, no copy of
 /// the ciphertext, no MAC input assembled in pieces).
+///
+/// The encoding goes into `buf`, emptied first: a sender that keeps the
+/// buffer between messages reuses its allocation.
 pub fn encode_data(
     header: &Header,
     fields: &DataFields<'_>,
@@ -285,8 +288,10 @@ pub fn encode_data(
     revealed_mac_keys: &[u8],
     encrypt: impl FnOnce(&mut [u8]),
     mac: impl FnOnce(&[u8]) -> [u8; 20],
+    buf: Vec<u8>,
 ) -> Vec<u8> {
-    let mut w = Writer::with_capacity(
+    let mut w = Writer::reusing(
+        buf,
         DATA_FIXED_BYTES + fields.next_dh.len() + plaintext.len() + revealed_mac_keys.len(),
     );
     header.write(&mut w, TYPE_DATA);
@@ -631,6 +636,14 @@ fn b64_decode(b64: &[u8]) -> Option<Vec<u8>> {
 /// ignored.
 fn decode_armored_at(text: &str) -> Result<EncodedMessage, MessageError> {
     let body = &text[ENCODED_PREFIX.len()..];
+    // The base-64 ends at the first `.`, which is nearly always the last
+    // byte: try the last `.` first (found at once from the end). If what
+    // precedes it decodes, it holds no `.` (not a base-64 symbol), so the
+    // last `.` is the first; otherwise search from the start as before.
+    let last = memchr::memrchr(b'.', body.as_bytes()).ok_or(MessageError::Unterminated)?;
+    if let Some(bytes) = b64_decode(&body.as_bytes()[..last]) {
+        return EncodedMessage::decode_vec(bytes);
+    }
     // SIMD search: the terminator ends a ~1.4 KiB body (core's byte
     // search was ~2.5 % of a burst message).
     let end = memchr::memchr(b'.', body.as_bytes()).ok_or(MessageError::Unterminated)?;
@@ -638,7 +651,8 @@ fn decode_armored_at(text: &str) -> Result<EncodedMessage, MessageError> {
     // Whitespace inside the base-64 (some clients wrap lines) is rare:
     // decode directly and compact only when that fails, so the common case
     // scans the body once.
-    let bytes = match b64_decode(b64) {
+    let direct = if end == last { None } else { b64_decode(b64) };
+    let bytes = match direct {
         Some(bytes) => bytes,
         None if b64.iter().any(|b| b.is_ascii_whitespace()) => {
             let compact: Vec<u8> = b64
@@ -1210,7 +1224,27 @@ AAAEAAAAHwNiIi5Ms+4PsY/L2ipkTtquknfx6HodLvk3RAAAAAA==.";
         let unpadded = a.replace('=', "");
         assert_eq!(parse(&unpadded).unwrap(), Message::Encoded(m.clone()));
         let wrapped = format!("<p>{}\n{} trailing", &a[..8], &a[8..]);
-        assert_eq!(parse(&wrapped).unwrap(), Message::Encoded(m));
+        assert_eq!(parse(&wrapped).unwrap(), Message::Encoded(m.clone()));
+        // The base-64 ends at the first `.`, whatever follows (the last
+        // `.` is tried first, then the first).
+        for tail in [". more.", "...", " x.y.z", ".", "\n."] {
+            let text = format!("{a}{tail}");
+            assert_eq!(
+                parse(&text).unwrap(),
+                Message::Encoded(m.clone()),
+                "{tail:?}"
+            );
+            let wrapped = format!("<p>{}\n{}{tail}", &a[..8], &a[8..]);
+            assert_eq!(
+                parse(&wrapped).unwrap(),
+                Message::Encoded(m.clone()),
+                "{tail:?}"
+            );
+        }
+        let (body, _) = a.split_at(a.len() - 1);
+        let cut = format!("{}.{}.", &body[..12], &body[12..]);
+        assert_eq!(parse(&cut), parse(&format!("{}.", &body[..12])));
+        assert!(parse(&cut).is_err());
     }
 
     #[test]

@@ -12,8 +12,14 @@
 //! instance tags and keyids match it is verified and decrypted with the
 //! stored keys (OMD), and the session continues from that message's
 //! `next_dh` (resumption) — the peer never notices.
+//!
+//! The conversation takes its snapshots with
+//! [`EncryptedSession::snapshot_cached`]: the same bytes as
+//! [`EncryptedSession::snapshot`], but between key changes the previous
+//! snapshot, kept in the ratchet, is patched (timestamps, counters, replay
+//! windows, keys to reveal) and copied instead of encoded again.
 
-use super::codec::{Reader, Writer};
+use super::codec::{Overwriter, Reader, Sink, Writer};
 use super::crypto::{DsaPublicKey, Fingerprint, SecretBytes};
 use super::error::Error;
 use super::keys::KeyRatchet;
@@ -78,26 +84,53 @@ impl EncryptedSession {
         now.saturating_sub(self.last_activity()) > lifetime
     }
 
-    /// The EKM snapshot: contains secret keys and is zeroized on drop
-    /// (word-wise: it is made for every message, see [`SecretBytes`]).
+    /// The EKM snapshot, encoded afresh: contains secret keys and is
+    /// zeroized on drop (see [`SecretBytes`]). The conversation uses
+    /// [`EncryptedSession::snapshot_cached`].
     pub fn snapshot(&self) -> SecretBytes {
-        // About 1.6 KiB, allocated once at its exact size: a regrowth would
-        // copy for nothing (it wipes the old buffer), and spare capacity
-        // would be wiped on drop for nothing.
+        self.encode().0
+    }
+
+    /// [`EncryptedSession::snapshot`] (the same bytes), reusing the last
+    /// snapshot taken this way while the ratchet's keys did not change:
+    /// the header, the peer's key and the ratchet's counters are rewritten
+    /// over it and the result copied (one allocation, no encoding). The
+    /// kept copy lives in the ratchet, which drops (wipes) it on every key
+    /// change.
+    pub fn snapshot_cached(&mut self) -> SecretBytes {
+        // Not secret: versions, tags, ssid, times, a count.
+        let mut header = [0u8; HEADER_LEN];
+        let mut out = Overwriter::new(&mut header);
+        put_header(self, &mut out);
+        let header_fits = out.finish();
+        let long_term = self.their_long_term.encoding();
+        let prefix_len = HEADER_LEN + long_term.len();
+        if header_fits && let Some(kept) = self.ratchet.patched_snapshot(prefix_len) {
+            let mut out = Overwriter::new(kept.get_mut(..prefix_len).unwrap_or_default());
+            out.put_raw(&header);
+            out.put_raw(long_term);
+            if out.finish() {
+                let snapshot = kept.clone();
+                debug_assert!(snapshot == self.snapshot(), "patched snapshot differs");
+                return snapshot;
+            }
+        }
+        let (snapshot, marks) = self.encode();
+        self.ratchet
+            .keep_snapshot(snapshot.clone(), prefix_len, marks);
+        snapshot
+    }
+
+    fn encode(&self) -> (SecretBytes, super::keys::SnapshotMarks) {
+        // About 1.6 KiB, sized once: a regrowth would copy for nothing (it
+        // wipes the old buffer).
         let mut w = Writer::secret(
             HEADER_LEN + self.their_long_term.encoded_len() + self.ratchet.encoded_len(),
         );
-        w.raw(MAGIC).byte(FORMAT);
-        w.short(self.version.number());
-        w.int(self.our_tag).int(self.their_tag);
-        w.raw(&self.ssid).byte(u8::from(self.we_initiated));
-        w.raw(&self.created_at.to_be_bytes());
-        w.raw(&self.last_sent.to_be_bytes());
-        w.raw(&self.last_received.to_be_bytes());
-        w.int(self.sent_since_answer);
+        put_header(self, &mut w);
         self.their_long_term.encode(&mut w);
-        self.ratchet.encode(&mut w);
-        w.into_secret()
+        let marks = self.ratchet.encode_marked(&mut w);
+        (w.into_secret(), marks)
     }
 
     /// Restore a snapshot as a suspended session.
@@ -143,6 +176,21 @@ impl EncryptedSession {
     }
 }
 
+/// Writes the snapshot's first [`HEADER_LEN`] bytes.
+fn put_header(s: &EncryptedSession, out: &mut impl Sink) {
+    out.put_raw(MAGIC);
+    out.put_raw(&[FORMAT]);
+    out.put_raw(&s.version.number().to_be_bytes());
+    out.put_raw(&s.our_tag.to_be_bytes());
+    out.put_raw(&s.their_tag.to_be_bytes());
+    out.put_raw(&s.ssid);
+    out.put_raw(&[u8::from(s.we_initiated)]);
+    out.put_raw(&s.created_at.to_be_bytes());
+    out.put_raw(&s.last_sent.to_be_bytes());
+    out.put_raw(&s.last_received.to_be_bytes());
+    out.put_raw(&s.sent_since_answer.to_be_bytes());
+}
+
 /// What a snapshot says about itself without exposing keys (for listings).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -172,5 +220,138 @@ impl SnapshotInfo {
             fingerprint: s.fingerprint(),
             last_activity: s.last_activity(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otr::crypto::{DhKeyPair, DsaPrivateKey};
+    use crate::otr::message::{Body, EncodedMessage, Header};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::{Rng, SeedableRng};
+
+    fn session(
+        ours: DhKeyPair,
+        theirs: &DhKeyPair,
+        key: &DsaPublicKey,
+        rng: &mut ChaCha20Rng,
+    ) -> EncryptedSession {
+        EncryptedSession {
+            version: Version::V3,
+            our_tag: 0x101,
+            their_tag: 0x102,
+            ratchet: KeyRatchet::after_ake(ours, theirs.public().clone(), 1, rng),
+            their_long_term: key.clone(),
+            ssid: [7; 8],
+            we_initiated: true,
+            created_at: 1,
+            last_sent: 1,
+            last_received: 1,
+            sent_since_answer: 0,
+            suspended: false,
+        }
+    }
+
+    fn send(s: &mut EncryptedSession, now: u64, prepare: bool, rng: &mut ChaCha20Rng) -> Vec<u8> {
+        let h = Header::v3(s.our_tag, s.their_tag);
+        let bytes = s.ratchet.encrypt_encoded(&h, 0, b"some text", Vec::new());
+        if prepare {
+            s.ratchet.prepare_answer(rng);
+        }
+        s.last_sent = now;
+        s.sent_since_answer += 1;
+        bytes
+    }
+
+    /// Receives `bytes`; a replay or a message from a forgotten pairing is
+    /// refused and must change nothing.
+    fn receive(s: &mut EncryptedSession, bytes: &[u8], now: u64, rng: &mut ChaCha20Rng) {
+        let Ok(EncodedMessage {
+            header,
+            body: Body::Data(d),
+        }) = EncodedMessage::decode(bytes)
+        else {
+            panic!("not a data message")
+        };
+        if s.ratchet.decrypt_owned(&header, d, rng).is_ok() {
+            s.last_received = now;
+            s.sent_since_answer = 0;
+        }
+    }
+
+    /// Snapshots taken with [`EncryptedSession::snapshot_cached`] (patched
+    /// in place between key changes) are byte for byte fresh encodings,
+    /// over a random run of sends (with and without preparing for an
+    /// answer), receipts out of order, replays, answers (ratchet steps)
+    /// and restores, checked after a random subset of the steps.
+    #[test]
+    fn cached_snapshots_are_fresh_encodings() {
+        let mut rng = ChaCha20Rng::seed_from_u64(41);
+        let dsa = DsaPrivateKey::generate(&mut rng);
+        let key = dsa.public_key();
+        let a_ake = DhKeyPair::generate(&mut rng);
+        let b_ake = DhKeyPair::generate(&mut rng);
+        let mut a = session(a_ake.clone(), &b_ake, key, &mut rng);
+        let mut b = session(b_ake.clone(), &a_ake, key, &mut rng);
+        b.we_initiated = false;
+        b.our_tag = 0x102;
+        b.their_tag = 0x101;
+        let (mut to_b, mut to_a): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
+        let (mut checks, mut patched) = (0, 0);
+        for now in 2..3000u64 {
+            match rng.next_u32() % 16 {
+                0..=4 => {
+                    let prepare = rng.next_u32() % 4 != 0;
+                    to_b.push(send(&mut a, now, prepare, &mut rng));
+                }
+                5 | 6 => {
+                    let prepare = rng.next_u32() % 4 != 0;
+                    to_a.push(send(&mut b, now, prepare, &mut rng));
+                }
+                7..=10 if !to_b.is_empty() => {
+                    // Mostly in order, sometimes a later one first.
+                    let i = if rng.next_u32() % 4 == 0 {
+                        rng.next_u32() as usize % to_b.len()
+                    } else {
+                        0
+                    };
+                    let m = to_b.remove(i);
+                    receive(&mut b, &m, now, &mut rng);
+                    if rng.next_u32() % 8 == 0 {
+                        receive(&mut b, &m, now, &mut rng);
+                    }
+                }
+                11 | 12 if !to_a.is_empty() => {
+                    let m = to_a.remove(0);
+                    receive(&mut a, &m, now, &mut rng);
+                }
+                13 => {
+                    // Lost messages.
+                    to_b.truncate(to_b.len().saturating_sub(1));
+                }
+                14 if rng.next_u32() % 16 == 0 => {
+                    // A restart: the restored session has nothing kept.
+                    let mut restored = EncryptedSession::restore(&a.snapshot()).unwrap();
+                    restored.suspended = false;
+                    a = restored;
+                }
+                _ => {}
+            }
+            for s in [&mut a, &mut b] {
+                if rng.next_u32() % 3 != 0 {
+                    patched += usize::from(s.ratchet.has_kept_snapshot());
+                    checks += 1;
+                    assert!(s.snapshot_cached() == s.snapshot(), "step {now}");
+                }
+            }
+        }
+        let keyids = (a.ratchet.our_keyid(), b.ratchet.our_keyid());
+        assert!(
+            keyids.0 > 10 && keyids.1 > 10,
+            "{keyids:?} {patched} of {checks}"
+        );
+        // Most snapshots were patched, not encoded afresh.
+        assert!(patched * 2 > checks, "{patched} of {checks}");
     }
 }

@@ -232,6 +232,11 @@ impl DsaPublicKey {
         w.raw(&self.encoded);
     }
 
+    /// The PUBKEY encoding.
+    pub fn encoding(&self) -> &[u8] {
+        &self.encoded
+    }
+
     /// Length of the PUBKEY encoding.
     pub fn encoded_len(&self) -> usize {
         self.encoded.len()

@@ -1,24 +1,71 @@
 //! [`SecretBytes`]: a byte buffer for secrets, wiped a word at a time on
 //! drop; [`SecretArray`]: a fixed-size one on the stack.
 //!
-//! `Zeroizing<Vec<u8>>` wipes with one volatile store per *byte* (the
-//! `zeroize` crate has no faster safe path for `u8`, and this crate forbids
-//! unsafe code). The EKM snapshot (~1.6 KiB, DESIGN §5) is made for every
-//! message on each side and dropped once the store has it, so that wipe was
-//! ~10 % of a one-way burst message. Here the bytes live in `u64` words,
-//! viewed as bytes through `bytemuck` (a safe cast), and the wipe is one
-//! volatile store per eight bytes.
+//! `Zeroizing<Vec<u8>>` wipes with one volatile store per *byte* (this
+//! crate forbids unsafe code). The EKM snapshot (~1.6 KiB, DESIGN §5) is
+//! made for every message on each side and dropped once the store has it,
+//! so that wipe was ~10 % of a one-way burst message. Here the bytes live
+//! in `u64` words, viewed as bytes through `bytemuck` (a safe cast), and
+//! the wipe is an ordinary fill with zeros (a vectorised `memset`) followed
+//! by [`zeroize::optimization_barrier`], which makes the compiler assume
+//! the zeros are read, so the fill cannot be removed as a dead store before
+//! the free (the pattern the `zeroize` crate documents for this; one
+//! volatile store per word was still ~2 % of a burst message).
 //!
 //! The buffer never reallocates in place: growing copies into a fresh
 //! buffer and wipes the old one, so no unwiped copy is left in freed memory
 //! (`Vec::reserve` could leave one).
+//!
+//! A dropped buffer's storage, once wiped, is kept for the next buffer made
+//! on the same thread (at most four, of up to 8 KiB each): a burst makes
+//! and drops two snapshots per message, too large for the allocator's
+//! per-thread cache, and their `malloc`/`free` cost more than the copy.
+//! Kept storage holds only zeros: every buffer zeroes the words it used
+//! before it is dropped or kept, and never writes beyond them.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
 const WORD: usize = std::mem::size_of::<u64>();
+
+/// Most wiped storages kept per thread for reuse.
+const SPARE_BUFFERS: usize = 4;
+/// Largest storage kept for reuse, in words (8 KiB).
+const SPARE_MAX_WORDS: usize = 1024;
+
+thread_local! {
+    /// Wiped storage of dropped buffers (all zeros; see the module docs).
+    static SPARE: RefCell<Vec<Vec<u64>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Kept storage, emptied, or a new empty vector.
+fn spare_storage() -> Vec<u64> {
+    let mut words = SPARE
+        .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    words.clear();
+    words
+}
+
+/// Keeps wiped storage for reuse if there is room; frees it otherwise.
+fn keep_storage(words: Vec<u64>) {
+    if words.capacity() == 0 || words.capacity() > SPARE_MAX_WORDS {
+        return;
+    }
+    // During thread teardown the list may be gone: then it is just freed.
+    let _ = SPARE.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut()
+            && s.len() < SPARE_BUFFERS
+        {
+            s.push(words);
+        }
+    });
+}
 
 /// A growable byte buffer holding secrets; wiped on drop (and before its
 /// storage is replaced when it grows). `Debug` prints only the length.
@@ -39,10 +86,9 @@ impl SecretBytes {
 
     /// An empty buffer with room for `cap` bytes.
     pub fn with_capacity(cap: usize) -> Self {
-        Self {
-            words: vec![0; cap.div_ceil(WORD)],
-            len: 0,
-        }
+        let mut words = spare_storage();
+        words.resize(cap.div_ceil(WORD), 0);
+        Self { words, len: 0 }
     }
 
     /// A copy of `bytes` (the caller wipes the original if it must).
@@ -101,7 +147,9 @@ impl SecretBytes {
 
 impl Drop for SecretBytes {
     fn drop(&mut self) {
-        self.words.as_mut_slice().zeroize();
+        self.words.fill(0);
+        zeroize::optimization_barrier(self.words.as_slice());
+        keep_storage(std::mem::take(&mut self.words));
     }
 }
 
@@ -126,8 +174,19 @@ impl AsRef<[u8]> for SecretBytes {
 }
 
 impl Clone for SecretBytes {
+    /// Copies the words in use (the snapshot is copied for every message):
+    /// no zero-filling first.
     fn clone(&self) -> Self {
-        Self::from_slice(self.as_slice())
+        let mut words = spare_storage();
+        words.extend_from_slice(
+            self.words
+                .get(..self.len.div_ceil(WORD))
+                .unwrap_or(&self.words),
+        );
+        Self {
+            words,
+            len: self.len,
+        }
     }
 }
 
@@ -209,6 +268,38 @@ mod tests {
             assert_eq!(s.words.len(), n.div_ceil(WORD), "no spare words");
         }
         assert!(SecretBytes::new().is_empty());
+    }
+
+    /// Dropped buffers leave only zeros in the storage kept for reuse, and
+    /// a buffer made from kept storage starts as zeros.
+    #[test]
+    fn kept_storage_is_wiped() {
+        let kept_are_zeros = || {
+            SPARE.with(|s| {
+                let s = s.borrow();
+                assert!(!s.is_empty());
+                s.iter().all(|v| v.iter().all(|&w| w == 0))
+            })
+        };
+        let big = SecretBytes::from_slice(&[0xaa; 1601]);
+        let copy = big.clone();
+        drop(big);
+        assert!(kept_are_zeros());
+        let mut reused = SecretBytes::with_capacity(800);
+        assert!(reused.words.iter().all(|&w| w == 0));
+        reused.extend_from_slice(&[0x55; 800]);
+        assert_eq!(copy.len(), 1601);
+        assert!(copy.iter().all(|&b| b == 0xaa));
+        drop(copy);
+        drop(reused);
+        assert!(kept_are_zeros());
+        // Never more than the bound, whatever is dropped.
+        let many: Vec<_> = (0..2 * SPARE_BUFFERS)
+            .map(|_| SecretBytes::from_slice(&[1; 100]))
+            .collect();
+        drop(many);
+        assert!(kept_are_zeros());
+        assert!(SPARE.with(|s| s.borrow().len()) <= SPARE_BUFFERS);
     }
 
     #[test]

@@ -38,9 +38,13 @@ pub fn aes128_ctr(key: &[u8; 16], ctr_top: &[u8; 8], data: &mut [u8]) {
 /// crate's `zeroize` feature).
 pub struct AesCtrKey(Aes128Enc);
 
-/// Counter blocks encrypted per call of the block cipher: the AES-NI
-/// backend pipelines eight.
-const CTR_PAR_BLOCKS: usize = 8;
+/// Counter blocks encrypted per call of the block cipher. The AES-NI
+/// backend pipelines eight, each bound by the latency of its rounds; given
+/// 32 at a time it runs four such groups back to back with nothing in
+/// between, which the CPU overlaps (a 1 KiB burst message ~3 % and a
+/// 16 KiB one ~7 % faster than with eight per call on this VM). The key
+/// stream buffer is 512 bytes on the stack.
+const CTR_PAR_BLOCKS: usize = 32;
 
 impl AesCtrKey {
     /// Expands `key`.
@@ -56,8 +60,8 @@ impl AesCtrKey {
         // The key stream as 128-bit words: each block is XORed as one word
         // and the buffer is wiped with one store per block (the byte-wise
         // wipe and block copies were a fifth of this function). Whole
-        // groups of eight blocks go through a loop of fixed length, which
-        // the compiler unrolls.
+        // groups of blocks go through a loop of fixed length, which the
+        // compiler unrolls.
         let mut stream = [0u128; CTR_PAR_BLOCKS];
         let mut chunks = data.chunks_exact_mut(CTR_PAR_BLOCKS * 16);
         for chunk in &mut chunks {
@@ -233,8 +237,11 @@ mod tests {
     fn prepared_aes_ctr_equals_the_one_shot_form() {
         let key = [0x5au8; 16];
         let top = [9, 8, 7, 6, 5, 4, 3, 2];
-        // Lengths around the 8-block pipeline and partial blocks.
-        for len in [0usize, 1, 15, 16, 17, 127, 128, 129, 300, 1024, 1031] {
+        // Lengths around the 8-block pipeline, the 32-block groups and
+        // partial blocks.
+        for len in [
+            0usize, 1, 15, 16, 17, 127, 128, 129, 300, 511, 512, 513, 1024, 1031, 1535, 1536, 1537,
+        ] {
             let plain: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
             let mut a = plain.clone();
             aes128_ctr(&key, &top, &mut a);
