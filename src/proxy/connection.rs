@@ -1313,7 +1313,7 @@ mod tests {
                 format!("<message to='bob@example.test' type='chat'><body>{t}</body></message>")
             };
             let burst = format!(
-                "{}{}{}<presence><status>between</status></presence>{}",
+                "{}{}{}<iq type='get' id='between'><ping xmlns='urn:xmpp:ping'/></iq>{}",
                 m("one"),
                 m("two"),
                 m("three"),
