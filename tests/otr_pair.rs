@@ -1156,3 +1156,47 @@ fn a_stale_tail_after_the_next_first_piece_leaves_that_piece() {
     );
     assert!(p.bob.conv.partial_fragments().is_empty());
 }
+
+/// Chaos seed 20261331, trial 164: a first piece left over from an older
+/// key generation (its message read long ago), then a new message's last
+/// piece arriving before its own first piece. The two are in order but
+/// not one run: their failure (keys forgotten since) is a wrong guess, not
+/// the sender's unreadable message — no OTR error, which would make the
+/// peer start a new AKE; the new message is read when its first piece
+/// comes.
+#[test]
+fn a_left_over_first_piece_does_not_make_a_run_with_a_new_last_piece() {
+    let (mut p, pieces) = alice_sends_in_two_pieces("old", 1);
+    let t = p.now;
+    // Bob reads message 1 with its first piece delivered twice: one copy
+    // is left over.
+    for f in [&pieces[0][0], &pieces[0][0], &pieces[0][1]] {
+        p.bob.receive(f, t);
+    }
+    assert_eq!(p.bob.conv.partial_fragments().len(), 1);
+    // Two rounds of replies: Bob forgets the keys of message 1.
+    for round in 0..2 {
+        p.bob.send(&format!("reply {round}"), t);
+        p.run();
+        p.alice.send(&format!("answer {round}"), t);
+        p.run();
+    }
+    p.bob.notices.clear();
+    p.alice.send("chaos-0123456789ab new 1", t);
+    let new: Vec<String> = p.alice.outbox.drain(..).collect();
+    assert_eq!(new.len(), 2);
+    p.bob.receive(&new[1], t);
+    assert!(
+        !p.bob.outbox.iter().any(|m| m.starts_with("?OTR Error")),
+        "{:?}",
+        p.bob.outbox
+    );
+    p.bob.receive(&new[0], t);
+    assert_eq!(
+        p.bob.texts().last().map(String::as_str),
+        Some("chaos-0123456789ab new 1"),
+        "{:?}",
+        p.bob.notices
+    );
+    assert!(p.bob.outbox.is_empty(), "{:?}", p.bob.outbox);
+}

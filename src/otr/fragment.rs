@@ -529,7 +529,7 @@ impl Reassembler {
     ///
     /// Completion. Every combination is made of one piece per number
     /// 1..=n and includes `f`'s (those without it were tried when they
-    /// completed). If there is one, and its pieces arrived in order, it goes
+    /// completed). If there is one, and its pieces arrived as one run (in order, one right after the other, none left over from an earlier message), it goes
     /// to `verify` with `plain` true (the caller may then treat a failure
     /// as the sender's, not a guess's); if refused, it is
     /// [`Assembly::Unverified`]. Otherwise combinations go to `verify`
@@ -565,7 +565,7 @@ impl Reassembler {
             return Ok(Assembly::Pending);
         };
         let first: Vec<usize> = lists.iter().map(|l| l[0]).collect();
-        if lists.iter().all(|l| l.len() == 1) && self.in_order(ri, &first) {
+        if lists.iter().all(|l| l.len() == 1) && self.one_run(ri, &first) {
             let whole = self.join(ri, &first);
             let verdict = verify(&whole, true);
             if verdict != Verdict::Refused {
@@ -772,6 +772,27 @@ impl Reassembler {
             self.bytes -= c.piece.len();
             self.pieces -= 1;
         }
+    }
+
+    /// Whether the pieces chosen by `combo` arrived one right after the
+    /// other, in the order of their numbers, none of them a copy left over
+    /// from an earlier message: one run, the sender's message as sent. A
+    /// piece held from long ago (a stale copy, another key generation's
+    /// first piece) followed by a new one is in order but not one run,
+    /// and its failure says nothing about the sender (chaos seed 20261331,
+    /// trial 164: an "unreadable" OTR error, and the peer started a new
+    /// AKE).
+    fn one_run(&self, ri: usize, combo: &[usize]) -> bool {
+        let run = &self.runs[ri];
+        let mut last: Option<u64> = None;
+        for (slot, &i) in run.slots.values().zip(combo) {
+            let Some(c) = slot.get(i) else { return false };
+            if c.used || last.is_some_and(|l| c.seq != l + 1) {
+                return false;
+            }
+            last = Some(c.seq);
+        }
+        true
     }
 
     /// Whether the pieces chosen by `combo` (an index per number) arrived
