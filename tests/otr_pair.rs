@@ -89,14 +89,22 @@ fn tampered_ciphertext_is_rejected() {
     );
 }
 
+/// Alice's (`alice`) or Bob's conversation, fragmenting at `max_bytes`.
+fn fragmenting(alice: bool, max_bytes: usize) -> o2tr_proxy::otr::conversation::Conversation {
+    let (name, tag, key) = if alice {
+        ("alice@example.test", ALICE_TAG, &keys().0)
+    } else {
+        ("bob@example.test", BOB_TAG, &keys().1)
+    };
+    let mut cfg = o2tr_proxy::otr::conversation::Config::new(name, tag);
+    cfg.max_message_bytes = max_bytes;
+    o2tr_proxy::otr::conversation::Conversation::new(cfg, key.clone())
+}
+
 #[test]
 fn fragmented_conversation() {
     let mut p = Pair::new();
-    p.alice.conv = {
-        let mut cfg = o2tr_proxy::otr::conversation::Config::new("alice@example.test", ALICE_TAG);
-        cfg.max_message_bytes = 150;
-        o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().0.clone())
-    };
+    p.alice.conv = fragmenting(true, 150);
     p.establish();
     let long = "x".repeat(2000);
     p.alice.send(&long, p.now);
@@ -560,11 +568,7 @@ fn bob_restarts_at_every_point_and_recovers_everything() {
 #[test]
 fn restart_between_fragments() {
     let mut p = Pair::new();
-    p.bob.conv = {
-        let mut cfg = o2tr_proxy::otr::conversation::Config::new("bob@example.test", BOB_TAG);
-        cfg.max_message_bytes = 120;
-        o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().1.clone())
-    };
+    p.bob.conv = fragmenting(false, 120);
     p.establish();
     p.bob.send(&"long ".repeat(100), p.now);
     let frags: Vec<String> = p.bob.outbox.drain(..).collect();
@@ -802,11 +806,7 @@ fn a_stored_copy_from_before_the_last_key_rotations_does_not_start_an_ake() {
 /// shape; under the same keys their first pieces are identical).
 fn two_fragmented(max_bytes: usize) -> (Pair, [String; 2], [Vec<String>; 2]) {
     let mut p = Pair::new();
-    p.bob.conv = {
-        let mut cfg = o2tr_proxy::otr::conversation::Config::new("bob@example.test", BOB_TAG);
-        cfg.max_message_bytes = max_bytes;
-        o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().1.clone())
-    };
+    p.bob.conv = fragmenting(false, max_bytes);
     p.establish();
     p.alice.notices.clear();
     let texts = [
@@ -1045,11 +1045,7 @@ fn damaged_handshake_records_are_refused() {
 /// received).
 fn alice_sends_in_two_pieces(tag: &str, n: usize) -> (Pair, Vec<Vec<String>>) {
     let mut p = Pair::new();
-    p.alice.conv = {
-        let mut cfg = o2tr_proxy::otr::conversation::Config::new("alice@example.test", ALICE_TAG);
-        cfg.max_message_bytes = 300;
-        o2tr_proxy::otr::conversation::Conversation::new(cfg, keys().0.clone())
-    };
+    p.alice.conv = fragmenting(true, 300);
     p.establish();
     let t = p.now;
     let mut pieces = Vec::new();
