@@ -111,8 +111,8 @@ enum LoginFetch {
     /// The client has not sent its initial presence yet.
     NotYet,
     /// The fetch `id` went out when the client's initial presence came
-    /// (at `since`); the presence, and any broadcast after it, wait for
-    /// its answer.
+    /// (at `since`); the presence, and the latest broadcast after it, wait
+    /// for its answer.
     Held {
         id: String,
         presences: Vec<Element>,
@@ -1083,7 +1083,10 @@ impl Router {
         if !initial {
             if let LoginFetch::Held { presences, .. } = &mut self.login_fetch {
                 if el.attr("to").is_none() {
-                    // A broadcast after the held one: in order, behind it.
+                    // A broadcast after the held one goes behind it; a
+                    // later one replaces it (the latest status is what
+                    // counts), so the queue holds two at most.
+                    presences.truncate(1);
                     presences.push(el);
                     return Vec::new();
                 }
