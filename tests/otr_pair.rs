@@ -1196,3 +1196,51 @@ fn a_left_over_first_piece_does_not_make_a_run_with_a_new_last_piece() {
     );
     assert!(p.bob.outbox.is_empty(), "{:?}", p.bob.outbox);
 }
+
+/// Chaos seed 20261330, trial 37 (an upstream TCP cut): Alice's message
+/// sent on the dead session was re-routed by the server after her next
+/// ones, which had stepped Bob's ratchet past its keys. It is read (late),
+/// with no OTR error and no new AKE, and the conversation goes on.
+#[test]
+fn a_message_delivered_after_a_newer_ratchet_step_is_read() {
+    let mut p = Pair::new();
+    p.establish();
+    p.alice.send("hello", p.now);
+    p.run();
+    p.alice.send("sent on the dead session", p.now);
+    let stale = p.alice.outbox.pop_front().expect("the data message");
+    for i in 0..2 {
+        p.bob.send(&format!("answer {i}"), p.now);
+        p.run();
+        p.alice.send(&format!("newer {i}"), p.now);
+        p.run();
+    }
+    p.now += 30;
+    let sent = (p.alice.sent_log.len(), p.bob.sent_log.len());
+    p.bob.notices.clear();
+    p.bob.receive(&stale, p.now);
+    assert_eq!(
+        p.bob.texts().last().map(String::as_str),
+        Some("sent on the dead session")
+    );
+    assert!(
+        !p.bob
+            .notices
+            .iter()
+            .any(|n| matches!(n, Notice::Unreadable { .. })),
+        "{:?}",
+        p.bob.notices
+    );
+    assert!(p.bob.outbox.is_empty(), "no OTR error: {:?}", p.bob.outbox);
+    // A second copy is refused as a replay, still without an OTR error.
+    p.bob.receive(&stale, p.now);
+    assert_eq!(p.bob.texts().len(), 4);
+    assert!(p.bob.outbox.is_empty());
+    p.bob.send("reply", p.now);
+    p.alice.send("after it", p.now);
+    p.run();
+    assert!(!p.alice.sent_log[sent.0..].iter().any(|b| is_commit(b)));
+    assert!(!p.bob.sent_log[sent.1..].iter().any(|b| is_commit(b)));
+    assert_eq!(p.bob.texts().last().map(String::as_str), Some("after it"));
+    assert_eq!(p.alice.texts().last().map(String::as_str), Some("reply"));
+}

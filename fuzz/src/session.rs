@@ -103,7 +103,7 @@ impl Bob {
                 let r = self
                     .session
                     .ratchet
-                    .decrypt(&header, &d, &mut self.rng)
+                    .decrypt(&header, &d, 0, &mut self.rng)
                     .unwrap_or_else(|e| panic!("Bob cannot read Alice's data message: {e}"));
                 plain.push(r.plaintext.to_vec());
             }

@@ -1535,7 +1535,7 @@ impl Conversation {
                 // everything the session received.
                 stale = self.delayed_from.is_some_and(|t| t < s.last_received)
                     && predates_keys(&s.ratchet, &d);
-                s.ratchet.decrypt_owned(h, d, rng).map(|r| (r, s, smp))
+                s.ratchet.decrypt_owned(h, d, now, rng).map(|r| (r, s, smp))
             }
             _ => {
                 kept = Some(d);
@@ -1990,6 +1990,7 @@ fn encrypt_last(
     buf: Vec<u8>,
 ) -> Sealed {
     let header = data_header(s.version, s.our_tag, s.their_tag);
+    s.ratchet.expire_retired(now);
     let bytes = s.ratchet.encrypt_encoded(&header, flags, plaintext, buf);
     s.last_sent = now;
     Sealed { header, bytes }

@@ -1,11 +1,14 @@
 //! The data-message key ratchet (spec §"Key management", §"Computing AES
 //! keys, MAC keys…" and §"Revealing MAC keys").
 //!
-//! [`KeyRatchet`] keeps exactly what the spec keeps — our two most recent DH
-//! key pairs and their two most recent public keys — plus, per key pairing,
-//! the send counter, the highest counter received, and the receiving MAC
-//! key once it has verified a message (so it can be revealed when the pairing
-//! is forgotten, without recomputing the shared secret).
+//! [`KeyRatchet`] keeps what the spec keeps — our two most recent DH key
+//! pairs and their two most recent public keys — plus, per key pairing,
+//! the send counter, the highest counter received, a replay window, and the
+//! receiving MAC key once it has verified a message (so it can be revealed
+//! when the pairing is forgotten, without recomputing the shared secret).
+//! Unlike the spec, a key a ratchet step retires is kept a short while for
+//! messages the server hands over late, and the MAC keys of its pairings are
+//! revealed only when it goes ([`retired`]).
 //!
 //! Session keys are derived lazily and cached in memory; the cache is never
 //! persisted. This is also the O2TR EKM state: [`KeyRatchet::encode`] writes
@@ -30,6 +33,10 @@ use super::crypto::{
 };
 use super::error::{Error, PeerMisbehaved};
 use super::message::{DataFields, DataMessage, Header, MacScratch, encode_data};
+
+pub mod retired;
+
+use retired::{RETIRED_SECS, Retired, RetiredPairing};
 
 /// Length of one revealed MAC key.
 pub const MAC_KEY_BYTES: usize = 20;
@@ -209,6 +216,9 @@ pub struct KeyRatchet {
     /// restored session, on its first offline message — needs no key
     /// generation. As secret as our current keys, wiped the same way.
     next: Option<DhKeyPair>,
+    /// Generations a ratchet step retired, still reading late messages
+    /// (see [`retired`]).
+    retired: Retired,
     /// Receiving MAC keys to reveal in the next data message we send.
     to_reveal: Zeroizing<Vec<u8>>,
     /// The last EKM snapshot encoded from this ratchet, while only its
@@ -293,6 +303,7 @@ impl KeyRatchet {
             pairings: Default::default(),
             cache: Default::default(),
             next: None,
+            retired: Retired::default(),
             to_reveal: Zeroizing::new(Vec::new()),
             kept: None,
         }
@@ -440,14 +451,17 @@ impl KeyRatchet {
 
     /// Verify and decrypt a data message (spec "When you receive a Data
     /// Message"), then rotate keys as the spec says. Nothing changes unless
-    /// every check passes.
+    /// every check passes, except that retired generations past their time
+    /// at `now` (unix seconds) are dropped (see [`retired`]). A message
+    /// under a retired generation is read too, and rotates nothing.
     pub fn decrypt<R: CryptoRng + ?Sized>(
         &mut self,
         header: &Header,
         msg: &DataMessage,
+        now: u64,
         rng: &mut R,
     ) -> Result<Received, Error> {
-        self.open(header, Cow::Borrowed(msg), rng)
+        self.open(header, Cow::Borrowed(msg), now, rng)
     }
 
     /// [`KeyRatchet::decrypt`] of a message we own: its ciphertext buffer
@@ -456,23 +470,42 @@ impl KeyRatchet {
         &mut self,
         header: &Header,
         msg: DataMessage,
+        now: u64,
         rng: &mut R,
     ) -> Result<Received, Error> {
-        self.open(header, Cow::Owned(msg), rng)
+        self.open(header, Cow::Owned(msg), now, rng)
     }
 
-    fn open<R: CryptoRng + ?Sized>(
-        &mut self,
-        header: &Header,
-        msg: Cow<'_, DataMessage>,
-        rng: &mut R,
-    ) -> Result<Received, Error> {
+    /// Drops the retired generations past their time at `now` and reveals
+    /// the MAC keys of their pairings in the next message. Senders call
+    /// this before encrypting.
+    pub fn expire_retired(&mut self, now: u64) {
+        if self.retired.is_empty() {
+            return;
+        }
+        let live_ours = [self.our_keyid, self.our_keyid - 1];
+        let live_theirs = [
+            Some(self.their_keyid),
+            self.their_previous
+                .as_ref()
+                .and(self.their_keyid.checked_sub(1)),
+        ];
+        if self
+            .retired
+            .expire(now, live_ours, live_theirs, &mut self.to_reveal)
+        {
+            self.kept = None;
+        }
+    }
+
+    /// Where the live pairing for these keyids is in `pairings`.
+    fn live_pairing(&self, msg: &DataMessage) -> Option<(usize, usize)> {
         let i = if msg.recipient_keyid == self.our_keyid {
             1
         } else if Some(msg.recipient_keyid) == self.our_keyid.checked_sub(1) {
             0
         } else {
-            return Err(PeerMisbehaved::UnknownKeyids.into());
+            return None;
         };
         let j = if msg.sender_keyid == self.their_keyid {
             1
@@ -481,7 +514,22 @@ impl KeyRatchet {
         {
             0
         } else {
-            return Err(PeerMisbehaved::UnknownKeyids.into());
+            return None;
+        };
+        Some((i, j))
+    }
+
+    fn open<R: CryptoRng + ?Sized>(
+        &mut self,
+        header: &Header,
+        msg: Cow<'_, DataMessage>,
+        now: u64,
+        rng: &mut R,
+    ) -> Result<Received, Error> {
+        self.expire_retired(now);
+        let Some((i, j)) = self.live_pairing(&msg) else {
+            // No retired key has keyid 0 either.
+            return self.open_retired(header, msg);
         };
         if msg.sender_keyid == 0 || msg.recipient_keyid == 0 {
             return Err(PeerMisbehaved::ZeroKeyid.into());
@@ -529,11 +577,11 @@ impl KeyRatchet {
 
         let rotated_ours = i == 1;
         if rotated_ours {
-            self.rotate_ours(rng);
+            self.rotate_ours(now, rng);
         }
         let rotated_theirs = next.is_some();
         if let Some(next) = next {
-            self.rotate_theirs(next);
+            self.rotate_theirs(next, now);
         }
         Ok(Received {
             plaintext,
@@ -546,48 +594,147 @@ impl KeyRatchet {
         })
     }
 
-    /// He has seen our newest key: forget our previous one.
-    fn rotate_ours<R: CryptoRng + ?Sized>(&mut self, rng: &mut R) {
-        // It holds the key pair forgotten here: wiped now.
+    /// A message under keys a ratchet step retired (see [`retired`]):
+    /// verified and decrypted like any other, its counter checked against
+    /// the kept pairing's window; no key moves.
+    fn open_retired(
+        &mut self,
+        header: &Header,
+        msg: Cow<'_, DataMessage>,
+    ) -> Result<Received, Error> {
+        let (ours_id, theirs_id) = (msg.recipient_keyid, msg.sender_keyid);
+        let ours = if ours_id == self.our_keyid {
+            Some(&self.our_current)
+        } else if ours_id == self.our_keyid - 1 {
+            Some(&self.our_previous)
+        } else {
+            self.retired.our_pair(ours_id)
+        };
+        let theirs = if theirs_id == self.their_keyid {
+            Some(&self.their_current)
+        } else if Some(theirs_id) == self.their_keyid.checked_sub(1) {
+            self.their_previous.as_ref()
+        } else {
+            None
+        }
+        .or_else(|| self.retired.their_key(theirs_id));
+        let (Some(ours), Some(theirs)) = (ours, theirs) else {
+            return Err(PeerMisbehaved::UnknownKeyids.into());
+        };
+        // Derived now if this pairing has no kept keys (a rare path: one
+        // exponentiation per late pairing) and kept in memory even if the
+        // message is forged, so forgeries cost no more than one each.
+        let fresh = match self.retired.pairing(ours_id, theirs_id) {
+            Some(p) if p.keys.is_some() => None,
+            _ => Some(Box::new(SessionKeys::derive(ours, theirs))),
+        };
+        if let Some(keys) = fresh {
+            self.retired.set_keys(ours_id, theirs_id, keys);
+        }
+        let Some(RetiredPairing {
+            state,
+            keys: Some(keys),
+            ..
+        }) = self.retired.pairing_mut(ours_id, theirs_id)
+        else {
+            return Err(PeerMisbehaved::UnknownKeyids.into());
+        };
+        let mut scratch = MacScratch::default();
+        if !ct_eq(
+            &keys.recv_mac.mac(&msg.mac_input(header, &mut scratch)),
+            &msg.mac,
+        ) {
+            return Err(PeerMisbehaved::DataMacMismatch.into());
+        }
+        let ctr = u64::from_be_bytes(msg.ctr);
+        if ctr == 0 {
+            return Err(PeerMisbehaved::ZeroCounter.into());
+        }
+        let (late, seen) = state.check_counter(ctr)?;
+        let position = Position {
+            sender_keyid: theirs_id,
+            recipient_keyid: ours_id,
+            ctr,
+        };
+        let ctr_top = msg.ctr;
+        let mut plaintext = Zeroizing::new(match msg {
+            Cow::Borrowed(m) => m.encrypted.clone(),
+            Cow::Owned(m) => m.encrypted,
+        });
+        keys.recv_aes.apply(&ctr_top, &mut plaintext);
+        let skipped = if late { 0 } else { ctr - state.recv_ctr - 1 };
+        state.recv_ctr = state.recv_ctr.max(ctr);
+        state.seen = seen;
+        state.used_recv_mac = Some(keys.recv_mac_key);
+        let extra_key = Zeroizing::new(keys.extra);
         self.kept = None;
-        for j in 0..2 {
-            if let Some(mac) = self.pairings[0][j].used_recv_mac.take() {
-                self.to_reveal.extend_from_slice(&mac);
+        Ok(Received {
+            plaintext,
+            rotated_ours: false,
+            rotated_theirs: false,
+            extra_key,
+            skipped,
+            late,
+            position,
+        })
+    }
+
+    /// He has seen our newest key: our previous one retires (see
+    /// [`retired`]).
+    fn rotate_ours<R: CryptoRng + ?Sized>(&mut self, now: u64, rng: &mut R) {
+        // It holds the key pair retired here: wiped now.
+        self.kept = None;
+        let retiring = self.our_keyid - 1;
+        let old = std::mem::take(&mut self.pairings[0]);
+        self.pairings[0] = std::mem::take(&mut self.pairings[1]);
+        self.cache[0] = std::mem::take(&mut self.cache[1]);
+        let their_ids = [
+            self.their_previous
+                .as_ref()
+                .and(self.their_keyid.checked_sub(1)),
+            Some(self.their_keyid),
+        ];
+        for (state, theirs) in old.into_iter().zip(their_ids) {
+            if let Some(theirs) = theirs {
+                self.retired.keep_pairing(retiring, theirs, state);
             }
         }
-        let [prev, cur] = &mut self.pairings;
-        std::mem::swap(prev, cur);
-        *cur = Default::default();
-        let [cprev, ccur] = &mut self.cache;
-        std::mem::swap(cprev, ccur);
-        *ccur = Default::default();
         let fresh = match self.next.take() {
             Some(k) => k,
             None => DhKeyPair::generate(rng),
         };
-        self.our_previous = std::mem::replace(&mut self.our_current, fresh);
+        let current = std::mem::replace(&mut self.our_current, fresh);
+        let previous = std::mem::replace(&mut self.our_previous, current);
+        self.retired
+            .retire_ours(retiring, previous, now.saturating_add(RETIRED_SECS));
         self.our_keyid += 1;
+        self.expire_retired(now);
     }
 
-    /// He advanced his key: forget his previous one.
-    fn rotate_theirs(&mut self, next: DhPublicKey) {
+    /// He advanced his key: his previous one retires.
+    fn rotate_theirs(&mut self, next: DhPublicKey, now: u64) {
         self.kept = None;
-        for i in 0..2 {
-            if let Some(mac) = self.pairings[i][0].used_recv_mac.take() {
-                self.to_reveal.extend_from_slice(&mac);
-            }
+        let retiring = self.their_keyid.saturating_sub(1);
+        let our_ids = [self.our_keyid - 1, self.our_keyid];
+        for (i, ours) in our_ids.into_iter().enumerate() {
+            let state = std::mem::take(&mut self.pairings[i][0]);
+            self.cache[i][0] = None;
+            self.retired.keep_pairing(ours, retiring, state);
             let row = &mut self.pairings[i];
             row.swap(0, 1);
-            row[1] = Pairing::default();
             let crow = &mut self.cache[i];
             crow.swap(0, 1);
-            crow[1] = None;
         }
-        self.their_previous = Some(std::mem::replace(&mut self.their_current, next));
+        let current = std::mem::replace(&mut self.their_current, next);
+        if let Some(previous) = self.their_previous.replace(current) {
+            self.retired
+                .retire_theirs(retiring, previous, now.saturating_add(RETIRED_SECS));
+        }
         self.their_keyid += 1;
+        self.expire_retired(now);
     }
 
-    /// Serialize the ratchet for the EKM snapshot (format 4). Format 2:
+    /// Serialize the ratchet for the EKM snapshot (format 5). Format 2:
     /// each of our key pairs as its secret followed by its public value, so
     /// restoring needs no exponentiation. Format 3 adds, between the
     /// pairings and the MAC keys to reveal, the derived session keys of
@@ -596,7 +743,9 @@ impl KeyRatchet {
     /// their SHA-1) and our pre-generated next key pair (flag byte, then
     /// secret and public value), so the first message after a restore
     /// needs no exponentiation either. Format 4 adds each pairing's replay
-    /// window after its receiving counter. Contains secrets: the caller
+    /// window after its receiving counter. Format 5 adds, before the MAC
+    /// keys to reveal, the retired generations (see [`retired`]).
+    /// Contains secrets: the caller
     /// keeps the result in zeroizing memory.
     pub fn encode(&self, w: &mut Writer) {
         self.encode_marked(w);
@@ -646,6 +795,7 @@ impl KeyRatchet {
                 w.byte(0);
             }
         }
+        self.retired.encode(w);
         let reveal_at = w.as_slice().len();
         put_reveal(&self.to_reveal, w);
         SnapshotMarks {
@@ -743,10 +893,11 @@ impl KeyRatchet {
             + cached
             + 1
             + self.next.as_ref().map_or(0, pair)
+            + self.retired.encoded_len()
             + field(self.to_reveal.len())
     }
 
-    /// Inverse of [`KeyRatchet::encode`] for snapshot `format` 1 to 4.
+    /// Inverse of [`KeyRatchet::encode`] for snapshot `format` 1 to 5.
     /// Format-1 snapshots hold only our secrets: their public values are
     /// recomputed (two fixed-base exponentiations). Formats 1 and 2 have no
     /// derived keys and no next key pair: they are derived and generated
@@ -817,6 +968,11 @@ impl KeyRatchet {
                 _ => return Err(Error::Snapshot("bad option flag")),
             };
         }
+        let retired = if format >= 5 {
+            Retired::decode(r)?
+        } else {
+            Retired::default()
+        };
         let reveal = r.data("to_reveal")?;
         if reveal.len() % MAC_KEY_BYTES != 0 {
             return Err(Error::Snapshot("revealed keys not a multiple of 20"));
@@ -831,6 +987,7 @@ impl KeyRatchet {
             pairings,
             cache,
             next,
+            retired,
             to_reveal: Zeroizing::new(reveal.to_vec()),
             kept: None,
         })
@@ -927,6 +1084,17 @@ mod tests {
         (windows, start, r.position())
     }
 
+    /// The format-4 encoding: the format-5 one without its retired
+    /// generations (which lie between the format-3 section and the keys to
+    /// reveal).
+    fn as_format4(v5: &[u8]) -> Vec<u8> {
+        let (_, _, end) = layout(v5, 4);
+        let mut r = Reader::new(&v5[end..]);
+        Retired::decode(&mut r).unwrap();
+        let len = r.position();
+        [&v5[..end], &v5[end + len..]].concat()
+    }
+
     /// The format-3 encoding: the format-4 one without replay windows.
     fn as_format3(v4: &[u8]) -> Vec<u8> {
         let (windows, _, _) = layout(v4, 4);
@@ -974,10 +1142,16 @@ mod tests {
         k.prepare_answer(&mut rng);
         k.pairings[0][1].recv_ctr = 9;
         k.pairings[0][1].seen = 0b1011;
-        let v4 = encoded(&k);
-        let back = KeyRatchet::decode(&mut Reader::new(&v4), 4).unwrap();
-        assert_eq!(encoded(&back), v4);
+        let v5 = encoded(&k);
+        let back = KeyRatchet::decode(&mut Reader::new(&v5), 5).unwrap();
+        assert_eq!(encoded(&back), v5);
         assert_eq!(back.pairings[0][1].seen, 0b1011);
+
+        // A format-4 encoding has no retired generations.
+        let v4 = as_format4(&v5);
+        assert_eq!(v4.len(), v5.len() - 3);
+        let back = KeyRatchet::decode(&mut Reader::new(&v4), 4).unwrap();
+        assert_eq!(as_format4(&encoded(&back)), v4);
 
         // A format-3 encoding has no replay windows: nothing older than
         // the newest counter is accepted until newer ones arrive.
@@ -986,7 +1160,7 @@ mod tests {
         let back = KeyRatchet::decode(&mut Reader::new(&v3), 3).unwrap();
         assert_eq!(back.pairings[0][1].seen, 0);
         assert_eq!(back.pairings[0][1].recv_ctr, 9);
-        assert_eq!(as_format3(&encoded(&back)), v3);
+        assert_eq!(as_format3(&as_format4(&encoded(&back))), v3);
         assert_eq!(back.our_current.public(), k.our_current.public());
         assert_eq!(back.our_previous.public(), k.our_previous.public());
         assert!(back.cache[0][1].is_some() && back.cache[1][1].is_some());
@@ -1001,20 +1175,20 @@ mod tests {
         assert!(v2.len() < v3.len());
         let old2 = KeyRatchet::decode(&mut Reader::new(&v2), 2).unwrap();
         assert!(old2.next.is_none() && old2.cache.iter().flatten().all(Option::is_none));
-        assert_eq!(as_format2(&as_format3(&encoded(&old2))), v2);
+        assert_eq!(as_format2(&as_format3(&as_format4(&encoded(&old2)))), v2);
 
         // A format-1 encoding recomputes the same public values.
         let v1 = without_publics(&v2);
         assert!(v1.len() < v2.len());
         let old1 = KeyRatchet::decode(&mut Reader::new(&v1), 1).unwrap();
-        assert_eq!(as_format2(&as_format3(&encoded(&old1))), v2);
+        assert_eq!(as_format2(&as_format3(&as_format4(&encoded(&old1)))), v2);
     }
 
     #[test]
     fn encoded_length_is_exact() {
         let mut rng = ChaCha20Rng::seed_from_u64(9);
         let mut k = ratchet(&mut rng);
-        k.rotate_theirs(DhKeyPair::generate(&mut rng).public().clone());
+        k.rotate_theirs(DhKeyPair::generate(&mut rng).public().clone(), 0);
         for (i, j) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
             k.derive_keys(i, j).unwrap();
             k.pairings[i][j].used_recv_mac = Some([7; 20]);
@@ -1038,21 +1212,21 @@ mod tests {
         let to_alice = b.encrypt(&header(), 0, b"bye");
         b.prepare_answer(&mut rng);
         let snapshot = encoded(&b);
-        a.decrypt(&header(), &to_alice, &mut rng).unwrap();
+        a.decrypt(&header(), &to_alice, 0, &mut rng).unwrap();
         let offline = a.encrypt(&header(), 0, b"while you were out");
         // Bob restarts from the snapshot: the pairing of the offline message
         // is already derived and the key he rotates to already generated.
-        let mut b = KeyRatchet::decode(&mut Reader::new(&snapshot), 4).unwrap();
+        let mut b = KeyRatchet::decode(&mut Reader::new(&snapshot), 5).unwrap();
         assert!(b.has_cached_keys(offline.sender_keyid, offline.recipient_keyid));
         let next = b.next.as_ref().map(|k| k.public().clone()).unwrap();
-        let got = b.decrypt(&header(), &offline, &mut rng).unwrap();
+        let got = b.decrypt(&header(), &offline, 0, &mut rng).unwrap();
         assert_eq!(&got.plaintext[..], b"while you were out");
         assert!(got.rotated_ours);
         assert_eq!(b.our_current.public(), &next);
         assert!(b.next.is_none());
         // His answer still reaches Alice.
         let answer = b.encrypt(&header(), 0, b"back");
-        let got = a.decrypt(&header(), &answer, &mut rng).unwrap();
+        let got = a.decrypt(&header(), &answer, 0, &mut rng).unwrap();
         assert_eq!(&got.plaintext[..], b"back");
     }
 
@@ -1064,9 +1238,9 @@ mod tests {
         let mut a = KeyRatchet::after_ake(a_ake.clone(), b_ake.public().clone(), 1, &mut rng);
         let b = KeyRatchet::after_ake(b_ake, a_ake.public().clone(), 1, &mut rng);
         // Bob restored from his snapshot decrypts what Alice sends.
-        let mut b = KeyRatchet::decode(&mut Reader::new(&encoded(&b)), 3).unwrap();
+        let mut b = KeyRatchet::decode(&mut Reader::new(&encoded(&b)), 5).unwrap();
         let msg = a.encrypt(&header(), 0, b"hello");
-        let got = b.decrypt(&header(), &msg, &mut rng).unwrap();
+        let got = b.decrypt(&header(), &msg, 0, &mut rng).unwrap();
         assert_eq!(&got.plaintext[..], b"hello");
     }
 
@@ -1115,15 +1289,18 @@ mod tests {
                     );
                 }
             }
-            // Bob reads one and answers: both sides' keys move on.
+            // Bob reads one and answers: both sides' keys move on. The
+            // generations retired a round before expire now, so the next
+            // round's messages reveal their MAC keys.
+            let t = (round + 1) * RETIRED_SECS;
             let m1 = a1.encrypt(&header(), 0, b"x");
-            b1.decrypt(&header(), &m1, &mut r1).unwrap();
+            b1.decrypt(&header(), &m1, t, &mut r1).unwrap();
             let m2 = a2.encrypt(&header(), 0, b"x");
-            b2.decrypt(&header(), &m2, &mut r2).unwrap();
+            b2.decrypt(&header(), &m2, t, &mut r2).unwrap();
             let back1 = b1.encrypt(&header(), 0, b"back");
-            a1.decrypt(&header(), &back1, &mut r1).unwrap();
+            a1.decrypt(&header(), &back1, t, &mut r1).unwrap();
             let back2 = b2.encrypt(&header(), 0, b"back");
-            a2.decrypt(&header(), &back2, &mut r2).unwrap();
+            a2.decrypt(&header(), &back2, t, &mut r2).unwrap();
         }
         assert!(revealed_some);
     }
@@ -1140,19 +1317,19 @@ mod tests {
         let (mut a, mut b, mut rng) = pair(11);
         // Bob spoke first, so Alice's burst uses his current key too.
         let hello = b.encrypt(&header(), 0, b"hello");
-        a.decrypt(&header(), &hello, &mut rng).unwrap();
+        a.decrypt(&header(), &hello, 0, &mut rng).unwrap();
         let m = burst(&mut a, 4);
-        let third = b.decrypt(&header(), &m[2], &mut rng).unwrap();
+        let third = b.decrypt(&header(), &m[2], 0, &mut rng).unwrap();
         assert_eq!((third.skipped, third.late), (2, false));
         assert!(third.rotated_ours && third.rotated_theirs);
-        let fourth = b.decrypt(&header(), &m[3], &mut rng).unwrap();
+        let fourth = b.decrypt(&header(), &m[3], 0, &mut rng).unwrap();
         assert_eq!((fourth.skipped, fourth.late), (0, false));
         // Keys rotated since; m1 and m2 are under the kept previous pairing.
-        let first = b.decrypt(&header(), &m[0], &mut rng).unwrap();
+        let first = b.decrypt(&header(), &m[0], 0, &mut rng).unwrap();
         assert_eq!(&first.plaintext[..], b"m1");
         assert_eq!((first.skipped, first.late), (0, true));
         assert!(!first.rotated_ours && !first.rotated_theirs);
-        let second = b.decrypt(&header(), &m[1], &mut rng).unwrap();
+        let second = b.decrypt(&header(), &m[1], 0, &mut rng).unwrap();
         assert!(second.late);
         let mut order = [&third, &fourth, &first, &second].map(|r| r.position);
         order.sort();
@@ -1161,12 +1338,14 @@ mod tests {
             [&first, &second, &third, &fourth].map(|r| r.position)
         );
         for msg in &m {
-            assert!(reused(b.decrypt(&header(), msg, &mut rng)));
+            assert!(reused(b.decrypt(&header(), msg, 0, &mut rng)));
         }
         // The conversation goes on both ways.
         let answer = b.encrypt(&header(), 0, b"back");
         assert_eq!(
-            &a.decrypt(&header(), &answer, &mut rng).unwrap().plaintext[..],
+            &a.decrypt(&header(), &answer, 0, &mut rng)
+                .unwrap()
+                .plaintext[..],
             b"back"
         );
     }
@@ -1178,14 +1357,14 @@ mod tests {
         let (mut a, mut b, mut rng) = pair(12);
         let n = REPLAY_WINDOW as usize + 6;
         let m = burst(&mut a, n);
-        let last = b.decrypt(&header(), &m[n - 1], &mut rng).unwrap();
+        let last = b.decrypt(&header(), &m[n - 1], 0, &mut rng).unwrap();
         assert_eq!(last.skipped, n as u64 - 1);
         // Counter n - 1 - 64 is the oldest still inside the window.
         let oldest = n - 1 - REPLAY_WINDOW as usize;
-        assert!(reused(b.decrypt(&header(), &m[oldest - 1], &mut rng)));
-        assert!(b.decrypt(&header(), &m[oldest], &mut rng).unwrap().late);
-        assert!(reused(b.decrypt(&header(), &m[oldest], &mut rng)));
-        assert!(b.decrypt(&header(), &m[n - 2], &mut rng).unwrap().late);
+        assert!(reused(b.decrypt(&header(), &m[oldest - 1], 0, &mut rng)));
+        assert!(b.decrypt(&header(), &m[oldest], 0, &mut rng).unwrap().late);
+        assert!(reused(b.decrypt(&header(), &m[oldest], 0, &mut rng)));
+        assert!(b.decrypt(&header(), &m[n - 2], 0, &mut rng).unwrap().late);
     }
 
     /// The window is part of the snapshot: after a restart a late message
@@ -1194,13 +1373,147 @@ mod tests {
     fn the_replay_window_survives_a_snapshot() {
         let (mut a, mut b, mut rng) = pair(13);
         let m = burst(&mut a, 3);
-        b.decrypt(&header(), &m[2], &mut rng).unwrap();
-        b.decrypt(&header(), &m[0], &mut rng).unwrap();
-        let mut b = KeyRatchet::decode(&mut Reader::new(&encoded(&b)), 4).unwrap();
-        assert!(reused(b.decrypt(&header(), &m[0], &mut rng)));
-        assert!(reused(b.decrypt(&header(), &m[2], &mut rng)));
-        let second = b.decrypt(&header(), &m[1], &mut rng).unwrap();
+        b.decrypt(&header(), &m[2], 0, &mut rng).unwrap();
+        b.decrypt(&header(), &m[0], 0, &mut rng).unwrap();
+        let mut b = KeyRatchet::decode(&mut Reader::new(&encoded(&b)), 5).unwrap();
+        assert!(reused(b.decrypt(&header(), &m[0], 0, &mut rng)));
+        assert!(reused(b.decrypt(&header(), &m[2], 0, &mut rng)));
+        let second = b.decrypt(&header(), &m[1], 0, &mut rng).unwrap();
         assert_eq!(&second.plaintext[..], b"m2");
         assert!(second.late);
+    }
+
+    /// Alice's `stale` message, sent before the exchanges in `steps`, is
+    /// handed to Bob only after them (a re-routed stanza of a dead session):
+    /// Bob's keys for it have been retired. Returns the stale message.
+    fn late_across_steps(
+        a: &mut KeyRatchet,
+        b: &mut KeyRatchet,
+        rng: &mut ChaCha20Rng,
+        now: u64,
+    ) -> DataMessage {
+        let hello = a.encrypt(&header(), 0, b"hello");
+        b.decrypt(&header(), &hello, now, rng).unwrap();
+        let stale = a.encrypt(&header(), 0, b"sent before the answer");
+        // Bob's answer crosses it; Alice's next message steps Bob's ratchet
+        // (both keys), twice over.
+        for _ in 0..2 {
+            let answer = b.encrypt(&header(), 0, b"answer");
+            a.decrypt(&header(), &answer, now, rng).unwrap();
+            let newer = a.encrypt(&header(), 0, b"newer");
+            let got = b.decrypt(&header(), &newer, now, rng).unwrap();
+            assert!(got.rotated_ours && got.rotated_theirs);
+        }
+        assert!(b.live_pairing(&stale).is_none(), "its keys are retired");
+        stale
+    }
+
+    /// Chaos seed 20261330, trial 37: a message older than a ratchet step,
+    /// delivered after it, is read once; its MAC key stays secret until
+    /// the retired generation is dropped, then it is unreadable.
+    #[test]
+    fn a_message_older_than_a_ratchet_step_is_read_once() {
+        let (mut a, mut b, mut rng) = pair(21);
+        let stale = late_across_steps(&mut a, &mut b, &mut rng, 1000);
+        let got = b.decrypt(&header(), &stale, 1010, &mut rng).unwrap();
+        assert_eq!(&got.plaintext[..], b"sent before the answer");
+        assert!(!got.rotated_ours && !got.rotated_theirs);
+        assert_eq!(
+            got.position,
+            Position {
+                sender_keyid: stale.sender_keyid,
+                recipient_keyid: stale.recipient_keyid,
+                ctr: u64::from_be_bytes(stale.ctr),
+            }
+        );
+        assert!(reused(b.decrypt(&header(), &stale, 1011, &mut rng)));
+        // Its pairing's MAC key is not revealed while it reads late ones.
+        let mac = sha1(&got_recv_aes(&mut b, &stale));
+        let to_a = b.encrypt(&header(), 0, b"still here");
+        assert!(!contains_key(&to_a.revealed_mac_keys, &mac));
+        // Past its time it is dropped and the key goes out.
+        b.expire_retired(1000 + RETIRED_SECS);
+        let to_a = b.encrypt(&header(), 0, b"later");
+        assert!(contains_key(&to_a.revealed_mac_keys, &mac));
+        assert!(matches!(
+            b.decrypt(&header(), &stale, 1000 + RETIRED_SECS, &mut rng),
+            Err(Error::Peer(PeerMisbehaved::UnknownKeyids))
+        ));
+        // The conversation goes on.
+        let got = a.decrypt(&header(), &to_a, 1000 + RETIRED_SECS, &mut rng);
+        assert_eq!(&got.unwrap().plaintext[..], b"later");
+    }
+
+    /// The receiving AES key of the retired pairing `msg` used, from Bob's
+    /// kept pairing.
+    fn got_recv_aes(b: &mut KeyRatchet, msg: &DataMessage) -> [u8; 16] {
+        let p = b
+            .retired
+            .pairing(msg.recipient_keyid, msg.sender_keyid)
+            .expect("pairing kept");
+        p.keys.as_ref().expect("keys derived").recv_aes_key
+    }
+
+    fn contains_key(revealed: &[u8], key: &[u8; 20]) -> bool {
+        revealed.chunks(MAC_KEY_BYTES).any(|k| k == key)
+    }
+
+    /// The retired generations are in the snapshot: after a restart the
+    /// late message is read, and a copy of one read before is refused.
+    #[test]
+    fn retired_generations_survive_a_snapshot() {
+        let (mut a, mut b, mut rng) = pair(22);
+        let stale = late_across_steps(&mut a, &mut b, &mut rng, 1000);
+        let enc = encoded(&b);
+        assert_eq!(enc.len(), b.encoded_len());
+        let mut restored = KeyRatchet::decode(&mut Reader::new(&enc), 5).unwrap();
+        assert_eq!(encoded(&restored), enc);
+        let got = restored.decrypt(&header(), &stale, 1001, &mut rng).unwrap();
+        assert_eq!(&got.plaintext[..], b"sent before the answer");
+        let enc = encoded(&restored);
+        assert_eq!(enc.len(), restored.encoded_len());
+        let mut again = KeyRatchet::decode(&mut Reader::new(&enc), 5).unwrap();
+        assert!(reused(again.decrypt(&header(), &stale, 1002, &mut rng)));
+        // Past their time the restored generations go too.
+        assert!(matches!(
+            again.decrypt(&header(), &stale, 1000 + RETIRED_SECS, &mut rng),
+            Err(Error::Peer(PeerMisbehaved::UnknownKeyids))
+        ));
+    }
+
+    /// However recent, at most [`retired::MAX_RETIRED`] generations per
+    /// side are kept: a fast exchange drops the oldest.
+    #[test]
+    fn retired_generations_are_bounded() {
+        let (mut a, mut b, mut rng) = pair(23);
+        let stale = late_across_steps(&mut a, &mut b, &mut rng, 1000);
+        for _ in 0..retired::MAX_RETIRED {
+            let answer = b.encrypt(&header(), 0, b"answer");
+            a.decrypt(&header(), &answer, 1000, &mut rng).unwrap();
+            let newer = a.encrypt(&header(), 0, b"newer");
+            b.decrypt(&header(), &newer, 1000, &mut rng).unwrap();
+        }
+        assert!(matches!(
+            b.decrypt(&header(), &stale, 1000, &mut rng),
+            Err(Error::Peer(PeerMisbehaved::UnknownKeyids))
+        ));
+        let enc = encoded(&b);
+        assert_eq!(enc.len(), b.encoded_len());
+    }
+
+    /// A forged message under retired keys changes nothing.
+    #[test]
+    fn a_forgery_under_retired_keys_changes_nothing() {
+        let (mut a, mut b, mut rng) = pair(24);
+        let mut stale = late_across_steps(&mut a, &mut b, &mut rng, 1000);
+        let before = encoded(&b);
+        stale.encrypted[0] ^= 1;
+        assert!(matches!(
+            b.decrypt(&header(), &stale, 1001, &mut rng),
+            Err(Error::Peer(PeerMisbehaved::DataMacMismatch))
+        ));
+        assert_eq!(encoded(&b), before);
+        stale.encrypted[0] ^= 1;
+        assert!(b.decrypt(&header(), &stale, 1001, &mut rng).is_ok());
     }
 }

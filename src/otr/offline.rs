@@ -30,9 +30,11 @@ const MAGIC: &[u8; 8] = b"O2TR-EKM";
 /// their secrets (restoring then needs no exponentiation); format 3 adds
 /// the derived session keys and our pre-generated next key pair (the first
 /// message after a restore then needs none either); format 4 adds the
-/// replay window of each key pairing (a late message is accepted once).
-/// Formats 1 to 3 are still read.
-const FORMAT: u8 = 4;
+/// replay window of each key pairing (a late message is accepted once);
+/// format 5 the generations a ratchet step retired (a message the server
+/// delivers after a newer one that stepped the ratchet is still read).
+/// Formats 1 to 4 are still read.
+const FORMAT: u8 = 5;
 /// The oldest format still read.
 const FORMAT_V1: u8 = 1;
 /// Bytes before the peer's public key: magic, format, version, tags, ssid,
@@ -255,6 +257,7 @@ mod tests {
 
     fn send(s: &mut EncryptedSession, now: u64, prepare: bool, rng: &mut ChaCha20Rng) -> Vec<u8> {
         let h = Header::v3(s.our_tag, s.their_tag);
+        s.ratchet.expire_retired(now);
         let bytes = s.ratchet.encrypt_encoded(&h, 0, b"some text", Vec::new());
         if prepare {
             s.ratchet.prepare_answer(rng);
@@ -274,7 +277,7 @@ mod tests {
         else {
             panic!("not a data message")
         };
-        if s.ratchet.decrypt_owned(&header, d, rng).is_ok() {
+        if s.ratchet.decrypt_owned(&header, d, now, rng).is_ok() {
             s.last_received = now;
             s.sent_since_answer = 0;
         }

@@ -355,7 +355,7 @@ fn data_message_fields() {
                     let (h, d) = data(&bad);
                     let mut s = session(&p.bob, ALICE_TAG);
                     let mut rng = ChaCha20Rng::seed_from_u64(1);
-                    match s.ratchet.decrypt(&h, &d, &mut rng) {
+                    match s.ratchet.decrypt(&h, &d, 0, &mut rng) {
                         Err(Error::Peer(got)) if got == *err => {}
                         Err(e) => return Err(format!("decrypt failed with {e:?}, want {err:?}")),
                         Ok(_) => return Err(format!("decrypt accepted it, want {err:?}")),

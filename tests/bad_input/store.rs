@@ -23,6 +23,7 @@ struct At {
     their_keyid: usize,
     their_current: usize,
     prev_flag: usize,
+    retired: usize,
     reveal: usize,
 }
 
@@ -66,6 +67,26 @@ fn layout(b: &[u8]) -> At {
     if r.byte("").unwrap() == 1 {
         r.data("").unwrap();
         r.mpi("").unwrap();
+    }
+    // Format 5: retired generations, ours (keyid, key pair, until), theirs
+    // (keyid, key, until), then pairings (keyids, counters, MAC key).
+    at.retired = r.position();
+    for _ in 0..r.byte("").unwrap() {
+        r.int("").unwrap();
+        r.data("").unwrap();
+        r.mpi("").unwrap();
+        r.take(8, "").unwrap();
+    }
+    for _ in 0..r.byte("").unwrap() {
+        r.int("").unwrap();
+        r.mpi("").unwrap();
+        r.take(8, "").unwrap();
+    }
+    for _ in 0..r.byte("").unwrap() {
+        r.take(24, "").unwrap();
+        if r.byte("").unwrap() == 1 {
+            r.take(20, "").unwrap();
+        }
     }
     at.reveal = r.position();
     at
@@ -122,7 +143,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "snapshot: unknown format byte",
-            damage: |b, _| b[8] = 5,
+            damage: |b, _| b[8] = 6,
             want: Some(|e| matches!(e, Error::Snapshot("unknown snapshot format"))),
         },
         Case {
@@ -215,6 +236,11 @@ fn cases() -> Vec<Case> {
             name: "snapshot: option flag 7",
             damage: |b, at| b[at.prev_flag] = 7,
             want: Some(|e| matches!(e, Error::Snapshot("bad option flag"))),
+        },
+        Case {
+            name: "snapshot: more retired key generations than are kept",
+            damage: |b, at| b[at.retired] = 4,
+            want: Some(|e| matches!(e, Error::Snapshot("too many retired keys"))),
         },
         Case {
             name: "snapshot: revealed keys of 7 bytes",

@@ -218,7 +218,10 @@ pub fn peek(receiver: &Side, sender_tag: u32, armored: &str) -> Vec<u8> {
     let (h, d) = data(armored);
     let mut s = session(receiver, sender_tag);
     let mut rng = ChaCha20Rng::seed_from_u64(7);
-    let r = s.ratchet.decrypt(&h, &d, &mut rng).expect("peek decrypts");
+    let r = s
+        .ratchet
+        .decrypt(&h, &d, 0, &mut rng)
+        .expect("peek decrypts");
     r.plaintext.to_vec()
 }
 
