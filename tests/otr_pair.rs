@@ -6,6 +6,7 @@ mod common;
 
 use common::pair::{ALICE_TAG, BOB_TAG, Pair, keys};
 use o2tr_proxy::otr::conversation::{Action, Notice};
+use o2tr_proxy::otr::keys::retired::RETIRED_SECS;
 
 fn is_reveal(body: &str) -> bool {
     // v3 Reveal Signature: version 0x0003, type 0x11 → base64 "AAMR".
@@ -1243,4 +1244,15 @@ fn a_message_delivered_after_a_newer_ratchet_step_is_read() {
     assert!(!p.bob.sent_log[sent.1..].iter().any(|b| is_commit(b)));
     assert_eq!(p.bob.texts().last().map(String::as_str), Some("after it"));
     assert_eq!(p.alice.texts().last().map(String::as_str), Some("reply"));
+    // An idle conversation wipes the retired keys when their time is up:
+    // the snapshot without them replaces the one on disk.
+    let kept = p.bob.snapshots.clone();
+    p.bob.tick(p.now + 1);
+    assert_eq!(p.bob.snapshots, kept);
+    p.bob.tick(p.now + RETIRED_SECS);
+    let (before, after) = (kept.values().next(), p.bob.snapshots.values().next());
+    assert!(
+        after.unwrap().len() < before.unwrap().len(),
+        "a smaller snapshot is persisted"
+    );
 }

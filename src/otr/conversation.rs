@@ -791,8 +791,22 @@ impl Conversation {
     /// session, and no AKE progress for `ake_retry_secs` (doubling with each
     /// retry), the AKE state is dropped and a new query sent, at most
     /// [`MAX_AKE_RETRIES`] times until the user sends again.
+    ///
+    /// Key generations a ratchet step retired go when their time is up
+    /// (see [`keys::retired`](super::keys::retired)): a new snapshot
+    /// without them is persisted, so they leave the disk too.
     pub fn handle_tick(&mut self, now: u64) -> Out {
         let mut out = Vec::new();
+        for (tag, inst) in &mut self.instances {
+            if let MsgState::Encrypted(s) = &mut inst.msg
+                && s.ratchet.expire_retired(now)
+            {
+                out.push(Action::Persist(Persist {
+                    instance: *tag,
+                    snapshot: s.snapshot_cached(),
+                }));
+            }
+        }
         let base = self.cfg.ake_retry_secs;
         if base == 0
             || self.held.is_empty()

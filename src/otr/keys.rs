@@ -478,10 +478,10 @@ impl KeyRatchet {
 
     /// Drops the retired generations past their time at `now` and reveals
     /// the MAC keys of their pairings in the next message. Senders call
-    /// this before encrypting.
-    pub fn expire_retired(&mut self, now: u64) {
+    /// this before encrypting. Returns whether anything was dropped.
+    pub fn expire_retired(&mut self, now: u64) -> bool {
         if self.retired.is_empty() {
-            return;
+            return false;
         }
         let live_ours = [self.our_keyid, self.our_keyid - 1];
         let live_theirs = [
@@ -490,12 +490,13 @@ impl KeyRatchet {
                 .as_ref()
                 .and(self.their_keyid.checked_sub(1)),
         ];
-        if self
+        let dropped = self
             .retired
-            .expire(now, live_ours, live_theirs, &mut self.to_reveal)
-        {
+            .expire(now, live_ours, live_theirs, &mut self.to_reveal);
+        if dropped {
             self.kept = None;
         }
+        dropped
     }
 
     /// Where the live pairing for these keyids is in `pairings`.
