@@ -13,6 +13,18 @@ fn is_reveal(body: &str) -> bool {
     body.starts_with("?OTR:AAMR")
 }
 
+/// No message was reported unreadable to `side`'s user.
+fn assert_nothing_unreadable(side: &common::pair::Side) {
+    assert!(
+        !side
+            .notices
+            .iter()
+            .any(|n| matches!(n, Notice::Unreadable { .. })),
+        "{:?}",
+        side.notices
+    );
+}
+
 fn is_commit(body: &str) -> bool {
     // v3 D-H Commit: version 0x0003, type 0x02 → base64 "AAMC".
     body.starts_with("?OTR:AAMC")
@@ -290,14 +302,7 @@ fn data_that_overtakes_the_signature_is_read_after_it() {
     p.bob.receive(&sig, t0);
     assert!(p.bob.conv.is_private());
     assert_eq!(p.bob.texts(), ["overtaking"]);
-    assert!(
-        !p.bob
-            .notices
-            .iter()
-            .any(|n| matches!(n, Notice::Unreadable { .. })),
-        "{:?}",
-        p.bob.notices
-    );
+    assert_nothing_unreadable(&p.bob);
 }
 
 /// Retries are bounded: an offline peer finds at most MAX_AKE_RETRIES
@@ -1224,14 +1229,7 @@ fn a_message_delivered_after_a_newer_ratchet_step_is_read() {
         p.bob.texts().last().map(String::as_str),
         Some("sent on the dead session")
     );
-    assert!(
-        !p.bob
-            .notices
-            .iter()
-            .any(|n| matches!(n, Notice::Unreadable { .. })),
-        "{:?}",
-        p.bob.notices
-    );
+    assert_nothing_unreadable(&p.bob);
     assert!(p.bob.outbox.is_empty(), "no OTR error: {:?}", p.bob.outbox);
     // A second copy is refused as a replay, still without an OTR error.
     p.bob.receive(&stale, p.now);

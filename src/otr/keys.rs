@@ -539,42 +539,14 @@ impl KeyRatchet {
         let Some(keys) = self.cache[i][j].as_deref() else {
             return Err(PeerMisbehaved::UnknownKeyids.into());
         };
-        let mut scratch = MacScratch::default();
-        if !ct_eq(
-            &keys.recv_mac.mac(&msg.mac_input(header, &mut scratch)),
-            &msg.mac,
-        ) {
-            return Err(PeerMisbehaved::DataMacMismatch.into());
-        }
-        let ctr = u64::from_be_bytes(msg.ctr);
-        if ctr == 0 {
-            return Err(PeerMisbehaved::ZeroCounter.into());
-        }
-        let (late, seen) = self.pairings[i][j].check_counter(ctr)?;
+        let checked = check(keys, &self.pairings[i][j], header, &msg)?;
         // Validate their next key before changing anything.
         let next = if j == 1 {
             Some(DhPublicKey::from_mpi(&msg.next_dh)?)
         } else {
             None
         };
-        let position = Position {
-            sender_keyid: msg.sender_keyid,
-            recipient_keyid: msg.recipient_keyid,
-            ctr,
-        };
-        let ctr_top = msg.ctr;
-        let mut plaintext = Zeroizing::new(match msg {
-            Cow::Borrowed(m) => m.encrypted.clone(),
-            Cow::Owned(m) => m.encrypted,
-        });
-        keys.recv_aes.apply(&ctr_top, &mut plaintext);
-        let recv_mac = keys.recv_mac_key;
-        let extra_key = Zeroizing::new(keys.extra);
-        let pairing = &mut self.pairings[i][j];
-        let skipped = if late { 0 } else { ctr - pairing.recv_ctr - 1 };
-        pairing.recv_ctr = pairing.recv_ctr.max(ctr);
-        pairing.seen = seen;
-        pairing.used_recv_mac = Some(recv_mac);
+        let mut received = accept(keys, &mut self.pairings[i][j], msg, checked);
 
         let rotated_ours = i == 1;
         if rotated_ours {
@@ -584,15 +556,9 @@ impl KeyRatchet {
         if let Some(next) = next {
             self.rotate_theirs(next, now);
         }
-        Ok(Received {
-            plaintext,
-            rotated_ours,
-            rotated_theirs,
-            extra_key,
-            skipped,
-            late,
-            position,
-        })
+        received.rotated_ours = rotated_ours;
+        received.rotated_theirs = rotated_theirs;
+        Ok(received)
     }
 
     /// A message under keys a ratchet step retired (see [`retired`]):
@@ -640,44 +606,10 @@ impl KeyRatchet {
         else {
             return Err(PeerMisbehaved::UnknownKeyids.into());
         };
-        let mut scratch = MacScratch::default();
-        if !ct_eq(
-            &keys.recv_mac.mac(&msg.mac_input(header, &mut scratch)),
-            &msg.mac,
-        ) {
-            return Err(PeerMisbehaved::DataMacMismatch.into());
-        }
-        let ctr = u64::from_be_bytes(msg.ctr);
-        if ctr == 0 {
-            return Err(PeerMisbehaved::ZeroCounter.into());
-        }
-        let (late, seen) = state.check_counter(ctr)?;
-        let position = Position {
-            sender_keyid: theirs_id,
-            recipient_keyid: ours_id,
-            ctr,
-        };
-        let ctr_top = msg.ctr;
-        let mut plaintext = Zeroizing::new(match msg {
-            Cow::Borrowed(m) => m.encrypted.clone(),
-            Cow::Owned(m) => m.encrypted,
-        });
-        keys.recv_aes.apply(&ctr_top, &mut plaintext);
-        let skipped = if late { 0 } else { ctr - state.recv_ctr - 1 };
-        state.recv_ctr = state.recv_ctr.max(ctr);
-        state.seen = seen;
-        state.used_recv_mac = Some(keys.recv_mac_key);
-        let extra_key = Zeroizing::new(keys.extra);
+        let checked = check(keys, state, header, &msg)?;
+        let received = accept(keys, state, msg, checked);
         self.kept = None;
-        Ok(Received {
-            plaintext,
-            rotated_ours: false,
-            rotated_theirs: false,
-            extra_key,
-            skipped,
-            late,
-            position,
-        })
+        Ok(received)
     }
 
     /// He has seen our newest key: our previous one retires (see
@@ -1017,6 +949,71 @@ impl KeyRatchet {
             Ok(k) => Zeroizing::new(k.extra),
             Err(_) => unreachable_pairing(),
         }
+    }
+}
+
+/// A data message's counter and what accepting it does to its pairing's
+/// replay window (from [`check`]).
+struct Checked {
+    ctr: u64,
+    late: bool,
+    seen: u64,
+}
+
+/// Verifies a data message's MAC under one pairing's keys and checks its
+/// counter against the pairing's state; changes nothing.
+fn check(
+    keys: &SessionKeys,
+    state: &Pairing,
+    header: &Header,
+    msg: &DataMessage,
+) -> Result<Checked, Error> {
+    let mut scratch = MacScratch::default();
+    if !ct_eq(
+        &keys.recv_mac.mac(&msg.mac_input(header, &mut scratch)),
+        &msg.mac,
+    ) {
+        return Err(PeerMisbehaved::DataMacMismatch.into());
+    }
+    let ctr = u64::from_be_bytes(msg.ctr);
+    if ctr == 0 {
+        return Err(PeerMisbehaved::ZeroCounter.into());
+    }
+    let (late, seen) = state.check_counter(ctr)?;
+    Ok(Checked { ctr, late, seen })
+}
+
+/// Decrypts a message [`check`] passed and records its receipt in the
+/// pairing's state. No key moves (the caller rotates).
+fn accept(
+    keys: &SessionKeys,
+    state: &mut Pairing,
+    msg: Cow<'_, DataMessage>,
+    Checked { ctr, late, seen }: Checked,
+) -> Received {
+    let position = Position {
+        sender_keyid: msg.sender_keyid,
+        recipient_keyid: msg.recipient_keyid,
+        ctr,
+    };
+    let ctr_top = msg.ctr;
+    let mut plaintext = Zeroizing::new(match msg {
+        Cow::Borrowed(m) => m.encrypted.clone(),
+        Cow::Owned(m) => m.encrypted,
+    });
+    keys.recv_aes.apply(&ctr_top, &mut plaintext);
+    let skipped = if late { 0 } else { ctr - state.recv_ctr - 1 };
+    state.recv_ctr = state.recv_ctr.max(ctr);
+    state.seen = seen;
+    state.used_recv_mac = Some(keys.recv_mac_key);
+    Received {
+        plaintext,
+        rotated_ours: false,
+        rotated_theirs: false,
+        extra_key: Zeroizing::new(keys.extra),
+        skipped,
+        late,
+        position,
     }
 }
 
