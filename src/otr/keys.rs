@@ -609,6 +609,11 @@ impl KeyRatchet {
         let checked = check(keys, state, header, &msg)?;
         let received = accept(keys, state, msg, checked);
         self.kept = None;
+        tracing::debug!(
+            sender_keyid = theirs_id,
+            recipient_keyid = ours_id,
+            "a late message read under a retired key generation"
+        );
         Ok(received)
     }
 
