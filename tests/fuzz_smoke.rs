@@ -352,4 +352,11 @@ fn fuzz_crash_regressions() {
     bodies::stanza_rewrite(
         b"\x01<composing xmlns='http://jabber.org/protocol/chatstates'><body>the secret body text</body></composing>",
     );
+    // data_message (cargo-fuzz, a slow unit: ~2 s of CPU): two messages in
+    // 90 four-character pieces, two candidates per number; every arrival
+    // enumerated 65,536 combinations of 90 entries. Now bounded by
+    // entries (fragment::MAX_ENUMERATED).
+    bodies::data_message(
+        b"\x19\x00\x02\x20\x28\x5d\x12\x00\x00\x00\x00\x7e\x00\x00\x03\x00\xfa\x00\x19\x00\x02\x20\x28\x12\x00\x5d\x96\x00\x19\x00\x19\x00\x03\x00\x00\x02",
+    );
 }
