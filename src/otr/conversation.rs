@@ -1528,6 +1528,8 @@ impl Conversation {
         out: &mut Out,
     ) {
         let ignore_unreadable = d.flags & FLAG_IGNORE_UNREADABLE != 0;
+        // For the log only (keyids and counter are not secret).
+        let keyids = (d.sender_keyid, d.recipient_keyid, u64::from_be_bytes(d.ctr));
         let awaiting_sig = self
             .instances
             .get(&tag)
@@ -1618,6 +1620,15 @@ impl Conversation {
                     // handle_incoming_delayed): still a copy, not a fault.
                     let replay = matches!(e, Error::Peer(PeerMisbehaved::CounterReused))
                         || (stale && matches!(e, Error::Peer(PeerMisbehaved::UnknownKeyids)));
+                    tracing::debug!(
+                        instance = tag,
+                        keyids = ?keyids,
+                        delayed_from = ?self.delayed_from,
+                        guessing = self.guessing,
+                        replay,
+                        cause = %e,
+                        "unreadable data message"
+                    );
                     out.push(Action::Notify(Notice::Unreadable {
                         reason: e.to_string(),
                         replayed: replay,
