@@ -500,11 +500,21 @@ impl Reassembler {
     /// Holds `f` without trying to complete a message (restoring what
     /// [`Reassembler::held`] returned: a message complete then would have
     /// been completed before). Returns whether it is held.
+    ///
+    /// A restored piece is left over from before the restart: it never
+    /// makes one run with the next one to arrive (a gap in the arrival
+    /// count follows it). Restored with consecutive counts, the left-over
+    /// first piece of an older key generation and a new last piece looked
+    /// like the sender's message as sent, and their failure was answered
+    /// with an OTR error (chaos seed 20261362, trial 248: the peer started
+    /// a new AKE). Such pieces still complete messages as guesses.
     pub fn hold(&mut self, f: &Fragment) -> bool {
         if f.k == 0 || f.n == 0 || f.k > f.n {
             return false;
         }
-        self.insert(f).is_ok()
+        let held = self.insert(f).is_ok();
+        self.next_seq += 1;
+        held
     }
 
     /// Feeds one fragment and returns the first complete combination in the
